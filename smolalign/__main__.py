@@ -1,0 +1,3 @@
+from smolalign.cli import main
+
+main()

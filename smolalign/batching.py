@@ -1,0 +1,183 @@
+"""Batch layouts: how tokenized pairs become rows of model input.
+
+Every layout returns the same `Batch`: input rows, positions, an attention mask, and the list of
+scored tokens (which hidden state predicts which target, for which pair and part). The log-prob and
+loss code never looks at the layout, so every layout gives the same numbers as `padded`.
+
+- `padded` (TRL's layout): chosen sequences, then rejected sequences, one per row, right-padded to
+  the longest; a 2-D padding mask. The prompt is run twice.
+- `packed`: the same sequences without padding waste: several per row, positions restarting at each
+  sequence, a block-causal 4-D mask so sequences never see each other.
+- `prefix_shared`: one block per pair, `prompt | chosen | rejected`: the prompt is run once, rejected
+  tokens attend to the prompt and to themselves only, and their positions continue from the prompt.
+
+Packed and prefix-shared rows are filled up to the longest block of the batch, never beyond, so the
+attention cost stays per block rather than growing with the square of the whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from smolalign.data.tokenize import TokenizedPair
+
+CHOSEN, REJECTED, PROMPT = 0, 1, 2  # parts of a pair whose log-probs are summed separately
+PARTS_PER_PAIR = 3
+LAYOUTS = ("padded", "packed", "prefix_shared")
+PROMPT_BRANCH = 0  # a block's shared prompt; answers are branches 1 (chosen) and 2 (rejected)
+
+
+@dataclass
+class Batch:
+    """Model input for a list of pairs, plus the tokens to score.
+
+    For two pairs (prompt ids p, answers c and r) in the `prefix_shared` layout, with the first
+    pair `p=[1,2] c=[3] r=[4,5]` and the second `p=[6] c=[7,8] r=[9]`, one row per pair:
+
+        input_ids       [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+        position_ids    [[0, 1, 2, 2, 3], [0, 1, 2, 1, 0]]
+        attention_mask  [2, 1, 5, 5] bool: token 4 sees 1, 2, 4 (not 3); padding sees only itself
+        score_positions [1, 1, 3, 5, 6, 5]            flat index (row * 5 + column) of the predicting token
+        score_targets   [3, 4, 5, 7, 8, 9]
+        score_owners    [0, 1, 1, 3, 3, 4]            pair * 3 + part (0 chosen, 1 rejected, 2 prompt)
+
+    `num_tokens` counts prompt + answer tokens per sequence as TRL's padded layout feeds them (the
+    prompt once per answer), so throughput stays comparable across layouts.
+    """
+
+    input_ids: torch.Tensor  # [rows, length]
+    position_ids: torch.Tensor  # [rows, length]
+    attention_mask: torch.Tensor  # [rows, length] padding mask, or [rows, 1, length, length] bool
+    score_positions: torch.Tensor  # [scored tokens]
+    score_targets: torch.Tensor  # [scored tokens]
+    score_owners: torch.Tensor  # [scored tokens]
+    num_pairs: int
+    num_tokens: int
+
+    def to(self, device: torch.device | str) -> Batch:
+        moved = {
+            f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor)
+            else getattr(self, f.name)
+            for f in fields(self)
+        }
+        return Batch(**moved)
+
+
+@dataclass
+class _Block:
+    """Tokens that attend only among themselves: one sequence, or one whole pair when prefix-shared."""
+
+    token_ids: list[int]
+    positions: list[int]
+    branches: list[int]
+    scores: list[tuple[int, int, int]]  # (index of the predicting token in the block, target id, owner)
+
+
+def build_batch(
+    pairs: list[TokenizedPair], layout: str, *, pad_token_id: int, score_prompt: bool = False
+) -> Batch:
+    """Rows for `pairs` in `layout`. `score_prompt` also scores the prompt tokens (ORPO's NLL term)."""
+    if layout == "prefix_shared":
+        blocks = [_pair_block(pair, slot, score_prompt) for slot, pair in enumerate(pairs)]
+    else:
+        blocks = [_sequence_block(p, p.chosen_ids, slot, CHOSEN, score_prompt) for slot, p in enumerate(pairs)]
+        blocks += [
+            _sequence_block(p, p.rejected_ids, slot, REJECTED, False)
+            for slot, p in enumerate(pairs)
+            if p.rejected_ids is not None
+        ]
+    rows = [[block] for block in blocks] if layout == "padded" else _pack(blocks)
+    num_tokens = sum(len(p.prompt_ids) * len(p.answers) + sum(len(a) for a in p.answers) for p in pairs)
+    return _assemble(rows, pad_token_id, four_d_mask=layout != "padded", num_pairs=len(pairs), num_tokens=num_tokens)
+
+
+def _sequence_block(pair: TokenizedPair, answer: list[int], slot: int, part: int, score_prompt: bool) -> _Block:
+    prompt = pair.prompt_ids
+    tokens = prompt + answer
+    scores = [(len(prompt) - 1 + k, token, slot * PARTS_PER_PAIR + part) for k, token in enumerate(answer)]
+    if score_prompt:
+        scores += [(k - 1, prompt[k], slot * PARTS_PER_PAIR + PROMPT) for k in range(1, len(prompt))]
+    return _Block(tokens, list(range(len(tokens))), [PROMPT_BRANCH] * len(prompt) + [1] * len(answer), scores)
+
+
+def _pair_block(pair: TokenizedPair, slot: int, score_prompt: bool) -> _Block:
+    prompt, chosen, rejected = pair.prompt_ids, pair.chosen_ids, pair.rejected_ids or []
+    last_prompt = len(prompt) - 1
+    after_chosen = len(prompt) + len(chosen)
+    owner = slot * PARTS_PER_PAIR
+    scores = [(last_prompt + k, token, owner + CHOSEN) for k, token in enumerate(chosen)]
+    # The first rejected token is predicted from the prompt's last token, like the first chosen one.
+    scores += [
+        (last_prompt if k == 0 else after_chosen + k - 1, token, owner + REJECTED) for k, token in enumerate(rejected)
+    ]
+    if score_prompt:
+        scores += [(k - 1, prompt[k], owner + PROMPT) for k in range(1, len(prompt))]
+    positions = list(range(len(prompt) + len(chosen))) + list(range(len(prompt), len(prompt) + len(rejected)))
+    branches = [PROMPT_BRANCH] * len(prompt) + [1] * len(chosen) + [2] * len(rejected)
+    return _Block(prompt + chosen + rejected, positions, branches, scores)
+
+
+def _pack(blocks: list[_Block]) -> list[list[_Block]]:
+    """First-fit decreasing into rows no longer than the longest block."""
+    capacity = max(len(b.token_ids) for b in blocks)
+    rows: list[list[_Block]] = []
+    room: list[int] = []
+    for block in sorted(blocks, key=lambda b: len(b.token_ids), reverse=True):
+        size = len(block.token_ids)
+        target = next((i for i, free in enumerate(room) if free >= size), None)
+        if target is None:
+            rows.append([block])
+            room.append(capacity - size)
+        else:
+            rows[target].append(block)
+            room[target] -= size
+    return rows
+
+
+def _assemble(rows: list[list[_Block]], pad_token_id: int, *, four_d_mask: bool, num_pairs: int, num_tokens: int) -> Batch:
+    length = max(sum(len(b.token_ids) for b in row) for row in rows)
+    shape = (len(rows), length)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    block_ids = torch.full(shape, -1, dtype=torch.long)
+    branches = torch.zeros(shape, dtype=torch.long)
+    score_positions, score_targets, score_owners = [], [], []
+    for r, row in enumerate(rows):
+        start = 0
+        for b, block in enumerate(row):
+            end = start + len(block.token_ids)
+            input_ids[r, start:end] = torch.tensor(block.token_ids)
+            position_ids[r, start:end] = torch.tensor(block.positions)
+            block_ids[r, start:end] = b
+            branches[r, start:end] = torch.tensor(block.branches)
+            for index, target, owner in block.scores:
+                score_positions.append(r * length + start + index)
+                score_targets.append(target)
+                score_owners.append(owner)
+            start = end
+    attention_mask = _block_mask(block_ids, branches) if four_d_mask else (block_ids >= 0).long()
+    return Batch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        score_positions=torch.tensor(score_positions, dtype=torch.long),
+        score_targets=torch.tensor(score_targets, dtype=torch.long),
+        score_owners=torch.tensor(score_owners, dtype=torch.long),
+        num_pairs=num_pairs,
+        num_tokens=num_tokens,
+    )
+
+
+def _block_mask(block_ids: torch.Tensor, branches: torch.Tensor) -> torch.Tensor:
+    """[rows, 1, L, L] bool: query i sees key j when both are in the same block, j <= i, and j is
+    prompt or on i's own branch. Padding sees only itself, so no softmax row is empty."""
+    length = block_ids.shape[1]
+    same_block = (block_ids[:, :, None] == block_ids[:, None, :]) & (block_ids[:, :, None] >= 0)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    key_branch = branches[:, None, :]
+    visible_branch = (key_branch == PROMPT_BRANCH) | (key_branch == branches[:, :, None])
+    mask = same_block & causal & visible_branch
+    mask |= torch.eye(length, dtype=torch.bool)
+    return mask[:, None]

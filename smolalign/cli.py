@@ -1,0 +1,124 @@
+"""`smolalign` command line: train, eval, data inspect.
+
+User mistakes end with one sentence on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from smolalign.errors import UserError
+
+log = logging.getLogger("smolalign")
+
+TRAIN_USAGE = """smolalign train [--config FILE.yaml] [--KEY VALUE ...]
+
+Defaults come from the dataclass, then the YAML file, then --KEY VALUE flags (nested keys as
+--lora.r 8). Keys:
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    _configure_logging()
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        sys.exit(2)
+    try:
+        if args.command != "train" and rest:
+            raise UserError(f"unrecognised arguments: {' '.join(rest)}")
+        args.run(args, rest)
+    except UserError as error:
+        print(f"smolalign: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("smolalign: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("smolalign: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # weight loading takes a second; our own bars show long work
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smolalign", description="Align small language models with preferences.")
+    commands = parser.add_subparsers(dest="command")
+
+    train = commands.add_parser("train", help="train a model (DPO, ORPO, SimPO, SFT)", add_help=False)
+    train.add_argument("--config", help="YAML file with the run's settings")
+    train.add_argument("-h", "--help", action="store_true")
+    train.set_defaults(run=_run_train)
+
+    evaluate = commands.add_parser("eval", help="preference accuracy and per-pair log-probs on held-out pairs")
+    evaluate.add_argument("--model", required=True, help="model folder (a final/ folder, full or LoRA) or Hub id")
+    evaluate.add_argument("--dataset", required=True, help="preference pairs (file or Hub id)")
+    evaluate.add_argument("--ref_model", help="reference model; default: the base model of a LoRA adapter, else none")
+    evaluate.add_argument("--output_dir", default="eval", help="where eval.json and eval_pairs.jsonl go")
+    evaluate.add_argument("--split", default="test", help="split of a Hub dataset")
+    evaluate.add_argument("--beta", type=float, default=0.1, help="reward scale (DPO beta)")
+    evaluate.add_argument("--max_length", type=int, default=1024)
+    evaluate.add_argument("--max_prompt_length", type=int)
+    evaluate.add_argument("--max_pairs", type=int, help="use only the first N pairs")
+    evaluate.add_argument("--batch_size", type=int, default=8)
+    evaluate.add_argument("--batch_layout", default="auto", choices=["auto", "padded", "packed", "prefix_shared"])
+    evaluate.add_argument("--chat_template", help="'chatml' for a base model without a chat template")
+    evaluate.add_argument("--system_prompt")
+    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    evaluate.set_defaults(run=_run_eval)
+
+    data = commands.add_parser("data", help="dataset tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    inspect = data_commands.add_parser("inspect", help="format, counts, token lengths and problems of a dataset")
+    inspect.add_argument("dataset", help="file or Hub id")
+    inspect.add_argument("--model", help="tokenizer to measure lengths with (default: embedded SmolLM2)")
+    inspect.add_argument("--split", default="train")
+    inspect.add_argument("--max_length", type=int, default=1024)
+    inspect.add_argument("--max_prompt_length", type=int)
+    inspect.add_argument("--chat_template")
+    inspect.add_argument("--system_prompt")
+    inspect.set_defaults(run=_run_inspect)
+    return parser
+
+
+def _run_train(args, rest: list[str]) -> None:
+    from smolalign.config import describe_keys, load_config, parse_override_args
+
+    if args.help:
+        print(TRAIN_USAGE + describe_keys())
+        return
+    config = load_config(args.config, parse_override_args(rest))
+    from smolalign.train import train
+
+    train(config)
+
+
+def _run_eval(args, rest: list[str]) -> None:
+    from smolalign.evaluate_command import run_eval
+
+    run_eval(args)
+
+
+def _run_inspect(args, rest: list[str]) -> None:
+    from smolalign.data.inspect import inspect_dataset
+
+    print(inspect_dataset(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Reading raw rows from a local file or the Hugging Face Hub, through `datasets`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+
+from smolalign.errors import UserError
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent.parent / "data" / "hh-rlhf-harmless"
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def bundled_dataset(split: str = "train") -> str:
+    """Path of the bundled HH-RLHF harmless sample (MIT, Anthropic), used when no dataset is named."""
+    return str(BUNDLED_DIR / f"{split}.jsonl")
+
+
+def looks_like_path(name: str) -> bool:
+    """A name that can only be a local path (Hub ids are `owner/name`, with at most one slash)."""
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or name.endswith("/")
+        or Path(name).suffix.lower() in FILE_BUILDERS
+    )
+
+
+def load_rows(source: str, *, split: str = "train") -> datasets.Dataset:
+    """Rows of a JSONL / JSON / CSV / Parquet file, a saved dataset folder, or a Hub dataset split."""
+    path = Path(source).expanduser()
+    datasets.disable_progress_bars()
+    try:
+        if path.is_file():
+            return _load_file(path)
+        if path.is_dir():
+            return _load_folder(path, split)
+        if looks_like_path(source):
+            raise UserError(f"dataset file '{source}' does not exist.")
+        return _load_hub(source, split)
+    finally:
+        datasets.enable_progress_bars()
+
+
+def _load_file(path: Path) -> datasets.Dataset:
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise UserError(
+            f"cannot read '{path}': smolalign reads .jsonl, .json, .csv and .parquet files, not '{path.suffix}'."
+        )
+    if path.stat().st_size == 0:
+        raise UserError(f"dataset file '{path}' is empty.")
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as error:  # datasets wraps parser errors in several exception types
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"cannot parse '{path}' as {path.suffix[1:].upper()}: {reason}") from None
+
+
+def _load_folder(path: Path, split: str) -> datasets.Dataset:
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        loaded = datasets.load_from_disk(str(path))
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    candidate = path / f"{split}.jsonl"
+    if candidate.is_file():
+        return _load_file(candidate)
+    raise UserError(f"'{path}' is a folder without a saved dataset or a '{split}.jsonl' file.")
+
+
+def _load_hub(name: str, split: str) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(name, split=split)
+    except ValueError as error:
+        if "split" in str(error).lower():
+            raise UserError(f"dataset '{name}' has no split '{split}'; {str(error).splitlines()[0]}") from None
+        raise UserError(f"cannot load dataset '{name}' from the Hub: {str(error).splitlines()[0]}") from None
+    except Exception as error:  # connection errors, missing repos, offline mode
+        raise UserError(
+            f"cannot load dataset '{name}': no such local file, and the Hugging Face Hub could not provide it "
+            f"({type(error).__name__}); check the name and the network, or omit 'dataset' for the bundled HH-RLHF pairs."
+        ) from None

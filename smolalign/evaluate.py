@@ -1,0 +1,124 @@
+"""Held-out evaluation: objective metrics during training, and per-pair log-probs for `smolalign eval`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from smolalign.batching import build_batch
+from smolalign.data.tokenize import TokenizedPair
+from smolalign.logprobs import PairLogps, score_batch
+from smolalign.losses import LossSettings, Objective
+from smolalign.metrics import MetricWindow
+from smolalign.reference import Reference
+
+log = logging.getLogger("smolalign")
+
+
+def mean_logps_accuracy(policy: PairLogps) -> torch.Tensor:
+    """Share of pairs whose chosen answer has the higher mean token log-prob under the policy alone.
+
+    Unlike `rewards/accuracies` of DPO (zero before training, when policy = reference), this is
+    meaningful before and after training and for every algorithm.
+    """
+    return (policy.chosen_mean > policy.rejected_mean).float().mean()
+
+
+@torch.no_grad()
+def evaluate_objective(
+    scorer,
+    reference: Reference | None,
+    pairs: list[TokenizedPair],
+    *,
+    objective: Objective,
+    settings: LossSettings,
+    layout: str,
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """The objective's loss and metrics on held-out pairs, averaged over batches as TRL's evaluate does."""
+    window = MetricWindow()
+    for start in tqdm(range(0, len(pairs), batch_size), desc="evaluating", leave=False, unit="batch"):
+        batch = build_batch(
+            pairs[start : start + batch_size],
+            layout,
+            pad_token_id=pad_token_id,
+            score_prompt=objective.needs_prompt_logps,
+        ).to(device)
+        policy = score_batch(scorer, batch)
+        ref = reference.logps(batch) if objective.needs_reference else None
+        out = objective.compute(policy, ref, settings)
+        metrics = {"loss": out.loss, **out.metrics}
+        if objective.needs_rejected:
+            metrics["logps/mean_accuracy"] = mean_logps_accuracy(policy)
+        window.add(metrics)
+    return {f"eval_{name}": value for name, value in window.mean().items()}
+
+
+@torch.no_grad()
+def score_pairs(
+    scorer, pairs: list[TokenizedPair], *, layout: str, batch_size: int, pad_token_id: int, device: torch.device,
+    desc: str = "scoring",
+) -> PairLogps:
+    """Per-pair log-prob sums and token counts for every pair, in order (concatenated over batches)."""
+    parts = []
+    for start in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch"):
+        batch = build_batch(pairs[start : start + batch_size], layout, pad_token_id=pad_token_id).to(device)
+        parts.append(score_batch(scorer, batch))
+    return PairLogps(*(torch.cat([getattr(p, name) for p in parts]).cpu() for name in PairLogps.__dataclass_fields__))
+
+
+def preference_summary(policy: PairLogps, reference: PairLogps | None, *, beta: float) -> dict[str, float]:
+    """eval.json: DPO implicit rewards beta * (policy - reference) when a reference is given, otherwise
+    length-normalised rewards beta * mean token log-prob (as ORPO and SimPO define them)."""
+    if reference is not None:
+        chosen_rewards = beta * (policy.chosen - reference.chosen)
+        rejected_rewards = beta * (policy.rejected - reference.rejected)
+        reward_kind = "beta * (logps - ref_logps), summed over answer tokens"
+    else:
+        chosen_rewards, rejected_rewards = beta * policy.chosen_mean, beta * policy.rejected_mean
+        reward_kind = "beta * mean answer-token logps (no reference)"
+    summary = {
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "logps/chosen": policy.chosen.mean().item(),
+        "logps/rejected": policy.rejected.mean().item(),
+        "logps/mean_accuracy": mean_logps_accuracy(policy).item(),
+        "pairs": len(policy.chosen),
+        "beta": beta,
+        "reward": reward_kind,
+    }
+    if reference is not None:
+        summary["ref_logps/chosen"] = reference.chosen.mean().item()
+        summary["ref_logps/rejected"] = reference.rejected.mean().item()
+    return summary
+
+
+def write_pair_rows(path: Path, pairs: list[TokenizedPair], policy: PairLogps, reference: PairLogps | None) -> None:
+    """eval_pairs.jsonl: one row per pair in dataset order, sums of answer-token log-probs (TRL's convention)."""
+    with path.open("w") as handle:
+        for i, pair in enumerate(pairs):
+            row = {
+                "index": pair.index,
+                "logps_chosen": policy.chosen[i].item(),
+                "logps_rejected": policy.rejected[i].item(),
+                "n_tokens_chosen": int(policy.chosen_tokens[i].item()),
+                "n_tokens_rejected": int(policy.rejected_tokens[i].item()),
+            }
+            if reference is not None:
+                row["ref_logps_chosen"] = reference.chosen[i].item()
+                row["ref_logps_rejected"] = reference.rejected[i].item()
+            handle.write(json.dumps(row) + "\n")
+
+
+def format_summary_table(summary: dict) -> str:
+    rows = [(key, f"{value:.4f}" if isinstance(value, float) else str(value)) for key, value in summary.items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {key:<{width}}  {value}" for key, value in rows)

@@ -1,0 +1,89 @@
+"""The run's deliverable: `final/`, loadable by plain transformers (or PEFT), with a model card."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from smolalign.config import TrainConfig
+from smolalign.embedded import EMBEDDED_NAME, WEIGHTS_NOTE, is_embedded
+
+ALGORITHM_NAMES = {
+    "dpo": "Direct Preference Optimization (Rafailov et al. 2023)",
+    "orpo": "Odds Ratio Preference Optimization (Hong et al. 2024)",
+    "simpo": "Simple Preference Optimization (Meng et al. 2024)",
+    "sft": "supervised fine-tuning",
+}
+
+
+def save_final_model(
+    model, tokenizer: PreTrainedTokenizerBase, config: TrainConfig, output_dir: Path, summary: dict[str, float]
+) -> Path:
+    """Write final/ atomically: a full model, a PEFT adapter, or (merge_lora) the merged full model."""
+    final = output_dir / "final"
+    staging = output_dir / ".final.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    is_adapter = isinstance(model, PeftModel)
+    if is_adapter and config.merge_lora:
+        model, is_adapter = model.merge_and_unload(), False
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "README.md").write_text(model_card(config, summary, is_adapter=is_adapter))
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    return final
+
+
+def model_card(config: TrainConfig, summary: dict[str, float], *, is_adapter: bool) -> str:
+    base = EMBEDDED_NAME if is_embedded(config.model) else config.model
+    variant = f" (loss_type `{config.loss_type}`)" if config.algorithm == "dpo" else ""
+    lines = [
+        "---",
+        "library_name: " + ("peft" if is_adapter else "transformers"),
+        "tags: [smolalign, " + config.algorithm + ", preference-alignment]",
+        "---",
+        "",
+        f"# {Path(config.output_dir).name}",
+        "",
+        f"{base} aligned with {ALGORITHM_NAMES[config.algorithm]}{variant} by smolalign.",
+        "",
+    ]
+    if is_embedded(config.model):
+        lines += [WEIGHTS_NOTE, ""]
+    lines += [
+        "## Training",
+        "",
+        f"- data: `{config.dataset or 'bundled HH-RLHF harmless sample (Anthropic, MIT)'}`",
+        f"- beta: {config.beta}, learning rate: {config.learning_rate} ({config.lr_scheduler_type}), "
+        f"batch: {config.per_device_train_batch_size} x {config.gradient_accumulation_steps} accumulation",
+        f"- max_length: {config.max_length}, seed: {config.seed}",
+        f"- {'LoRA r=' + str(config.lora.r) + (' (merged)' if config.merge_lora else '') if config.lora else 'full fine-tuning'}",
+        "",
+        "## Results",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {name} | {value:.4f} |" for name, value in summary.items() if isinstance(value, float)],
+        "",
+        "## Use",
+        "",
+        "```python",
+    ]
+    if is_adapter:
+        lines += [
+            "from peft import AutoPeftModelForCausalLM",
+            "from transformers import AutoTokenizer",
+            "",
+            'model = AutoPeftModelForCausalLM.from_pretrained("path/to/final")  # base model named in adapter_config.json',
+        ]
+    else:
+        lines += [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'model = AutoModelForCausalLM.from_pretrained("path/to/final")',
+        ]
+    lines += ['tokenizer = AutoTokenizer.from_pretrained("path/to/final")', "```", ""]
+    return "\n".join(lines)

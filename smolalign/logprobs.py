@@ -1,0 +1,196 @@
+"""Hidden states -> log-probs of the scored tokens, without ever building the full logits.
+
+`hidden @ lm_head.T` over a 49k vocabulary is the largest tensor of a preference step (TRL's padded
+layout materialises batch x length x vocab floats). Here only scored positions go through the head,
+in chunks of tokens; each chunk keeps the target's log-prob and its log-sum-exp, and the backward
+pass recomputes a chunk's logits instead of storing them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from smolalign.batching import CHOSEN, PARTS_PER_PAIR, PROMPT, REJECTED, Batch
+
+log = logging.getLogger("smolalign")
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T + bias)[target] for each row of `hidden`, in float32 (or float64)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        logprobs = torch.empty(hidden.shape[0], dtype=_accumulation_dtype(hidden), device=hidden.device)
+        logsumexp = torch.empty_like(logprobs)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = start + chunk_size
+            logits = _chunk_logits(hidden[start:end], weight, bias)
+            logsumexp[start:end] = logits.logsumexp(dim=-1)
+            logprobs[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - logsumexp[start:end]
+        ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
+        ctx.chunk_size = chunk_size
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_logprobs):
+        hidden, weight, bias, targets, logsumexp = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        dtype = _accumulation_dtype(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_bias else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = start + ctx.chunk_size
+            chunk = hidden[start:end]
+            grad = grad_logprobs[start:end, None]
+            # d logp / d logits = onehot(target) - softmax(logits)
+            grad_logits = (_chunk_logits(chunk, weight, bias) - logsumexp[start:end, None]).exp_().mul_(-grad)
+            grad_logits.scatter_add_(1, targets[start:end, None], grad)
+            if need_hidden:
+                grad_hidden[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight.addmm_(grad_logits.t(), chunk.to(dtype))
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+        return (
+            grad_hidden,
+            grad_weight.to(weight.dtype) if need_weight else None,
+            grad_bias.to(bias.dtype) if need_bias else None,
+            None,
+            None,
+        )
+
+
+def _accumulation_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision and float32 models; float64 stays float64 (gradient checks)."""
+    return torch.promote_types(hidden.dtype, torch.float32)
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    dtype = _accumulation_dtype(hidden)
+    logits = (hidden @ weight.t()).to(dtype)
+    return logits if bias is None else logits + bias.to(dtype)
+
+
+def token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """Float32 log-prob of `targets[i]` after `hidden[i]` ([tokens, hidden] -> [tokens])."""
+    return _ChunkedTokenLogprobs.apply(hidden, weight, bias, targets, chunk_size)
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The transformers *ForCausalLM inside a PEFT wrapper (LoRA layers are injected in place)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def supports_block_masks(model: nn.Module) -> bool:
+    """Whether the model's attention takes the 4-D masks of the packed and prefix-shared layouts."""
+    return causal_lm_of(model).config._attn_implementation in ("sdpa", "eager")
+
+
+def choose_layout(requested: str, model: nn.Module) -> str:
+    """The batch layout to use: `auto` is prefix_shared where the attention takes 4-D masks."""
+    if supports_block_masks(model):
+        return "prefix_shared" if requested == "auto" else requested
+    if requested != "padded":
+        implementation = causal_lm_of(model).config._attn_implementation
+        log.warning("attention '%s' cannot take the 4-D masks of %s; falling back to the padded layout",
+                    implementation, requested)
+    return "padded"
+
+
+class SequenceScorer(nn.Module):
+    """A causal LM that returns log-probs of a batch's scored tokens instead of logits.
+
+    Wrapping the model (rather than calling its parts from the loop) keeps Accelerate's DDP/FSDP
+    wrappers in the forward path. Only the backbone runs over every token; the output head sees the
+    scored positions only.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        config = causal_lm_of(model).config
+        if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+            raise NotImplementedError("models with scaled or soft-capped logits are not supported yet")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        score_positions: torch.Tensor,
+        score_targets: torch.Tensor,
+    ) -> torch.Tensor:
+        causal_lm = causal_lm_of(self.model)
+        backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+        head = causal_lm.get_output_embeddings()
+        if attention_mask.dim() == 4 and causal_lm.config._attn_implementation == "eager":
+            # eager attention adds the mask to the scores; SDPA takes the boolean mask as it is
+            additive = torch.zeros(attention_mask.shape, dtype=head.weight.dtype, device=attention_mask.device)
+            attention_mask = additive.masked_fill_(~attention_mask, torch.finfo(head.weight.dtype).min)
+        hidden = backbone(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_positions)
+        return token_logprobs(scored, head.weight, head.bias, score_targets, self.chunk_size)
+
+
+@dataclass
+class PairLogps:
+    """Per-pair sums of token log-probs and token counts, each a [pairs] float32 tensor."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    prompt: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    prompt_tokens: torch.Tensor
+
+    @property
+    def chosen_mean(self) -> torch.Tensor:
+        return self.chosen / self.chosen_tokens.clamp(min=1)
+
+    @property
+    def rejected_mean(self) -> torch.Tensor:
+        return self.rejected / self.rejected_tokens.clamp(min=1)
+
+    def detach(self) -> PairLogps:
+        return PairLogps(*(t.detach() for t in (
+            self.chosen, self.rejected, self.prompt, self.chosen_tokens, self.rejected_tokens, self.prompt_tokens
+        )))
+
+
+def sum_by_pair(token_logps: torch.Tensor, batch: Batch) -> PairLogps:
+    """Add each scored token's log-prob to its pair and part (chosen / rejected / prompt)."""
+    slots = batch.num_pairs * PARTS_PER_PAIR
+    owners = batch.score_owners
+    sums = token_logps.new_zeros(slots).index_add(0, owners, token_logps).view(-1, PARTS_PER_PAIR)
+    counts = token_logps.new_zeros(slots).index_add(0, owners, torch.ones_like(token_logps)).view(-1, PARTS_PER_PAIR)
+    return PairLogps(
+        chosen=sums[:, CHOSEN],
+        rejected=sums[:, REJECTED],
+        prompt=sums[:, PROMPT],
+        chosen_tokens=counts[:, CHOSEN],
+        rejected_tokens=counts[:, REJECTED],
+        prompt_tokens=counts[:, PROMPT],
+    )
+
+
+def score_batch(scorer: nn.Module, batch: Batch) -> PairLogps:
+    """Run `scorer` (a SequenceScorer, possibly wrapped by Accelerate) on a batch, summed per pair."""
+    token_logps = scorer(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=batch.attention_mask,
+        score_positions=batch.score_positions,
+        score_targets=batch.score_targets,
+    )
+    return sum_by_pair(token_logps, batch)

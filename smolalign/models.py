@@ -1,0 +1,173 @@
+"""Loading policy, reference and tokenizer: device and dtype, chat templates, LoRA."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from smolalign.data.sources import looks_like_path
+from smolalign.embedded import EMBEDDED_NAME, embedded_model_dir, embedded_tokenizer_dir, is_embedded
+from smolalign.errors import UserError
+
+log = logging.getLogger("smolalign")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto.")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """float32 on CPU (bf16 is emulated and slow there); bf16 on CUDA GPUs that support it."""
+    if requested == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if requested == "float16" and device.type == "cpu":
+        raise UserError("dtype float16 is not supported on the CPU; use float32 (or auto).")
+    if requested == "bfloat16" and device.type == "cpu":
+        log.warning("bfloat16 on this CPU is emulated and usually slower than float32")
+    return getattr(torch, requested)
+
+
+def model_source(name: str | None) -> str:
+    """A loadable folder or Hub id for `name`; None or 'embedded' means the embedded SmolLM2."""
+    if is_embedded(name):
+        return str(embedded_model_dir())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise UserError(f"'{name}' is a folder but not a model folder (no config.json).")
+        return str(path)
+    if looks_like_path(name) or path.exists():
+        raise UserError(f"model folder '{name}' does not exist.")
+    return name
+
+
+def _hub_failure(name: str, error: Exception) -> UserError:
+    return UserError(
+        f"cannot load '{name}': it is not a local folder and the Hugging Face Hub could not provide it "
+        f"({type(error).__name__}); check the name and the network, or omit --model to use the embedded {EMBEDDED_NAME}."
+    )
+
+
+def load_tokenizer(name: str | None, *, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    source = str(embedded_tokenizer_dir()) if is_embedded(name) else model_source(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as error:  # missing repo, no network, corrupt files
+        raise _hub_failure(name, error) from None
+    if chat_template is not None:
+        _set_chat_template(tokenizer, chat_template)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # as TRL: pad positions are never scored
+    return tokenizer
+
+
+def _set_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str) -> None:
+    if chat_template == "chatml":
+        missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing})
+        tokenizer.chat_template = CHATML_TEMPLATE
+        tokenizer.eos_token = "<|im_end|>"
+        tokenizer.pad_token = "<|im_end|>"
+    elif "{%" in chat_template or "{{" in chat_template:
+        tokenizer.chat_template = chat_template
+    elif Path(chat_template).is_file():
+        tokenizer.chat_template = Path(chat_template).read_text()
+    else:
+        raise UserError(f"'chat_template' must be 'chatml', a Jinja template or a template file, not '{chat_template}'.")
+
+
+def load_causal_lm(
+    name: str | None, *, dtype: torch.dtype, device: torch.device, tokenizer: PreTrainedTokenizerBase | None = None
+) -> PreTrainedModel:
+    """A causal LM in `dtype` on `device`, dropout off (as TRL), vocabulary grown to the tokenizer's."""
+    source = model_source(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except Exception as error:
+        if Path(source).is_dir():
+            raise UserError(f"cannot load a causal language model from '{name}': {str(error).splitlines()[0]}") from None
+        raise _hub_failure(name, error) from None
+    if tokenizer is not None:
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+        for config in (model.config, model.generation_config):
+            config.pad_token_id = tokenizer.pad_token_id
+            config.eos_token_id = tokenizer.eos_token_id
+    _disable_dropout(model)
+    return model.to(device)
+
+
+def load_for_scoring(
+    name: str | None, *, dtype: torch.dtype, device: torch.device, tokenizer: PreTrainedTokenizerBase
+) -> torch.nn.Module:
+    """A frozen model to score with: a full model, or a LoRA adapter folder on top of its base model."""
+    source = model_source(name)
+    if not (Path(source) / "adapter_config.json").exists():
+        return load_frozen(name, dtype=dtype, device=device, tokenizer=tokenizer)
+    from peft import AutoPeftModelForCausalLM
+
+    try:
+        model = AutoPeftModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except Exception as error:
+        raise UserError(
+            f"cannot load the LoRA adapter in '{name}' on its base model ({str(error).splitlines()[0]}); "
+            "check base_model_name_or_path in its adapter_config.json."
+        ) from None
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """The initial policy as a frozen reference (full fine-tuning without a separate ref_model)."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def load_frozen(name: str, *, dtype, device, tokenizer) -> PreTrainedModel:
+    model = load_causal_lm(name, dtype=dtype, device=device, tokenizer=tokenizer).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def add_lora(model: PreTrainedModel, settings) -> torch.nn.Module:
+    """Wrap with PEFT LoRA adapters; the output head is never adapted (log-probs read its weight)."""
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=settings.r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=settings.target_modules,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        raise UserError(f"invalid LoRA settings: {str(error).splitlines()[0]}") from None
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

@@ -1,0 +1,217 @@
+"""The training loop, read top to bottom: config -> data -> models -> optimizer -> steps -> final model.
+
+Built on Accelerate, so the same code runs on a CPU, one GPU, or several through `accelerate launch`
+(DDP, FSDP, DeepSpeed). There is no Trainer class: one function owns the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from smolalign.batching import build_batch
+from smolalign.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from smolalign.config import TrainConfig, save_config
+from smolalign.data.prepare import prepare_data
+from smolalign.evaluate import evaluate_objective
+from smolalign.export import save_final_model
+from smolalign.logprobs import SequenceScorer, causal_lm_of, choose_layout, score_batch
+from smolalign.losses import OBJECTIVES, LossSettings
+from smolalign.metrics import MetricsFile, MetricWindow, last_values, read_metrics
+from smolalign.models import (
+    add_lora,
+    count_parameters,
+    frozen_copy,
+    load_causal_lm,
+    load_frozen,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
+from smolalign.reference import adapter_disabled_reference, model_reference
+from smolalign.report import write_report
+from smolalign.steps import StepPlan
+
+log = logging.getLogger("smolalign")
+
+
+def train(config: TrainConfig) -> Path:
+    """Run one alignment job end to end; returns the folder of the final model."""
+    output_dir = Path(config.output_dir)
+    objective = OBJECTIVES[config.algorithm]
+    settings = LossSettings.from_config(config)
+    device = resolve_device(config.device)
+    accelerator = Accelerator(cpu=device.type == "cpu", log_with=config.report_to or None, project_dir=str(output_dir))
+    set_seed(config.seed)  # before LoRA: PEFT initialises the adapters randomly
+
+    # Data comes first, so that a bad file fails before any weights are loaded.
+    tokenizer = load_tokenizer(config.model, chat_template=config.chat_template)
+    data = prepare_data(config, tokenizer, needs_rejected=objective.needs_rejected)
+
+    # Models. The reference is the initial policy: a frozen copy for full fine-tuning, the policy with
+    # its adapters disabled under LoRA (no second copy), or the separate `ref_model`.
+    dtype = resolve_dtype(config.dtype, accelerator.device)
+    policy = load_causal_lm(config.model, dtype=dtype, device=accelerator.device, tokenizer=tokenizer)
+    reference_model = None
+    if objective.needs_reference and config.ref_model:
+        reference_model = load_frozen(config.ref_model, dtype=dtype, device=accelerator.device, tokenizer=tokenizer)
+    elif objective.needs_reference and config.lora is None:
+        reference_model = frozen_copy(policy)
+    if config.lora is not None:
+        policy = add_lora(policy, config.lora)
+    if config.gradient_checkpointing:
+        causal_lm_of(policy).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layout = choose_layout(config.batch_layout, policy)
+    trainable, total = count_parameters(policy)
+    log.info("%s on %s (%s): %d/%d parameters trainable, layout %s, %d training pairs",
+             config.algorithm, accelerator.device, str(dtype).removeprefix("torch."), trainable, total, layout,
+             len(data.train))
+
+    scorer = SequenceScorer(policy, config.logprob_chunk_size)
+    plan = StepPlan.create(
+        num_pairs=len(data.train),
+        batch_size=config.per_device_train_batch_size * accelerator.num_processes,
+        accumulation=config.gradient_accumulation_steps,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        seed=config.seed,
+    )
+    optimizer = build_optimizer(scorer, config)
+    scheduler = get_scheduler(
+        config.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=config.warmup_steps or math.ceil(config.warmup_ratio * plan.total_steps),
+        num_training_steps=plan.total_steps,
+    )
+    scorer, optimizer, scheduler = accelerator.prepare(scorer, optimizer, scheduler)
+    reference = None
+    if objective.needs_reference:
+        reference = (
+            model_reference(reference_model, config.logprob_chunk_size)
+            if reference_model is not None
+            else adapter_disabled_reference(scorer, policy)
+        )
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = MetricsFile(output_dir / "metrics.jsonl")
+    start_step = 0
+    if config.resume_from_checkpoint:
+        start_step = load_checkpoint(accelerator, resolve_checkpoint(config.resume_from_checkpoint, output_dir))
+        log.info("resumed from step %d", start_step)
+    if start_step:
+        metrics_file.truncate_after(start_step)
+    else:
+        metrics_file.path.unlink(missing_ok=True)
+    if accelerator.is_main_process:
+        save_config(config, output_dir / "config.yaml")
+    accelerator.init_trackers("smolalign", config=_flat(config.to_dict()),
+                              init_kwargs={"wandb": {"name": config.run_name or output_dir.name}})
+
+    def evaluate() -> dict[str, float]:
+        scorer.eval()
+        result = evaluate_objective(
+            scorer, reference, data.eval, objective=objective, settings=settings, layout=layout,
+            batch_size=config.per_device_eval_batch_size, pad_token_id=tokenizer.pad_token_id,
+            device=accelerator.device,
+        )
+        scorer.train()
+        return result
+
+    def log_record(step: int, values: dict[str, float]) -> None:
+        record = {"step": step, "epoch": round(plan.epoch_at(step), 4), **values}
+        if accelerator.is_main_process:
+            metrics_file.write(record)
+        accelerator.log(values, step=step)
+
+    if data.eval and start_step == 0 and config.eval_on_start:
+        log_record(0, evaluate())
+
+    scorer.train()
+    window, window_tokens, window_start = MetricWindow(), 0, time.perf_counter()
+    progress = tqdm(total=plan.total_steps, initial=start_step, desc=config.algorithm, unit="step",
+                    disable=not accelerator.is_main_process)
+    for step in range(start_step, plan.total_steps):
+        micro_batches = plan.micro_batches(step, process_index=accelerator.process_index,
+                                           num_processes=accelerator.num_processes)
+        step_loss = 0.0
+        for index, pair_ids in enumerate(micro_batches):
+            batch = build_batch(
+                [data.train[i] for i in pair_ids], layout,
+                pad_token_id=tokenizer.pad_token_id, score_prompt=objective.needs_prompt_logps,
+            ).to(accelerator.device)
+            # The reference pass runs first, under no_grad and in the same layout: it keeps no activations.
+            ref_logps = reference.logps(batch) if reference is not None else None
+            last = index == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(scorer)
+            with sync:
+                out = objective.compute(score_batch(scorer, batch), ref_logps, settings)
+                # Each micro-batch loss is a mean over its pairs; dividing by the number of micro-batches
+                # makes the accumulated gradient the mean over the step (TRL's scaling).
+                accelerator.backward(out.loss / len(micro_batches))
+            step_loss += out.loss.item() / len(micro_batches)
+            window.add(out.metrics)
+            window_tokens += batch.num_tokens
+        window.add({"loss": step_loss})
+        # The norm is measured before clipping and logged as TRL logs it; max_grad_norm=0 only measures.
+        grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), config.max_grad_norm or math.inf)
+        learning_rate = scheduler.get_last_lr()[0]  # the rate this step used
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        progress.update(1)
+        if done % config.logging_steps == 0 or done == plan.total_steps:
+            elapsed = time.perf_counter() - window_start
+            values = {**window.mean(), "learning_rate": learning_rate, "grad_norm": float(grad_norm),
+                      "tokens_per_second": window_tokens / elapsed}
+            log_record(done, values)
+            progress.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values.get('rewards/accuracies', 0):.2f}",
+                                 tok_s=f"{values['tokens_per_second']:.0f}")
+            window.clear()
+            window_tokens, window_start = 0, time.perf_counter()
+        if data.eval and (done == plan.total_steps or (config.eval_steps and done % config.eval_steps == 0)):
+            log_record(done, evaluate())
+        if done % config.save_steps == 0 and done < plan.total_steps:
+            save_checkpoint(accelerator, output_dir, done, config, config.save_total_limit)
+    progress.close()
+
+    final = None
+    if accelerator.is_main_process:
+        summary = {k: v for k, v in last_values(read_metrics(metrics_file.path)).items() if k not in ("step", "epoch")}
+        final = save_final_model(accelerator.unwrap_model(scorer).model, tokenizer, config, output_dir, summary)
+        report = write_report([output_dir], output_dir)
+        log.info("final model: %s\nreport: %s", final, report)
+    accelerator.end_training()
+    return final
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with transformers' grouping: no weight decay on biases and normalisation weights."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon
+    )
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+    return flat

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny Llama-shaped models with the real SmolLM2 tokenizer, and small datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never need the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from smolalign.data.sources import bundled_dataset  # noqa: E402
+from smolalign.embedded import embedded_tokenizer_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(embedded_tokenizer_dir())
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer):
+    """`tiny_model(seed)` -> folder of a 2-layer Llama with the SmolLM2 tokenizer, built once per seed."""
+    built: dict[int, Path] = {}
+
+    def build(seed: int = 0) -> Path:
+        if seed not in built:
+            torch.manual_seed(seed)
+            config = LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=2048,
+                tie_word_embeddings=True,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            folder = tmp_path_factory.mktemp(f"tiny-llama-{seed}")
+            LlamaForCausalLM(config).save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            built[seed] = folder
+        return built[seed]
+
+    return build
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def hh_rows():
+    """Bundled HH-RLHF rows, shortest first, so tests stay fast on real text."""
+    rows = read_jsonl(Path(bundled_dataset("train")))
+    return sorted(rows, key=lambda r: len(r["chosen"]) + len(r["rejected"]))

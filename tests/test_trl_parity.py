@@ -1,0 +1,189 @@
+"""Golden tests: smolalign logs TRL 1.16's numbers on the same model, data and settings.
+
+One run per objective, the same for TRL and smolalign: a batch holding the whole dataset, a reference
+model different from the policy (DPO), learning rate 0 at step 1 (constant schedule with one warmup
+step), then three steps at a learning rate > 0. Step 1's metrics must agree within 1e-4 and the loss
+of every later step within 1e-3.
+
+DPO runs on real multi-turn HH-RLHF conversations through the chat template. ORPO and SimPO run on
+strings that already start with BOS and end with EOS, where TRL's experimental trainers and
+smolalign's single tokenization convention give the same token ids (DESIGN section 4).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import read_jsonl, write_jsonl
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from smolalign.config import load_config
+from smolalign.data.formats import _parse_hh
+from smolalign.train import train
+
+NUM_PAIRS = 6
+STEPS = 4
+LEARNING_RATE = 5e-3
+SCHEDULE = {
+    "per_device_train_batch_size": NUM_PAIRS,
+    "max_steps": STEPS,
+    "learning_rate": LEARNING_RATE,
+    "lr_scheduler_type": "constant_with_warmup",
+    "warmup_steps": 1,
+    "logging_steps": 1,
+    "max_length": 512,
+    "seed": 0,
+}
+TRL_ONLY = {
+    "bf16": False,
+    "gradient_checkpointing": False,
+    "report_to": "none",
+    "save_strategy": "no",
+    "use_cpu": True,
+    "disable_dropout": True,
+}
+COMPARED = (
+    "loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+    "rewards/margins", "logps/chosen", "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen",
+)
+
+
+@pytest.fixture(scope="module")
+def conversational_pairs(hh_rows):
+    """Multi-turn HH-RLHF pairs as explicit conversational prompts (TRL's preferred format)."""
+    multi_turn = [r for r in hh_rows[200:] if r["chosen"].count("\n\nHuman:") >= 2][:NUM_PAIRS]
+    pairs = []
+    for row in multi_turn:
+        chosen, rejected = _parse_hh(row["chosen"]), _parse_hh(row["rejected"])
+        pairs.append({"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]})
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def bos_eos_string_pairs(conversational_pairs, tokenizer):
+    """The same pairs as chat-formatted strings that start with BOS and end with EOS."""
+    pairs = []
+    for pair in conversational_pairs:
+        prompt = tokenizer.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True)
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": pair["chosen"][0]["content"] + tokenizer.eos_token,
+                "rejected": pair["rejected"][0]["content"] + tokenizer.eos_token,
+            }
+        )
+    assert all(p["prompt"].startswith(tokenizer.bos_token) for p in pairs)
+    return pairs
+
+
+def run_smolalign(tmp_path, data_rows, **settings) -> list[dict]:
+    data = write_jsonl(tmp_path / "pairs.jsonl", data_rows)
+    config = load_config(None, {**SCHEDULE, **settings, "dataset": str(data), "output_dir": str(tmp_path / "run")})
+    train(config)
+    return [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+
+
+def trl_log(trainer) -> list[dict]:
+    trainer.train()
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def assert_same_numbers(ours: list[dict], theirs: list[dict]) -> None:
+    assert [r["step"] for r in ours] == [t["step"] for t in theirs] == list(range(1, STEPS + 1))
+    first, trl_first = ours[0], theirs[0]
+    compared = [key for key in COMPARED if key in trl_first]
+    assert {"loss", "rewards/accuracies", "logps/chosen"} <= set(compared)
+    for key in compared:
+        assert math.isclose(first[key], trl_first[key], rel_tol=1e-4, abs_tol=1e-4), (key, first[key], trl_first[key])
+    assert first["learning_rate"] == 0.0 and ours[1]["learning_rate"] == LEARNING_RATE
+    for mine, reference in zip(ours[1:], theirs[1:], strict=True):
+        assert abs(mine["loss"] - reference["loss"]) < 1e-3, (mine["step"], mine["loss"], reference["loss"])
+    assert abs(ours[-1]["loss"] - ours[0]["loss"]) > 1e-3, "the learning rate > 0 steps must move the loss"
+
+
+DPO_CASES = [
+    ("sigmoid", {}),
+    ("ipo", {}),
+    ("hinge", {}),
+    ("robust", {"label_smoothing": 0.2}),
+    ("bco_pair", {}),
+    ("sppo_hard", {}),
+    ("nca_pair", {}),
+    ("apo_zero", {}),
+    ("apo_down", {}),
+]
+
+
+@pytest.mark.parametrize(("loss_type", "extra"), DPO_CASES, ids=[c[0] for c in DPO_CASES])
+def test_dpo_loss_types_match_trl(tmp_path, tiny_model, conversational_pairs, loss_type, extra):
+    from trl import DPOConfig, DPOTrainer
+
+    policy, reference = tiny_model(0), tiny_model(1)
+    ours = run_smolalign(
+        tmp_path, conversational_pairs, model=str(policy), ref_model=str(reference), beta=0.5, loss_type=loss_type, **extra
+    )
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.5, loss_type=loss_type, **SCHEDULE, **TRL_ONLY, **extra)
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(policy),
+        ref_model=AutoModelForCausalLM.from_pretrained(reference),
+        args=args,
+        train_dataset=Dataset.from_list(conversational_pairs),
+        processing_class=AutoTokenizer.from_pretrained(policy),
+    )
+    assert_same_numbers(ours, trl_log(trainer))
+
+
+def test_rpo_alpha_matches_trl_sigmoid_plus_sft(tmp_path, tiny_model, conversational_pairs):
+    from trl import DPOConfig, DPOTrainer
+
+    policy, reference = tiny_model(0), tiny_model(1)
+    ours = run_smolalign(tmp_path, conversational_pairs, model=str(policy), ref_model=str(reference), rpo_alpha=0.5)
+    args = DPOConfig(
+        output_dir=str(tmp_path / "trl"), loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], **SCHEDULE, **TRL_ONLY
+    )
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(policy),
+        ref_model=AutoModelForCausalLM.from_pretrained(reference),
+        args=args,
+        train_dataset=Dataset.from_list(conversational_pairs),
+        processing_class=AutoTokenizer.from_pretrained(policy),
+    )
+    assert_same_numbers(ours, trl_log(trainer))
+
+
+def test_orpo_matches_trl(tmp_path, tiny_model, bos_eos_string_pairs):
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    policy = tiny_model(0)
+    ours = run_smolalign(tmp_path, bos_eos_string_pairs, model=str(policy), algorithm="orpo", beta=0.25)
+    args = ORPOConfig(output_dir=str(tmp_path / "trl"), beta=0.25, **SCHEDULE, **TRL_ONLY)
+    trainer = ORPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(policy),
+        args=args,
+        train_dataset=Dataset.from_list(bos_eos_string_pairs),
+        processing_class=AutoTokenizer.from_pretrained(policy),
+    )
+    assert_same_numbers(ours, trl_log(trainer))
+
+
+@pytest.mark.parametrize("cpo_alpha", [0.0, 1.0], ids=["simpo", "cpo-simpo"])
+def test_simpo_matches_trl_cpo_trainer(tmp_path, tiny_model, bos_eos_string_pairs, cpo_alpha):
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    policy = tiny_model(0)
+    settings = {"beta": 2.0, "simpo_gamma": 0.8, "label_smoothing": 0.1}
+    ours = run_smolalign(
+        tmp_path, bos_eos_string_pairs, model=str(policy), algorithm="simpo", cpo_alpha=cpo_alpha, **settings
+    )
+    args = CPOConfig(
+        output_dir=str(tmp_path / "trl"), loss_type="simpo", cpo_alpha=cpo_alpha, **settings, **SCHEDULE, **TRL_ONLY
+    )
+    trainer = CPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(policy),
+        args=args,
+        train_dataset=Dataset.from_list(bos_eos_string_pairs),
+        processing_class=AutoTokenizer.from_pretrained(policy),
+    )
+    assert_same_numbers(ours, trl_log(trainer))
