@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from smolalign.errors import UserError
@@ -43,9 +44,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _configure_logging() -> None:
-    handler = logging.StreamHandler()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not the user's concern
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("smolalign: %(message)s"))
-    log.addHandler(handler)
+    log.handlers = [handler]  # main() may run more than once in a process (tests): one handler, current stderr
     log.setLevel(logging.INFO)
     log.propagate = False
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

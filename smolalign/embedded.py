@@ -96,7 +96,9 @@ def _convert_model(folder: Path) -> None:
     log.info("converting the embedded %s from GGUF (once; cached in %s)", EMBEDDED_NAME, folder.parent)
     gguf = gguf_path()
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # The tensors are plain floats now; a saved quantization_config would make transformers look for GGUF again.
+    # The tensors are plain floats now: drop the GGUF markers, or transformers would refuse to save the
+    # model and, once saved, look for a GGUF file again when loading it.
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = EMBEDDED_NAME

@@ -33,10 +33,9 @@ class MetricsFile:
         self.path = Path(path)
 
     def truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        """Keep the records up to `step`; a line torn by a crash is dropped too."""
+        kept = [record for record in read_metrics(self.path) if record["step"] <= step]
+        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as handle:
@@ -44,10 +43,17 @@ class MetricsFile:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """Records of a metrics.jsonl; a torn (unparsable) line, as a crash can leave, is skipped."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def last_values(records: list[dict]) -> dict[str, float]:

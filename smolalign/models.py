@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from smolalign.data.sources import looks_like_path
 from smolalign.embedded import EMBEDDED_NAME, embedded_model_dir, embedded_tokenizer_dir, is_embedded
 from smolalign.errors import UserError
+from smolalign.hub import hub_reachable, prefer_local_cache
 
 log = logging.getLogger("smolalign")
 
@@ -54,13 +55,17 @@ def model_source(name: str | None) -> str:
         return str(path)
     if looks_like_path(name) or path.exists():
         raise UserError(f"model folder '{name}' does not exist.")
+    prefer_local_cache()
     return name
 
 
 def _hub_failure(name: str, error: Exception) -> UserError:
+    reason = "the Hugging Face Hub is unreachable and it is not in the local cache" if not hub_reachable() else (
+        f"the Hugging Face Hub could not provide it ({type(error).__name__})"
+    )
     return UserError(
-        f"cannot load '{name}': it is not a local folder and the Hugging Face Hub could not provide it "
-        f"({type(error).__name__}); check the name and the network, or omit --model to use the embedded {EMBEDDED_NAME}."
+        f"cannot load '{name}': it is not a local folder and {reason}; check the name and the network, "
+        f"or omit --model to use the embedded {EMBEDDED_NAME}."
     )
 
 

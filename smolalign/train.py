@@ -190,7 +190,8 @@ def train(config: TrainConfig) -> Path:
         summary = {k: v for k, v in last_values(read_metrics(metrics_file.path)).items() if k not in ("step", "epoch")}
         final = save_final_model(accelerator.unwrap_model(scorer).model, tokenizer, config, output_dir, summary)
         report = write_report([output_dir], output_dir)
-        log.info("final model: %s\nreport: %s", final, report)
+        log.info("final model: %s", final)
+        log.info("report: %s", report)
     accelerator.end_training()
     return final
 

@@ -102,7 +102,8 @@ def tokenize_and_fit(
         log.info("  left out %s", problem)
     if not fitted:
         raise UserError(
-            f"every pair of '{result.source}' was dropped: none fits max_length={max_length}; raise max_length."
+            f"every pair of '{result.source}' was dropped: empty prompts, or no room for an answer within "
+            f"max_length={max_length}."
         )
     return fitted
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import datasets
 
 from smolalign.errors import UserError
+from smolalign.hub import prefer_local_cache
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent.parent / "data" / "hh-rlhf-harmless"
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -31,6 +32,8 @@ def load_rows(source: str, *, split: str = "train") -> datasets.Dataset:
     """Rows of a JSONL / JSON / CSV / Parquet file, a saved dataset folder, or a Hub dataset split."""
     path = Path(source).expanduser()
     datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # parse errors become one UserError sentence
     try:
         if path.is_file():
             return _load_file(path)
@@ -40,6 +43,7 @@ def load_rows(source: str, *, split: str = "train") -> datasets.Dataset:
             raise UserError(f"dataset file '{source}' does not exist.")
         return _load_hub(source, split)
     finally:
+        datasets.logging.set_verbosity(verbosity)
         datasets.enable_progress_bars()
 
 
@@ -69,6 +73,7 @@ def _load_folder(path: Path, split: str) -> datasets.Dataset:
 
 
 def _load_hub(name: str, split: str) -> datasets.Dataset:
+    offline = prefer_local_cache()
     try:
         return datasets.load_dataset(name, split=split)
     except ValueError as error:
@@ -76,7 +81,10 @@ def _load_hub(name: str, split: str) -> datasets.Dataset:
             raise UserError(f"dataset '{name}' has no split '{split}'; {str(error).splitlines()[0]}") from None
         raise UserError(f"cannot load dataset '{name}' from the Hub: {str(error).splitlines()[0]}") from None
     except Exception as error:  # connection errors, missing repos, offline mode
+        reason = "the Hugging Face Hub is unreachable and it is not cached" if offline else (
+            f"the Hugging Face Hub could not provide it ({type(error).__name__})"
+        )
         raise UserError(
-            f"cannot load dataset '{name}': no such local file, and the Hugging Face Hub could not provide it "
-            f"({type(error).__name__}); check the name and the network, or omit 'dataset' for the bundled HH-RLHF pairs."
+            f"cannot load dataset '{name}': no such local file, and {reason}; check the name and the network, "
+            "or omit 'dataset' for the bundled HH-RLHF pairs."
         ) from None

@@ -1,0 +1,34 @@
+"""Reaching the Hugging Face Hub: probe once, and when it is unreachable use only the local cache.
+
+Without this, every hub lookup on a machine without network retries for half a minute before failing.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+from urllib.parse import urlparse
+
+import datasets.config
+import huggingface_hub.constants
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def prefer_local_cache() -> bool:
+    """Switch this process to offline mode when the Hub cannot be reached; returns True if offline."""
+    if hub_reachable():
+        return False
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = True
+    return True

@@ -1,0 +1,97 @@
+"""User mistakes end with one clear sentence and exit status 2: no traceback, no final/ folder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import write_jsonl
+
+from smolalign.cli import main
+
+
+@pytest.fixture
+def good_data(tmp_path, hh_rows):
+    return write_jsonl(tmp_path / "pairs.jsonl", hh_rows[:8])
+
+
+def fail(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    message = err[-1]
+    assert message.startswith("smolalign: error: ")
+    assert not any("Traceback" in line for line in err)
+    return message
+
+
+def train_args(tmp_path, model, data, *extra):
+    return ["train", "--model", str(model), "--dataset", str(data), "--output_dir", str(tmp_path / "run"),
+            "--max_steps", "1", *extra]
+
+
+CASES = {
+    "missing dataset file": (lambda t, m, d: train_args(t, m, t / "nope.jsonl"), "does not exist"),
+    "unknown extension": (lambda t, m, d: train_args(t, m, d.with_suffix(".txt")), "does not exist"),
+    "unknown key": (lambda t, m, d: train_args(t, m, d, "--lerning_rate", "1e-5"), "did you mean 'learning_rate'"),
+    "invalid value": (lambda t, m, d: train_args(t, m, d, "--beta", "-1"), "'beta' must be > 0"),
+    "wrong type": (lambda t, m, d: train_args(t, m, d, "--max_steps", "many"), "'max_steps' must be of type int"),
+    "bad choice": (lambda t, m, d: train_args(t, m, d, "--loss_type", "sigmod"), "did you mean 'sigmoid'"),
+    "incompatible options": (lambda t, m, d: train_args(t, m, d, "--algorithm", "orpo", "--ref_model", str(m)),
+                             "reference-free"),
+    "missing model folder": (lambda t, m, d: train_args(t, t / "models" / "missing" / "final", d),
+                             "model folder"),
+    "hub id without network": (lambda t, m, d: train_args(t, "someone/not-a-model", d), "embedded"),
+    "missing config file": (lambda t, m, d: ["train", "--config", str(t / "none.yaml")], "does not exist"),
+    "no gpu": (lambda t, m, d: train_args(t, m, d, "--device", "cuda"), "no CUDA GPU"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_train_mistakes(case, tmp_path, capsys, tiny_model, good_data):
+    build_args, expected = CASES[case]
+    message = fail(capsys, build_args(tmp_path, tiny_model(0), good_data))
+    assert expected in message, message
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_bad_files(tmp_path, capsys, tiny_model):
+    model = tiny_model(0)
+    cases = {
+        "wrong_columns.jsonl": ('{"question": "a", "answer": "b"}\n', "columns"),
+        "empty.jsonl": ("", "empty"),
+        "broken.jsonl": ('{"chosen": "a", "rejected"\n', "cannot parse"),
+        "all_bad.jsonl": ('{"prompt": "q", "chosen": "", "rejected": "x"}\n', "no usable pairs"),
+        "empty_prompts.jsonl": ('{"prompt": "", "chosen": "a", "rejected": "b"}\n', "was dropped"),
+        "sft_only.jsonl": ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n',
+                           "without rejected answers"),
+    }
+    for name, (content, expected) in cases.items():
+        path = tmp_path / name
+        path.write_text(content)
+        message = fail(capsys, train_args(tmp_path, model, path))
+        assert expected in message, (name, message)
+        assert not (tmp_path / "run" / "final").exists(), name
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("beta: [unclosed\n")
+    assert "not valid YAML" in fail(capsys, ["train", "--config", str(bad_yaml)])
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_eval_and_inspect_mistakes(tmp_path, capsys, tiny_model, good_data):
+    assert "does not exist" in fail(capsys, ["eval", "--model", str(tmp_path / "a" / "b" / "c"),
+                                             "--dataset", str(good_data)])
+    assert "does not exist" in fail(capsys, ["eval", "--model", str(tiny_model(0)),
+                                             "--dataset", str(tmp_path / "missing.jsonl")])
+    assert "does not exist" in fail(capsys, ["data", "inspect", str(tmp_path / "missing.jsonl")])
+
+
+def test_real_process_prints_one_line_and_exits_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "smolalign", "train", "--dataset", str(tmp_path / "nope.jsonl")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"smolalign: error: dataset file '{tmp_path / 'nope.jsonl'}' does not exist."]

@@ -1,0 +1,437 @@
+"""Objectives against numbers worked out by hand with `math`, on small hand-made batches of pairs.
+
+Every expected value below is computed from the paper's formula in plain Python floats, never with the
+torch code under test. The inputs are exactly representable in float32, so the only difference
+between the two sides is float32 rounding inside the objectives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from smolalign.config import load_config
+from smolalign.logprobs import PairLogps
+from smolalign.losses import DPO_LOSSES, OBJECTIVES, LossSettings, log1mexp
+
+BETA = 0.1
+
+# Three pairs. Policy and reference summed log-probs, chosen by hand so that the DPO log-ratios are
+# chosen: [3, -1, 0.5], rejected: [-9, 1, -1.5] -> margins [12, -2, 2]: the first pair is well
+# separated (hinge is 0), the second is ranked the wrong way (accuracy 2/3).
+POLICY = {
+    "chosen": [-10.0, -25.0, -7.5],
+    "rejected": [-30.0, -14.0, -12.0],
+    "prompt": [-6.0, -3.5, -2.0],
+    "chosen_tokens": [4.0, 10.0, 3.0],
+    "rejected_tokens": [12.0, 7.0, 5.0],
+    "prompt_tokens": [5.0, 2.0, 4.0],
+}
+REFERENCE = {
+    "chosen": [-13.0, -24.0, -8.0],
+    "rejected": [-21.0, -15.0, -10.5],
+    "prompt": [0.0, 0.0, 0.0],
+    "chosen_tokens": [4.0, 10.0, 3.0],
+    "rejected_tokens": [12.0, 7.0, 5.0],
+    "prompt_tokens": [5.0, 2.0, 4.0],
+}
+CHOSEN_LOGRATIOS = [p - r for p, r in zip(POLICY["chosen"], REFERENCE["chosen"], strict=True)]
+REJECTED_LOGRATIOS = [p - r for p, r in zip(POLICY["rejected"], REFERENCE["rejected"], strict=True)]
+
+
+def pair_logps(values: dict[str, list[float]], *, requires_grad: bool = False) -> PairLogps:
+    tensors = {}
+    for name, numbers in values.items():
+        grad = requires_grad and not name.endswith("_tokens")
+        tensors[name] = torch.tensor(numbers, dtype=torch.float32, requires_grad=grad)
+    return PairLogps(**tensors)
+
+
+def logsigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def approx(value: float):
+    return pytest.approx(value, rel=1e-5, abs=1e-6)
+
+
+def assert_metrics(metrics: dict[str, torch.Tensor], expected: dict[str, float]) -> None:
+    assert set(expected) <= set(metrics), f"missing metrics: {set(expected) - set(metrics)}"
+    for name, value in expected.items():
+        assert metrics[name].dim() == 0, name
+        assert not metrics[name].requires_grad, f"metric {name} must be detached"
+        assert metrics[name].item() == approx(value), name
+
+
+# -- DPO family ------------------------------------------------------------------------------------
+
+
+def _ipo(chosen, rejected, chosen_tokens, rejected_tokens, beta, eps):
+    # IPO (Azar et al. 2023, Eq. 17) on per-token log-ratios, as TRL: (h/|y_w| - h/|y_l| - 1/(2 tau))^2
+    return (chosen / chosen_tokens - rejected / rejected_tokens - 1 / (2 * beta)) ** 2
+
+
+def _robust(chosen, rejected, chosen_tokens, rejected_tokens, beta, eps):
+    # Robust DPO (Chowdhury et al. 2024, Eq. 8): ((1-e) l(z) - e l(-z)) / (1-2e), l = -log sigmoid
+    z = beta * (chosen - rejected)
+    return ((1 - eps) * -logsigmoid(z) - eps * -logsigmoid(-z)) / (1 - 2 * eps)
+
+
+def _nca_pair(chosen, rejected, chosen_tokens, rejected_tokens, beta, eps):
+    # NCA (Chen et al. 2024): -log s(r_w) - 1/2 log s(-r_w) - 1/2 log s(-r_l), r = beta * log-ratio
+    return -logsigmoid(beta * chosen) - 0.5 * logsigmoid(-beta * chosen) - 0.5 * logsigmoid(-beta * rejected)
+
+
+EXPECTED_PER_PAIR = {
+    # DPO (Rafailov et al. 2023, Eq. 7): -log sigmoid(beta * (h_w - h_l))
+    "sigmoid": lambda c, r, ct, rt, beta, eps: -logsigmoid(beta * (c - r)),
+    # SLiC-HF hinge (Zhao et al. 2023, Eq. 3, delta = 1/beta): max(0, 1 - beta * (h_w - h_l))
+    "hinge": lambda c, r, ct, rt, beta, eps: max(0.0, 1 - beta * (c - r)),
+    "ipo": _ipo,
+    "robust": _robust,
+    # BCO paired (Jung et al. 2024): -log sigmoid(beta h_w) - log sigmoid(-beta h_l)
+    "bco_pair": lambda c, r, ct, rt, beta, eps: -logsigmoid(beta * c) - logsigmoid(-beta * r),
+    # SPPO hard (Wu et al. 2024, Eq. 4.7 with P = 1 / 0): (h_w - 1/(2 beta))^2 + (h_l + 1/(2 beta))^2
+    "sppo_hard": lambda c, r, ct, rt, beta, eps: (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2,
+    "nca_pair": _nca_pair,
+    # APO-zero (D'Oosterlinck et al. 2024, Eq. 7): (1 - sigmoid(beta h_w)) + sigmoid(beta h_l)
+    "apo_zero": lambda c, r, ct, rt, beta, eps: (1 - sigmoid(beta * c)) + sigmoid(beta * r),
+    # APO-down (same paper, Eq. 8): sigmoid(beta h_w) + (1 - sigmoid(beta (h_w - h_l)))
+    "apo_down": lambda c, r, ct, rt, beta, eps: sigmoid(beta * c) + (1 - sigmoid(beta * (c - r))),
+}
+
+
+def expected_dpo_metrics(beta: float = BETA) -> dict[str, float]:
+    # TRL: rewards = beta * (policy - reference) summed log-probs; accuracy = mean(r_w > r_l), strict
+    chosen_rewards = [beta * c for c in CHOSEN_LOGRATIOS]
+    rejected_rewards = [beta * r for r in REJECTED_LOGRATIOS]
+    pairs = list(zip(chosen_rewards, rejected_rewards, strict=True))
+    return {
+        "rewards/chosen": mean(chosen_rewards),
+        "rewards/rejected": mean(rejected_rewards),
+        "rewards/accuracies": mean(1.0 if c > r else 0.0 for c, r in pairs),
+        "rewards/margins": mean(c - r for c, r in pairs),
+        "logps/chosen": mean(POLICY["chosen"]),
+        "logps/rejected": mean(POLICY["rejected"]),
+    }
+
+
+def test_dpo_losses_registry_matches_config_choices():
+    from smolalign.config import DPO_LOSS_TYPES
+
+    assert set(DPO_LOSSES) == set(EXPECTED_PER_PAIR) == set(DPO_LOSS_TYPES)
+
+
+@pytest.mark.parametrize("loss_type", sorted(EXPECTED_PER_PAIR))
+def test_dpo_loss_types_match_hand_computation(loss_type):
+    label_smoothing = 0.1 if loss_type == "robust" else 0.0
+    settings = LossSettings(beta=BETA, loss_type=loss_type, label_smoothing=label_smoothing)
+    out = OBJECTIVES["dpo"].compute(pair_logps(POLICY), pair_logps(REFERENCE), settings)
+
+    per_pair = [
+        EXPECTED_PER_PAIR[loss_type](c, r, ct, rt, BETA, label_smoothing)
+        for c, r, ct, rt in zip(
+            CHOSEN_LOGRATIOS, REJECTED_LOGRATIOS, POLICY["chosen_tokens"], POLICY["rejected_tokens"], strict=True
+        )
+    ]
+    assert out.loss.dim() == 0
+    assert out.loss.item() == approx(mean(per_pair))
+    assert_metrics(out.metrics, expected_dpo_metrics())
+    assert out.metrics["rewards/accuracies"].item() == approx(2 / 3)
+    assert "nll_loss" not in out.metrics  # only with rpo_alpha
+
+
+def test_hinge_is_zero_for_a_well_separated_pair():
+    # margin 12 * beta 0.1 = 1.2 > 1: SLiC's hinge has no loss left on the first pair
+    only_first = {name: values[:1] for name, values in POLICY.items()}
+    reference = {name: values[:1] for name, values in REFERENCE.items()}
+    out = OBJECTIVES["dpo"].compute(pair_logps(only_first), pair_logps(reference), LossSettings(loss_type="hinge"))
+    assert out.loss.item() == 0.0
+
+
+def test_robust_with_no_label_noise_is_sigmoid():
+    settings = {"beta": BETA, "label_smoothing": 0.0}
+    robust = OBJECTIVES["dpo"].compute(
+        pair_logps(POLICY), pair_logps(REFERENCE), LossSettings(loss_type="robust", **settings)
+    )
+    sigmoid_ = OBJECTIVES["dpo"].compute(
+        pair_logps(POLICY), pair_logps(REFERENCE), LossSettings(loss_type="sigmoid", **settings)
+    )
+    assert robust.loss.item() == approx(sigmoid_.loss.item())
+
+
+def test_dpo_policy_equal_to_reference_gives_log_two_and_zero_rewards():
+    out = OBJECTIVES["dpo"].compute(pair_logps(POLICY), pair_logps(POLICY), LossSettings(beta=0.5))
+    assert out.loss.item() == approx(math.log(2))
+    assert out.metrics["rewards/chosen"].item() == 0.0
+    assert out.metrics["rewards/margins"].item() == 0.0
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_dpo_rewards_scale_with_beta(beta):
+    out = OBJECTIVES["dpo"].compute(pair_logps(POLICY), pair_logps(REFERENCE), LossSettings(beta=beta))
+    assert_metrics(out.metrics, expected_dpo_metrics(beta))
+
+
+def test_accuracy_is_strict_on_a_tie():
+    # pair 0: equal log-ratios (tie, NOT accurate); pair 1: chosen ahead (accurate) -> 0.5, as TRL's `>`
+    policy = dict(POLICY, chosen=[-10.0, -5.0], rejected=[-12.0, -9.0], prompt=[-1.0, -1.0],
+                  chosen_tokens=[2.0, 2.0], rejected_tokens=[2.0, 2.0], prompt_tokens=[1.0, 1.0])
+    reference = dict(policy, chosen=[-11.0, -6.0], rejected=[-13.0, -9.0])
+    out = OBJECTIVES["dpo"].compute(pair_logps(policy), pair_logps(reference), LossSettings())
+    assert out.metrics["rewards/accuracies"].item() == 0.5
+
+    # reference-free objectives compare mean log-probs: -4/2 vs -6/3 is a tie
+    tie = dict(chosen=[-4.0], rejected=[-6.0], prompt=[-1.0], chosen_tokens=[2.0], rejected_tokens=[3.0],
+               prompt_tokens=[1.0])
+    for name in ("orpo", "simpo"):
+        out = OBJECTIVES[name].compute(pair_logps(tie), None, LossSettings())
+        assert out.metrics["rewards/accuracies"].item() == 0.0, name
+        assert out.metrics["rewards/margins"].item() == 0.0, name
+
+
+def test_dpo_with_rpo_alpha_adds_token_averaged_chosen_nll():
+    # RPO (Pang et al. 2024, Eq. 2): L_DPO + alpha * NLL(y_w), the NLL averaged over all chosen answer
+    # tokens of the batch (TRL's "sft" loss term), prompt tokens not included.
+    alpha = 0.7
+    policy = dict(POLICY, chosen_tokens=[2.0, 10.0, 5.0])
+    settings = LossSettings(beta=BETA, rpo_alpha=alpha)
+    out = OBJECTIVES["dpo"].compute(pair_logps(policy), pair_logps(REFERENCE), settings)
+    dpo_loss = mean(-logsigmoid(BETA * (c - r)) for c, r in zip(CHOSEN_LOGRATIOS, REJECTED_LOGRATIOS, strict=True))
+    nll = -sum(policy["chosen"]) / sum(policy["chosen_tokens"])  # 42.5 / 17 = 2.5
+    per_pair_mean = mean(-c / t for c, t in zip(policy["chosen"], policy["chosen_tokens"], strict=True))  # 3.0
+    assert nll != approx(per_pair_mean)
+    assert out.loss.item() == approx(dpo_loss + alpha * nll)
+    assert_metrics(out.metrics, {**expected_dpo_metrics(), "nll_loss": nll})
+
+
+def test_rpo_alpha_zero_keeps_the_dpo_loss():
+    plain = OBJECTIVES["dpo"].compute(pair_logps(POLICY), pair_logps(REFERENCE), LossSettings())
+    zero = OBJECTIVES["dpo"].compute(pair_logps(POLICY), pair_logps(REFERENCE), LossSettings(rpo_alpha=0.0))
+    assert zero.loss.item() == approx(plain.loss.item())
+
+
+# -- ORPO -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("x", [-1e-6, -1e-3, -0.5, -0.69, -0.7, -1.0, -5.0, -50.0])
+def test_log1mexp_matches_math_on_both_sides_of_minus_log_two(x):
+    expected = math.log(1 - math.exp(x))
+    # the same value without cancellation: 1 - e^x = -expm1(x) near 0, log1p(-e^x) far from 0
+    exact = math.log(-math.expm1(x)) if x > -1 else math.log1p(-math.exp(x))
+    got64 = log1mexp(torch.tensor([x], dtype=torch.float64)).item()
+    assert got64 == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert got64 == pytest.approx(exact, rel=1e-12, abs=1e-300)
+    # in float32, the naive formula loses everything near 0 (1 - exp(-1e-6) cancels); the stable one does not
+    got32 = log1mexp(torch.tensor([x], dtype=torch.float32)).item()
+    assert got32 == pytest.approx(exact, rel=1e-5, abs=1e-30)
+
+
+def test_log1mexp_is_finite_with_finite_gradient():
+    x = torch.tensor([-1e-6, -0.5, -0.7, -5.0, -50.0], dtype=torch.float32, requires_grad=True)
+    log1mexp(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    # d/dx log(1 - e^x) = -e^x / (1 - e^x) = -1 / expm1(-x)
+    for value, grad in zip(x.tolist(), x.grad.tolist(), strict=True):
+        assert grad == pytest.approx(-1 / math.expm1(-value), rel=1e-4)
+
+
+def expected_orpo(values: dict[str, list[float]], beta: float) -> tuple[float, dict[str, float]]:
+    # ORPO (Hong et al. 2024, Eqs. 4, 6-7): odds(y) = P / (1 - P) with log P the mean token log-prob;
+    # L = NLL(y_w | x) - lambda * mean(log sigmoid(log odds(y_w) - log odds(y_l))), lambda = beta.
+    chosen_mean = [c / t for c, t in zip(values["chosen"], values["chosen_tokens"], strict=True)]
+    rejected_mean = [r / t for r, t in zip(values["rejected"], values["rejected_tokens"], strict=True)]
+    log_odds = [
+        (c - math.log(1 - math.exp(c))) - (r - math.log(1 - math.exp(r)))
+        for c, r in zip(chosen_mean, rejected_mean, strict=True)
+    ]
+    ratio = [logsigmoid(v) for v in log_odds]
+    # TRL: the NLL is cross-entropy over prompt + chosen tokens, averaged over the batch's tokens
+    nll = -(sum(values["prompt"]) + sum(values["chosen"])) / (
+        sum(values["prompt_tokens"]) + sum(values["chosen_tokens"])
+    )
+    chosen_rewards = [beta * c for c in chosen_mean]
+    rejected_rewards = [beta * r for r in rejected_mean]
+    metrics = {
+        "rewards/chosen": mean(chosen_rewards),
+        "rewards/rejected": mean(rejected_rewards),
+        "rewards/accuracies": mean(float(c > r) for c, r in zip(chosen_rewards, rejected_rewards, strict=True)),
+        "rewards/margins": mean(c - r for c, r in zip(chosen_rewards, rejected_rewards, strict=True)),
+        "logps/chosen": mean(chosen_mean),
+        "logps/rejected": mean(rejected_mean),
+        "nll_loss": nll,
+        "log_odds_ratio": mean(ratio),
+        "log_odds_chosen": mean(log_odds),
+    }
+    return nll - beta * mean(ratio), metrics
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_orpo_matches_hand_computation(beta):
+    out = OBJECTIVES["orpo"].compute(pair_logps(POLICY), None, LossSettings(beta=beta))
+    loss, metrics = expected_orpo(POLICY, beta)
+    assert out.loss.item() == approx(loss)
+    assert_metrics(out.metrics, metrics)
+    # mean log-probs [-2.5, -2.5, -2.5] vs [-2.5, -2, -2.4]: a tie, then behind twice -> accuracy 0
+    assert out.metrics["rewards/accuracies"].item() == 0.0
+
+
+def test_orpo_mean_logps_on_both_sides_of_minus_log_two():
+    # chosen mean log-probs -0.125 (P = 0.88: the expm1 branch) and -3 (the log1p branch)
+    values = dict(chosen=[-0.25, -9.0], rejected=[-1.5, -0.5], prompt=[-2.0, -4.0],
+                  chosen_tokens=[2.0, 3.0], rejected_tokens=[1.0, 5.0], prompt_tokens=[2.0, 4.0])
+    out = OBJECTIVES["orpo"].compute(pair_logps(values), None, LossSettings(beta=0.25))
+    loss, metrics = expected_orpo(values, 0.25)
+    assert out.loss.item() == approx(loss)
+    assert_metrics(out.metrics, metrics)
+    assert out.metrics["rewards/accuracies"].item() == 0.5
+
+
+def test_orpo_nll_covers_prompt_tokens_over_the_whole_batch():
+    # pair 0: prompt + chosen = (-2 - 2) over (1 + 1) tokens; pair 1: (-30 - 30) over (10 + 10) tokens.
+    # Batch-level token average: 64 / 22. Not per pair (mean(2, 3) = 2.5) and not without the prompt.
+    values = dict(chosen=[-2.0, -30.0], rejected=[-3.0, -40.0], prompt=[-2.0, -30.0],
+                  chosen_tokens=[1.0, 10.0], rejected_tokens=[1.0, 10.0], prompt_tokens=[1.0, 10.0])
+    out = OBJECTIVES["orpo"].compute(pair_logps(values), None, LossSettings())
+    assert out.metrics["nll_loss"].item() == approx(64 / 22)
+    assert out.metrics["nll_loss"].item() != approx(2.5)
+
+    no_prompt = dict(values, prompt=[0.0, 0.0], prompt_tokens=[0.0, 0.0])
+    without = OBJECTIVES["orpo"].compute(pair_logps(no_prompt), None, LossSettings())
+    assert without.metrics["nll_loss"].item() == approx(32 / 11)
+
+
+# -- SimPO ----------------------------------------------------------------------------------------
+
+
+def expected_simpo(values, *, beta, gamma, label_smoothing, cpo_alpha):
+    # SimPO (Meng et al. 2024, Eq. 6): -log sigmoid(beta * (mean_w - mean_l) - gamma), with conservative
+    # label smoothing e: -(1-e) log s(z) - e log s(-z); CPO (Xu et al. 2024) adds alpha * NLL(y_w).
+    chosen_mean = [c / t for c, t in zip(values["chosen"], values["chosen_tokens"], strict=True)]
+    rejected_mean = [r / t for r, t in zip(values["rejected"], values["rejected_tokens"], strict=True)]
+    per_pair = []
+    for c, r in zip(chosen_mean, rejected_mean, strict=True):
+        z = beta * (c - r) - gamma
+        per_pair.append(-(1 - label_smoothing) * logsigmoid(z) - label_smoothing * logsigmoid(-z))
+    nll = -sum(values["chosen"]) / sum(values["chosen_tokens"]) if cpo_alpha else 0.0  # answer tokens only
+    chosen_rewards = [beta * c for c in chosen_mean]
+    rejected_rewards = [beta * r for r in rejected_mean]
+    metrics = {
+        "rewards/chosen": mean(chosen_rewards),
+        "rewards/rejected": mean(rejected_rewards),
+        "rewards/accuracies": mean(float(c > r) for c, r in zip(chosen_rewards, rejected_rewards, strict=True)),
+        "rewards/margins": mean(c - r for c, r in zip(chosen_rewards, rejected_rewards, strict=True)),
+        "logps/chosen": mean(chosen_mean),
+        "logps/rejected": mean(rejected_mean),
+        "nll_loss": nll,
+    }
+    return mean(per_pair) + cpo_alpha * nll, metrics
+
+
+SIMPO_VALUES = dict(chosen=[-4.0, -9.0, -1.5], rejected=[-12.0, -4.0, -6.0], prompt=[-3.0, -3.0, -3.0],
+                    chosen_tokens=[4.0, 6.0, 3.0], rejected_tokens=[6.0, 8.0, 4.0], prompt_tokens=[2.0, 2.0, 2.0])
+
+
+@pytest.mark.parametrize(
+    ("beta", "gamma", "label_smoothing", "cpo_alpha"),
+    [(2.0, 0.5, 0.0, 0.0), (2.5, 1.0, 0.2, 0.0), (2.0, 0.5, 0.0, 1.0), (2.0, 0.25, 0.1, 0.5)],
+)
+def test_simpo_matches_hand_computation(beta, gamma, label_smoothing, cpo_alpha):
+    settings = LossSettings(beta=beta, simpo_gamma=gamma, label_smoothing=label_smoothing, cpo_alpha=cpo_alpha)
+    out = OBJECTIVES["simpo"].compute(pair_logps(SIMPO_VALUES), None, settings)
+    loss, metrics = expected_simpo(
+        SIMPO_VALUES, beta=beta, gamma=gamma, label_smoothing=label_smoothing, cpo_alpha=cpo_alpha
+    )
+    assert out.loss.item() == approx(loss)
+    assert_metrics(out.metrics, metrics)
+    # mean log-probs: -1 > -2 yes, -1.5 > -0.5 no, -0.5 > -1.5 yes
+    assert out.metrics["rewards/accuracies"].item() == approx(2 / 3)
+
+
+def test_simpo_ignores_the_prompt_and_a_reference():
+    settings = LossSettings(beta=2.0, cpo_alpha=1.0)
+    base = OBJECTIVES["simpo"].compute(pair_logps(SIMPO_VALUES), None, settings)
+    other_prompt = dict(SIMPO_VALUES, prompt=[-100.0, 0.0, -7.0], prompt_tokens=[9.0, 9.0, 9.0])
+    moved = OBJECTIVES["simpo"].compute(pair_logps(other_prompt), pair_logps(POLICY), settings)
+    assert moved.loss.item() == approx(base.loss.item())
+
+
+# -- SFT ------------------------------------------------------------------------------------------
+
+
+def test_sft_is_token_averaged_chosen_nll():
+    # SFT: -sum log p(y_w tokens) / number of y_w tokens over the batch; rejected and prompt not used
+    out = OBJECTIVES["sft"].compute(pair_logps(POLICY), None, LossSettings())
+    nll = -sum(POLICY["chosen"]) / sum(POLICY["chosen_tokens"])
+    assert out.loss.item() == approx(nll)
+    assert_metrics(out.metrics, {"nll_loss": nll, "logps/chosen": mean(POLICY["chosen"])})
+
+    no_rejected = dict(POLICY, rejected=[0.0, 0.0, 0.0], rejected_tokens=[0.0, 0.0, 0.0])
+    assert OBJECTIVES["sft"].compute(pair_logps(no_rejected), None, LossSettings()).loss.item() == approx(nll)
+
+
+# -- gradients and the registry ------------------------------------------------------------------
+
+
+CASES = [("dpo", LossSettings(loss_type=t, label_smoothing=0.2 if t == "robust" else 0.0)) for t in DPO_LOSSES]
+CASES += [
+    ("dpo", LossSettings(rpo_alpha=1.0)),
+    ("orpo", LossSettings()),
+    ("simpo", LossSettings(beta=2.0)),
+    ("simpo", LossSettings(beta=2.0, cpo_alpha=1.0, label_smoothing=0.1)),
+    ("sft", LossSettings()),
+]
+
+
+CASE_IDS = [f"dpo-{t}" for t in DPO_LOSSES] + ["dpo-rpo", "orpo", "simpo", "simpo-cpo", "sft"]
+
+
+@pytest.mark.parametrize(("name", "settings"), CASES, ids=CASE_IDS)
+def test_objectives_are_differentiable(name, settings):
+    policy = pair_logps(POLICY, requires_grad=True)
+    reference = pair_logps(REFERENCE)
+    out = OBJECTIVES[name].compute(policy, reference, settings)
+    assert out.loss.requires_grad
+    out.loss.backward()
+    grads = [policy.chosen.grad] + ([] if name == "sft" else [policy.rejected.grad])
+    for grad in grads:
+        assert grad is not None and torch.isfinite(grad).all()
+    assert policy.chosen.grad.abs().sum() > 0
+    for metric in out.metrics.values():
+        assert torch.isfinite(metric) and not metric.requires_grad
+
+
+def test_orpo_gradient_reaches_the_prompt_logps():
+    policy = pair_logps(POLICY, requires_grad=True)
+    OBJECTIVES["orpo"].compute(policy, None, LossSettings()).loss.backward()
+    # d NLL / d prompt_i = -1 / total prompt + chosen tokens
+    expected = -1 / (sum(POLICY["prompt_tokens"]) + sum(POLICY["chosen_tokens"]))
+    assert policy.prompt.grad.tolist() == [approx(expected)] * 3
+
+
+def test_objectives_registry_declares_what_each_needs():
+    assert set(OBJECTIVES) == {"dpo", "orpo", "simpo", "sft"}
+    for name, objective in OBJECTIVES.items():
+        assert objective.name == name
+        assert objective.needs_reference == (name == "dpo"), name
+        assert objective.needs_prompt_logps == (name == "orpo"), name
+        assert objective.needs_rejected == (name != "sft"), name
+
+
+def test_loss_settings_from_config_reads_trl_names():
+    config = load_config(None, {"algorithm": "simpo", "beta": 2.5, "simpo_gamma": 0.3, "cpo_alpha": 1.0,
+                                "label_smoothing": 0.1})
+    assert LossSettings.from_config(config) == LossSettings(
+        beta=2.5, loss_type="sigmoid", label_smoothing=0.1, rpo_alpha=None, simpo_gamma=0.3, cpo_alpha=1.0
+    )

@@ -1,0 +1,160 @@
+"""Tiny-model runs of the whole training path: artifacts, round trips, resume, accumulation invariance."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from conftest import read_jsonl, write_jsonl
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import smolalign.train
+from smolalign.batching import build_batch
+from smolalign.config import load_config
+from smolalign.train import train
+
+TRL_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected")
+RUN_NAMES = ("step", "epoch", "learning_rate", "grad_norm", "tokens_per_second")
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory, hh_rows):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", hh_rows[:24])
+
+
+def run(tmp_path, name, **settings):
+    defaults = {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
+                "max_length": 256}
+    config = load_config(None, {**defaults, **settings, "output_dir": str(tmp_path / name)})
+    return train(config), tmp_path / name
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def generate(model, tokenizer) -> list[int]:
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi!"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        output = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    return output[0, prompt["input_ids"].shape[1]:].tolist()
+
+
+def test_full_dpo_run_writes_a_complete_run_folder(tmp_path, tiny_model, pairs_file):
+    policy = tiny_model(0)
+    final, folder = run(tmp_path, "dpo", model=str(policy), dataset=str(pairs_file), test_split_size=4, eval_steps=2)
+
+    records = read_jsonl(folder / "metrics.jsonl")
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+    assert set(TRL_NAMES + RUN_NAMES) <= set(train_records[0])
+    assert train_records[0]["tokens_per_second"] > 0
+    eval_records = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in eval_records] == [2, 4]
+    assert "eval_rewards/accuracies" in eval_records[0]
+
+    assert load_config(folder / "config.yaml").model == str(policy)
+    for plot in ("loss", "accuracy", "margins", "logps", "learning_rate"):
+        assert (folder / "plots" / f"{plot}.png").stat().st_size > 1000
+    assert (folder / "report.html").exists() and (folder / "report.md").exists()
+
+    # final/ is a plain transformers folder, trained away from the initial weights, and it generates
+    trained, initial = weights(final), weights(policy)
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert len(generate(model, tokenizer)) > 0
+    card = (final / "README.md").read_text()
+    assert "Direct Preference Optimization" in card and "rewards/accuracies" in card
+
+
+def test_lora_run_saves_an_adapter_that_peft_loads(tmp_path, tiny_model, pairs_file):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+    final, _ = run(tmp_path, "lora", model=str(tiny_model(0)), dataset=str(pairs_file), lora=lora)
+    assert (final / "adapter_config.json").exists() and not (final / "model.safetensors").exists()
+    adapted = AutoPeftModelForCausalLM.from_pretrained(final)
+    assert isinstance(adapted, PeftModel)
+    lora_b = [p for n, p in adapted.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # adapters were trained (B starts at zero)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert len(generate(adapted, tokenizer)) > 0
+
+    merged_final, _ = run(tmp_path, "merged", model=str(tiny_model(0)), dataset=str(pairs_file), lora=lora,
+                          merge_lora=True)
+    merged = AutoModelForCausalLM.from_pretrained(merged_final)
+    inputs = tokenizer("Hello there", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(merged(**inputs).logits, adapted(**inputs).logits, atol=1e-4)
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model, pairs_file, monkeypatch):
+    settings = {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_steps": 6, "save_steps": 3,
+                "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "lr_scheduler_type": "cosine",
+                "warmup_steps": 1}
+    batches: dict[str, list[list[int]]] = {"straight": [], "crashed": []}
+    current = ["straight"]
+
+    def recording_build_batch(pairs, *args, **kwargs):
+        batches[current[0]].append([pair.index for pair in pairs])
+        return build_batch(pairs, *args, **kwargs)
+
+    monkeypatch.setattr(smolalign.train, "build_batch", recording_build_batch)
+    final, folder = run(tmp_path, "straight", **settings)
+    assert [p.name for p in folder.glob("checkpoint-*")] == ["checkpoint-3"]
+
+    # A run that stopped after step 3: only its checkpoint and the metrics up to it survive.
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    shutil.copytree(folder / "checkpoint-3", crashed / "checkpoint-3")
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    (crashed / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])  # torn last line
+    current[0] = "crashed"
+    resumed_final, _ = run(tmp_path, "crashed", **settings, resume_from_checkpoint="latest")
+    # only steps 4-6 ran, on the same pairs in the same order as the uninterrupted run
+    assert 0 < len(batches["crashed"]) < len(batches["straight"])
+    assert batches["crashed"] == batches["straight"][-len(batches["crashed"]):]
+
+    expected, actual = weights(final), weights(resumed_final)
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+    def without_timing(path):
+        return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in read_jsonl(path)]
+
+    assert without_timing(crashed / "metrics.jsonl") == without_timing(folder / "metrics.jsonl")
+
+
+def test_gradient_accumulation_equals_a_larger_batch(tmp_path, tiny_model, pairs_file):
+    common = {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_train_pairs": 8, "max_steps": 2,
+              "max_grad_norm": 0.0}
+    big, _ = run(tmp_path, "big", per_device_train_batch_size=4, **common)
+    accumulated, _ = run(tmp_path, "acc", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common)
+    a, b = weights(big), weights(accumulated)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("algorithm", ["orpo", "simpo"])
+def test_reference_free_algorithms_train(tmp_path, tiny_model, pairs_file, algorithm):
+    final, folder = run(tmp_path, algorithm, model=str(tiny_model(0)), dataset=str(pairs_file), algorithm=algorithm)
+    first = read_jsonl(folder / "metrics.jsonl")[0]
+    assert "nll_loss" in first and "rewards/accuracies" in first
+    if algorithm == "orpo":
+        assert {"log_odds_ratio", "log_odds_chosen"} <= set(first)
+    assert (final / "model.safetensors").exists()
+
+
+def test_sft_on_a_messages_dataset(tmp_path, tiny_model):
+    conversations = [
+        {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                      {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}
+        for i in range(8)
+    ]
+    data = write_jsonl(tmp_path / "messages.jsonl", conversations)
+    final, folder = run(tmp_path, "sft", model=str(tiny_model(0)), dataset=str(data), algorithm="sft", max_steps=6)
+    losses = [r["loss"] for r in read_jsonl(folder / "metrics.jsonl")]
+    assert losses[-1] < losses[0]
