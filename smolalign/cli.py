@@ -10,7 +10,6 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 
 from smolalign.errors import UserError
 
@@ -21,6 +20,13 @@ TRAIN_USAGE = """smolalign train [--config FILE.yaml] [--KEY VALUE ...]
 Defaults come from the dataclass, then the YAML file, then --KEY VALUE flags (nested keys as
 --lora.r 8). Keys:
 """
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,10 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output_dir", default="eval", help="where eval.json and eval_pairs.jsonl go")
     evaluate.add_argument("--split", default="test", help="split of a Hub dataset")
     evaluate.add_argument("--beta", type=float, default=0.1, help="reward scale (DPO beta)")
-    evaluate.add_argument("--max_length", type=int, default=1024)
-    evaluate.add_argument("--max_prompt_length", type=int)
-    evaluate.add_argument("--max_pairs", type=int, help="use only the first N pairs")
-    evaluate.add_argument("--batch_size", type=int, default=8)
+    evaluate.add_argument("--max_length", type=positive_int, default=1024)
+    evaluate.add_argument("--max_prompt_length", type=positive_int)
+    evaluate.add_argument("--max_pairs", type=positive_int, help="use only the first N pairs")
+    evaluate.add_argument("--batch_size", type=positive_int, default=8)
     evaluate.add_argument("--batch_layout", default="auto", choices=["auto", "padded", "packed", "prefix_shared"])
     evaluate.add_argument("--chat_template", help="'chatml' for a base model without a chat template")
     evaluate.add_argument("--system_prompt")
@@ -90,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("dataset", help="file or Hub id")
     inspect.add_argument("--model", help="tokenizer to measure lengths with (default: embedded SmolLM2)")
     inspect.add_argument("--split", default="train")
-    inspect.add_argument("--max_length", type=int, default=1024)
-    inspect.add_argument("--max_prompt_length", type=int)
+    inspect.add_argument("--max_length", type=positive_int, default=1024)
+    inspect.add_argument("--max_prompt_length", type=positive_int)
     inspect.add_argument("--chat_template")
     inspect.add_argument("--system_prompt")
     inspect.set_defaults(run=_run_inspect)

@@ -129,11 +129,13 @@ class TrainConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults, then the YAML file, then `overrides` (already split into key -> raw value)."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        values.update(read_yaml(path))
-    values.update(_nest(overrides or {}))
+    """Defaults, then the YAML file, then `overrides` (key -> value; `lora.r` reaches a nested key)."""
+    values: dict[str, Any] = read_yaml(path) if path is not None else {}
+    for key, value in _nest(overrides or {}).items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}  # a flag changes one key of a YAML section, not all
+        else:
+            values[key] = value
     config = build_dataclass(TrainConfig, values, where="config")
     validate(config)
     return config
@@ -154,8 +156,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+class FlagText(str):
+    """A value typed on the command line. Text keys keep it verbatim; other keys read it as YAML."""
+
+
 def parse_override_args(args: list[str]) -> dict[str, Any]:
-    """Turn `--key value`, `--key=value` and bare `--flag` into {key: value}; values are parsed as YAML."""
+    """Turn `--key value`, `--key=value` and bare `--flag` (true) into {key: value}; `--key=` is null."""
     overrides: dict[str, Any] = {}
     index = 0
     while index < len(args):
@@ -165,11 +171,18 @@ def parse_override_args(args: list[str]) -> dict[str, Any]:
         key, has_value, value = token[2:].partition("=")
         if not has_value:
             next_is_value = index + 1 < len(args) and not args[index + 1].startswith("--")
-            value = args[index + 1] if next_is_value else "true"
+            value = FlagText(args[index + 1]) if next_is_value else True
             index += 1 if next_is_value else 0
-        overrides[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else None
+        overrides[key.replace("-", "_")] = None if value == "" else FlagText(value) if isinstance(value, str) else value
         index += 1
     return overrides
+
+
+def _read_flag(value: FlagText, key: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise UserError(f"cannot read the value {str(value)!r} given for '{key}'.") from None
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -209,10 +222,14 @@ def _unknown_key_message(key: str, known: list[str], where: str) -> str:
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if isinstance(value, FlagText):
+        value = _from_flag(value, annotation, key)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        if isinstance(value, str) and "," in value and any(typing.get_origin(o) is list for o in options):
+            options.sort(key=lambda o: typing.get_origin(o) is not list)  # "a,b" is a list where one is allowed
         errors = []
         for option in options:
             try:
@@ -222,7 +239,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise errors[0]
     if origin is Literal:
         if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.7)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise UserError(f"'{key}' must be one of {', '.join(map(str, args))}, not '{value}'{hint}.")
         return value
@@ -236,6 +253,20 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise UserError(f"'{key}' must be a mapping of settings, not {value!r}.")
         return build_dataclass(annotation, value, where=key)
     return _coerce_scalar(value, annotation, key)
+
+
+def _from_flag(value: FlagText, annotation: Any, key: str) -> Any:
+    """Command-line text as the key needs it: verbatim for text keys, YAML for numbers, lists, sections."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (
+        annotation,
+    )
+    if type(None) in options and value.lower() in ("null", "none", "~"):
+        return None
+    takes_text = any(o is str or typing.get_origin(o) is Literal for o in options)
+    takes_list = any(typing.get_origin(o) is list for o in options)
+    if takes_text or (takes_list and not value.lstrip().startswith("[")):
+        return str(value)
+    return _read_flag(value, key)
 
 
 def _coerce_scalar(value: Any, annotation: type, key: str) -> Any:
@@ -298,6 +329,10 @@ def validate(config: TrainConfig) -> None:
     require(config.warmup_steps >= 0, f"'warmup_steps' must be >= 0, not {config.warmup_steps}.")
     require(config.max_grad_norm >= 0, f"'max_grad_norm' must be >= 0, not {config.max_grad_norm}.")
     require(config.test_split_size >= 0, f"'test_split_size' must be >= 0, not {config.test_split_size}.")
+    require(
+        config.test_split_size < 1 or float(config.test_split_size).is_integer(),
+        f"'test_split_size' is a fraction below 1 or a whole number of pairs, not {config.test_split_size}.",
+    )
     require(config.eval_steps is None or config.eval_steps >= 1, "'eval_steps' must be >= 1 or null.")
     require(config.save_total_limit is None or config.save_total_limit >= 1, "'save_total_limit' must be >= 1 or null.")
     for key in ("max_train_pairs", "max_eval_pairs"):
@@ -307,6 +342,7 @@ def validate(config: TrainConfig) -> None:
         config.eval_dataset is None or config.test_split_size == 0,
         "set either 'eval_dataset' or 'test_split_size', not both.",
     )
+    config.report_to = [t for t in config.report_to if t != "none"]  # TRL's way of saying no tracker
     for tracker in config.report_to:
         require(tracker in ("tensorboard", "wandb"), f"'report_to' accepts tensorboard and wandb, not '{tracker}'.")
     if config.lora is not None:
@@ -317,7 +353,7 @@ def validate(config: TrainConfig) -> None:
 
     if config.algorithm == "dpo":
         if config.loss_type not in DPO_LOSS_TYPES:
-            close = difflib.get_close_matches(config.loss_type, DPO_LOSS_TYPES, n=1)
+            close = difflib.get_close_matches(config.loss_type, DPO_LOSS_TYPES, n=1, cutoff=0.7)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise UserError(f"'loss_type' must be one of {', '.join(DPO_LOSS_TYPES)}, not '{config.loss_type}'{hint}.")
         require(

@@ -64,7 +64,7 @@ def test_bad_files(tmp_path, capsys, tiny_model):
         "empty.jsonl": ("", "empty"),
         "broken.jsonl": ('{"chosen": "a", "rejected"\n', "cannot parse"),
         "all_bad.jsonl": ('{"prompt": "q", "chosen": "", "rejected": "x"}\n', "no usable pairs"),
-        "empty_prompts.jsonl": ('{"prompt": "", "chosen": "a", "rejected": "b"}\n', "was dropped"),
+        "empty_prompts.jsonl": ('{"prompt": "", "chosen": "a", "rejected": "b"}\n', "row 0: empty 'prompt'"),
         "sft_only.jsonl": ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n',
                            "without rejected answers"),
     }

@@ -110,7 +110,6 @@ def test_lora_section_from_yaml_and_nested_flag(tmp_path):
     assert isinstance(flagged.lora, LoraSettings)
 
 
-@pytest.mark.xfail(strict=True, reason="package bug: a --lora.KEY flag replaces the YAML 'lora' section")
 def test_nested_flag_overrides_one_key_of_the_yaml_section(tmp_path):
     path = write_yaml(tmp_path / "lora.yaml", {"lora": {"r": 16, "lora_alpha": 64, "lora_dropout": 0.0}})
     config = load_config(path, parse_override_args(["--lora.r", "8"]))
@@ -131,32 +130,59 @@ def test_parse_override_args_forms():
         ["--beta", "0.2", "--output_dir=runs/x", "--merge_lora", "--lora.r", "8", "--max_steps", "-1",
          "--gradient-checkpointing", "--model="]
     )
+    # values stay text until the key's type is known; bare flags are true, `--key=` is null
     assert overrides == {
-        "beta": 0.2,
+        "beta": "0.2",
         "output_dir": "runs/x",
         "merge_lora": True,  # bare flag followed by another option
-        "lora.r": 8,
-        "max_steps": -1,  # a negative number is a value, not an option
+        "lora.r": "8",
+        "max_steps": "-1",  # a negative number is a value, not an option
         "gradient_checkpointing": True,  # bare flag at the end; dashes become underscores
         "model": None,  # --key= is null
     }
+    config = load_config(None, overrides)
+    assert (config.beta, config.output_dir, config.lora.r, config.max_steps) == (0.2, "runs/x", 8, -1)
+    assert config.merge_lora is True and config.gradient_checkpointing is True and config.model is None
 
 
-def test_parse_override_args_values_are_yaml():
+def test_flag_values_are_read_as_the_key_needs():
     overrides = parse_override_args(["--learning_rate", "1e-6", "--beta", "0.5", "--eval_steps", "20",
-                                     "--merge_lora", "false", "--report_to", "[tensorboard, wandb]"])
-    assert overrides["beta"] == 0.5 and isinstance(overrides["beta"], float)
-    assert overrides["eval_steps"] == 20
-    assert overrides["merge_lora"] is False
-    assert overrides["report_to"] == ["tensorboard", "wandb"]
-    config = load_config(None, {**overrides, "lora.r": 4})
-    assert isinstance(config.learning_rate, float) and config.learning_rate == 1e-6
+                                     "--merge_lora", "false", "--report_to", "[tensorboard, wandb]", "--lora.r", "4"])
+    config = load_config(None, overrides)
+    assert isinstance(config.learning_rate, float) and config.learning_rate == 1e-6  # YAML alone reads a string
+    assert config.beta == 0.5 and config.eval_steps == 20 and config.merge_lora is False
     assert config.report_to == ["tensorboard", "wandb"]
 
 
 def test_comma_separated_list_flag():
     config = load_config(None, parse_override_args(["--report_to", "tensorboard,wandb"]))
     assert config.report_to == ["tensorboard", "wandb"]
+
+
+def test_comma_separated_target_modules_flag():
+    # PEFT reads a string target_modules as one regex, so 'q_proj,v_proj' would match no module
+    config = load_config(None, parse_override_args(["--lora.target_modules", "q_proj,v_proj"]))
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize(
+    ("key", "text"),
+    [
+        ("system_prompt", "Answer: briefly."),  # YAML reads a mapping
+        ("system_prompt", "yes"),  # YAML 1.1 reads a bool
+        ("run_name", "exp #1"),  # YAML drops the "comment"
+        ("run_name", "0.10"),  # YAML reads 0.1
+        ("chat_template", "{% for m in messages %}{{ m['content'] }}{% endfor %}"),  # YAML scanner error
+    ],
+)
+def test_string_flag_values_are_kept_verbatim(key, text):
+    assert getattr(load_config(None, parse_override_args([f"--{key}", text])), key) == text
+
+
+@pytest.mark.parametrize("value", ["[0.1", "{% raw %}"])
+def test_unparsable_flag_value_is_a_user_error(value):
+    with pytest.raises(UserError):
+        load_config(None, parse_override_args(["--beta", value]))
 
 
 @pytest.mark.parametrize("args", [["beta", "0.1"], ["-b", "0.1"], ["--"], ["--beta", "0.1", "extra"]])

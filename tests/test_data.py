@@ -559,14 +559,23 @@ def test_prepared_pairs_are_fitted(tokenizer, twenty_pairs):
         assert fitted.truncated
 
 
-def test_every_pair_dropped_is_a_user_error(tokenizer, tmp_path):
-    # an empty prompt has no token ids to condition on, so fit_to_length cannot keep the pair
+def test_empty_prompts_are_reported_rows(tokenizer, tmp_path):
+    # an empty prompt leaves nothing to predict the answer's first token from: reported with its row
     rows = [{"prompt": "", "chosen": "yes", "rejected": "no"}] * 3
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     with pytest.raises(UserError) as error:
         prepared(tokenizer, str(path))
-    assert "dropped" in str(error.value)
-    assert "prompt" in str(error.value)  # the reason, not only "raise max_length" (which cannot help here)
+    assert "no usable pairs" in str(error.value) and "row 0: empty 'prompt'" in str(error.value)
+
+
+def test_implicit_prompt_strings_split_at_the_common_beginning(tmp_path):
+    rows = [{"chosen": "Q: 2+2? A: 4", "rejected": "Q: 2+2? A: 5"}, {"chosen": "Say hi. Hello", "rejected": "Say hi. Go"}]
+    read = read_pairs(str(write_jsonl(tmp_path / "rows.jsonl", rows)))
+    assert read.data_format == "implicit_prompt_strings"
+    assert [(p.prompt, p.chosen, p.rejected) for p in read.pairs] == [
+        ("Q: 2+2? A:", " 4", " 5"),  # the space before the split goes to the answers, as in TRL
+        ("Say hi.", " Hello", " Go"),
+    ]
 
 
 def test_needs_rejected_on_sft_data_is_a_user_error(tokenizer, tmp_path):

@@ -3,6 +3,8 @@
 Recognised without configuration (the first row decides, every row is checked):
 
 - `prompt_completion_strings`: `prompt`, `chosen`, `rejected` strings;
+- `implicit_prompt_strings`: `chosen` / `rejected` strings without a `prompt`: the prompt is their
+  common beginning (as TRL's `extract_prompt` reads them);
 - `conversational`: `chosen` / `rejected` lists of `{"role", "content"}` messages, with the prompt as
   an explicit `prompt` column (messages or a string) or implicit as their common leading messages;
 - `hh_rlhf`: `chosen` / `rejected` transcripts `"\\n\\nHuman: … \\n\\nAssistant: …"` (Anthropic HH-RLHF);
@@ -25,6 +27,7 @@ HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 FORMAT_DESCRIPTIONS = {
     "prompt_completion_strings": "prompt / chosen / rejected strings",
+    "implicit_prompt_strings": "chosen / rejected strings, prompt implicit (common beginning)",
     "conversational_explicit_prompt": "conversational messages with an explicit prompt",
     "conversational_implicit_prompt": "conversational messages, prompt implicit (common leading turns)",
     "hh_rlhf": "HH-RLHF transcripts (\\n\\nHuman: … \\n\\nAssistant: …)",
@@ -72,6 +75,7 @@ def detect_format(columns: list[str], first_row: dict[str, Any]) -> str | None:
                 )
             if HH_TURN.match(chosen) or chosen.lstrip().startswith("Human:"):
                 return "hh_rlhf"
+            return "implicit_prompt_strings"
         return None
     if "messages" in columns and _is_messages(first_row.get("messages")):
         return "messages"
@@ -92,10 +96,15 @@ def to_pair(row: dict[str, Any], index: int, data_format: str, *, system_prompt:
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
             raise UnusableRow("'messages' must end with an assistant turn that follows at least one other turn")
         prompt, chosen, rejected = messages[:-1], [messages[-1]], None
-    elif data_format == "prompt_completion_strings":
-        prompt = _string(row.get("prompt"), "prompt", allow_empty=True)
-        chosen = _string(row.get("chosen"), "chosen")
-        rejected = _string(row.get("rejected"), "rejected")
+    elif data_format in ("prompt_completion_strings", "implicit_prompt_strings"):
+        if data_format == "implicit_prompt_strings":
+            prompt, chosen, rejected = _split_common_text(
+                _string(row.get("chosen"), "chosen"), _string(row.get("rejected"), "rejected")
+            )
+        else:
+            prompt = _string(row.get("prompt"), "prompt")
+            chosen = _string(row.get("chosen"), "chosen")
+            rejected = _string(row.get("rejected"), "rejected")
         if row.get("system"):
             raise UnusableRow("a 'system' column needs conversational data (messages), not plain strings")
         if chosen == rejected:
@@ -138,14 +147,31 @@ def _is_messages(value: Any) -> bool:
     )
 
 
-def _string(value: Any, name: str, *, allow_empty: bool = False) -> str:
+def _string(value: Any, name: str) -> str:
     if value is None:
         raise UnusableRow(f"missing '{name}'")
     if not isinstance(value, str):
         raise UnusableRow(f"'{name}' must be a string, not {type(value).__name__}")
-    if not allow_empty and not value.strip():
+    if not value.strip():
+        # An empty prompt leaves nothing to predict the answer's first token from.
         raise UnusableRow(f"empty {name} answer" if name in ("chosen", "rejected") else f"empty '{name}'")
     return value
+
+
+def _split_common_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Prompt = the common beginning; a space right before the split goes to the answers."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if chosen == rejected:
+        raise UnusableRow("chosen and rejected answers are identical")
+    if shared > 0 and chosen[shared - 1] == " ":
+        shared -= 1
+    if shared == 0:
+        raise UnusableRow("chosen and rejected share no beginning, so there is no prompt")
+    if shared == len(chosen) or shared == len(rejected):
+        raise UnusableRow("one answer is a prefix of the other, so there is no answer to compare")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
 def _messages(value: Any, name: str) -> list[Message]:
@@ -184,9 +210,8 @@ def _parse_hh(transcript: str) -> list[Message]:
     parts = HH_TURN.split(text)
     if parts[0].strip():
         raise UnusableRow("HH-RLHF transcript does not start with 'Human:'")
-    messages = [
-        {"role": HH_ROLES[speaker], "content": content.strip()} for speaker, content in zip(parts[1::2], parts[2::2])
-    ]
+    turns = zip(parts[1::2], parts[2::2], strict=True)  # split() alternates speaker, text
+    messages = [{"role": HH_ROLES[speaker], "content": content.strip()} for speaker, content in turns]
     if not messages or messages[-1]["role"] != "assistant":
         raise UnusableRow("HH-RLHF transcript does not end with an 'Assistant:' turn")
     return messages

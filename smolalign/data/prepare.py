@@ -84,19 +84,20 @@ def tokenize_and_fit(
             f"dataset '{result.source}' holds {FORMAT_DESCRIPTIONS[result.data_format]} without rejected answers; "
             "preference algorithms need chosen and rejected answers (use algorithm: sft for such data)."
         )
-    fitted, dropped, truncated = [], 0, 0
+    fitted, dropped, no_prompt, truncated = [], 0, 0, 0
     for pair in tokenize_pairs(result.pairs, tokenizer):
         fit = fit_to_length(pair, max_length=max_length, max_prompt_length=max_prompt_length)
         if fit is None:
+            no_prompt += not pair.prompt_ids  # the prompt's tokens merged into the answer's
             dropped += 1
             continue
         truncated += fit.truncated
         fitted.append(fit)
     log.info(
-        "%s: %d rows read as %s; %d pairs kept, %d truncated to max_length=%d, %d dropped (cannot fit), "
-        "%d rows unusable",
+        "%s: %d rows read as %s; %d pairs kept, %d truncated to max_length=%d, %d dropped (%d without a prompt "
+        "token), %d rows unusable",
         result.source, result.num_rows, FORMAT_DESCRIPTIONS[result.data_format], len(fitted), truncated,
-        max_length, dropped, len(result.problems),
+        max_length, dropped, no_prompt, len(result.problems),
     )
     for problem in result.problems[:5]:
         log.info("  left out %s", problem)

@@ -1,0 +1,68 @@
+"""`smolalign eval`: per-pair log-probs equal a plain transformers computation; summaries are consistent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import read_jsonl, write_jsonl
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from smolalign.cli import main
+from smolalign.data.formats import _parse_hh
+from smolalign.embedded import embedded_model_dir
+
+
+def plain_answer_logps(model, tokenizer, messages: list[dict]) -> tuple[float, int]:
+    """Sum of log-probs of the last message's tokens, from full logits, with the chat template rendered
+    by transformers itself (TRL's convention: answer ids = template(prompt + answer) minus template(prompt))."""
+    prompt_ids = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+    full_ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert full_ids[: len(prompt_ids)] == prompt_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([full_ids])).logits[0].float()
+    logps = torch.log_softmax(logits[:-1], dim=-1)[torch.arange(len(full_ids) - 1), torch.tensor(full_ids[1:])]
+    answer = logps[len(prompt_ids) - 1:]
+    return answer.sum().item(), len(answer)
+
+
+def check_against_plain_transformers(model_dir, rows, pair_rows, tolerance):
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert [r["index"] for r in pair_rows] == list(range(len(rows)))
+    for row, result in zip(rows, pair_rows, strict=True):
+        for side in ("chosen", "rejected"):
+            expected, count = plain_answer_logps(model, tokenizer, _parse_hh(row[side]))
+            assert result[f"n_tokens_{side}"] == count
+            assert abs(result[f"logps_{side}"] - expected) < tolerance, (side, result[f"logps_{side}"], expected)
+
+
+def test_eval_writes_summary_and_pairs(tmp_path, tiny_model, hh_rows, capsys):
+    rows = [r for r in hh_rows[50:58]]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "eval"
+    main(["eval", "--model", str(tiny_model(0)), "--dataset", str(data), "--ref_model", str(tiny_model(1)),
+          "--output_dir", str(out), "--beta", "0.5"])
+    printed = capsys.readouterr().out
+    assert "rewards/accuracies" in printed
+
+    summary = json.loads((out / "eval.json").read_text())
+    pairs = read_jsonl(out / "eval_pairs.jsonl")
+    assert summary["pairs"] == len(pairs) == len(rows)
+    margins = [0.5 * ((p["logps_chosen"] - p["ref_logps_chosen"]) - (p["logps_rejected"] - p["ref_logps_rejected"]))
+               for p in pairs]
+    assert summary["rewards/accuracies"] == pytest.approx(sum(m > 0 for m in margins) / len(margins))
+    assert summary["rewards/margins"] == pytest.approx(sum(margins) / len(margins), abs=1e-5)
+    assert summary["logps/chosen"] == pytest.approx(sum(p["logps_chosen"] for p in pairs) / len(pairs), abs=1e-4)
+    check_against_plain_transformers(tiny_model(0), rows, pairs, tolerance=1e-3)
+
+
+@pytest.mark.slow
+def test_eval_on_the_embedded_model_matches_plain_transformers(tmp_path, hh_rows):
+    rows = hh_rows[400:404]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    main(["eval", "--model", "embedded", "--dataset", str(data), "--output_dir", str(tmp_path / "eval")])
+    pairs = read_jsonl(tmp_path / "eval" / "eval_pairs.jsonl")
+    check_against_plain_transformers(embedded_model_dir(), rows, pairs, tolerance=1e-3)
