@@ -66,8 +66,10 @@ class TrainConfig:
 
     # --- data ---
     dataset: str | None = _opt(None, "Preference data: a JSONL/JSON/CSV/Parquet file or a Hub id; empty = bundled HH-RLHF.")
+    dataset_config: str | None = _opt(None, "Configuration (subset) name when `dataset` is a Hub id.")
     dataset_split: str = _opt("train", "Split to read when `dataset` is a Hub id.")
     eval_dataset: str | None = _opt(None, "Held-out pairs (file or Hub id).")
+    eval_dataset_config: str | None = _opt(None, "Configuration name of `eval_dataset`; default: dataset_config.")
     eval_split: str = _opt("test", "Split to read when `eval_dataset` is a Hub id.")
     test_split_size: float = _opt(0.0, "Hold out this fraction (<1) or number (>=1) of training pairs for evaluation.")
     max_train_pairs: int | None = _opt(None, "Use only the first N training pairs.")

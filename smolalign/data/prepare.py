@@ -45,12 +45,13 @@ def read_pairs(
     source: str,
     *,
     split: str = "train",
+    config_name: str | None = None,
     system_prompt: str | None = None,
     limit: int | None = None,
     allow_empty: bool = False,
 ) -> ReadResult:
     """Load a dataset and normalise its rows; raises UserError when no row is usable (unless allow_empty)."""
-    rows = load_rows(source, split=split)
+    rows = load_rows(source, split=split, config_name=config_name)
     if len(rows) == 0:
         raise UserError(f"dataset '{source}' has no rows.")
     data_format = detect_format(rows.column_names, rows[0])
@@ -114,13 +115,18 @@ def prepare_data(config, tokenizer: PreTrainedTokenizerBase, *, needs_rejected: 
     fit = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length}
     source = config.dataset or bundled_dataset("train")
     train_limit = config.max_train_pairs if not config.test_split_size else None  # read no more than needed
-    read = read_pairs(source, split=config.dataset_split, system_prompt=config.system_prompt, limit=train_limit)
+    read = read_pairs(source, split=config.dataset_split, config_name=config.dataset_config,
+                      system_prompt=config.system_prompt, limit=train_limit)
     train = tokenize_and_fit(read, tokenizer, needs_rejected=needs_rejected, **fit)
 
     held_out: list[TokenizedPair] = []
     if config.eval_dataset:
         eval_read = read_pairs(
-            config.eval_dataset, split=config.eval_split, system_prompt=config.system_prompt, limit=config.max_eval_pairs
+            config.eval_dataset,
+            split=config.eval_split,
+            config_name=config.eval_dataset_config or config.dataset_config,
+            system_prompt=config.system_prompt,
+            limit=config.max_eval_pairs,
         )
         held_out = tokenize_and_fit(eval_read, tokenizer, needs_rejected=needs_rejected, **fit)
     elif config.test_split_size > 0:

@@ -28,7 +28,7 @@ def looks_like_path(name: str) -> bool:
     )
 
 
-def load_rows(source: str, *, split: str = "train") -> datasets.Dataset:
+def load_rows(source: str, *, split: str = "train", config_name: str | None = None) -> datasets.Dataset:
     """Rows of a JSONL / JSON / CSV / Parquet file, a saved dataset folder, or a Hub dataset split."""
     path = Path(source).expanduser()
     datasets.disable_progress_bars()
@@ -41,7 +41,7 @@ def load_rows(source: str, *, split: str = "train") -> datasets.Dataset:
             return _load_folder(path, split)
         if looks_like_path(source):
             raise UserError(f"dataset file '{source}' does not exist.")
-        return _load_hub(source, split)
+        return _load_hub(source, split, config_name)
     finally:
         datasets.logging.set_verbosity(verbosity)
         datasets.enable_progress_bars()
@@ -72,10 +72,10 @@ def _load_folder(path: Path, split: str) -> datasets.Dataset:
     raise UserError(f"'{path}' is a folder without a saved dataset or a '{split}.jsonl' file.")
 
 
-def _load_hub(name: str, split: str) -> datasets.Dataset:
+def _load_hub(name: str, split: str, config_name: str | None) -> datasets.Dataset:
     offline = prefer_local_cache()
     try:
-        return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, config_name, split=split)
     except ValueError as error:
         if "split" in str(error).lower():
             raise UserError(f"dataset '{name}' has no split '{split}'; {str(error).splitlines()[0]}") from None
