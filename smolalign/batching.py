@@ -181,3 +181,23 @@ def _block_mask(block_ids: torch.Tensor, branches: torch.Tensor) -> torch.Tensor
     mask = same_block & causal & visible_branch
     mask |= torch.eye(length, dtype=torch.bool)
     return mask[:, None]
+
+
+def block_tokens(pair: TokenizedPair) -> int:
+    """Tokens a pair occupies in the prefix-shared layout (its prompt once)."""
+    return len(pair.prompt_ids) + sum(len(answer) for answer in pair.answers)
+
+
+def split_by_tokens(pairs: list[TokenizedPair], max_tokens: int) -> list[list[TokenizedPair]]:
+    """Consecutive chunks of whole pairs with at most `max_tokens` tokens each (a longer pair goes alone)."""
+    chunks: list[list[TokenizedPair]] = []
+    size = 0
+    for pair in pairs:
+        tokens = block_tokens(pair)
+        if chunks and size + tokens <= max_tokens:
+            chunks[-1].append(pair)
+            size += tokens
+        else:
+            chunks.append([pair])
+            size = tokens
+    return chunks

@@ -1,4 +1,4 @@
-"""`smolalign` command line: train, eval, data inspect.
+"""`smolalign` command line: train, eval, bench, data inspect.
 
 User mistakes end with one sentence on stderr and exit status 2, never a traceback.
 """
@@ -90,6 +90,17 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     evaluate.set_defaults(run=_run_eval)
 
+    bench = commands.add_parser("bench", help="time the same job with smolalign and TRL, side by side")
+    bench.add_argument("--algorithm", default="dpo", help="dpo, orpo, simpo, or a comma list")
+    bench.add_argument("--model", help="model folder or Hub id (default: embedded SmolLM2-135M-Instruct)")
+    bench.add_argument("--dataset", default=None, help="preference pairs (default: bundled HH-RLHF)")
+    bench.add_argument("--steps", type=positive_int, default=6)
+    bench.add_argument("--batch_size", type=positive_int, default=4)
+    bench.add_argument("--max_length", type=positive_int, default=512)
+    bench.add_argument("--frameworks", default="smolalign,trl")
+    bench.add_argument("--output_dir", default="runs/bench")
+    bench.set_defaults(run=_run_bench)
+
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     inspect = data_commands.add_parser("inspect", help="format, counts, token lengths and problems of a dataset")
@@ -120,6 +131,14 @@ def _run_eval(args, rest: list[str]) -> None:
     from smolalign.evaluate_command import run_eval
 
     run_eval(args)
+
+
+def _run_bench(args, rest: list[str]) -> None:
+    from smolalign.bench import bench
+    from smolalign.data.sources import bundled_dataset
+
+    args.dataset = args.dataset or bundled_dataset("train")
+    bench(args)
 
 
 def _run_inspect(args, rest: list[str]) -> None:

@@ -110,7 +110,19 @@ class TrainConfig:
     batch_layout: Literal["auto", "padded", "packed", "prefix_shared"] = _opt(
         "auto", "How pairs become rows: padded (TRL's way), packed, prefix_shared; auto = fastest the model supports."
     )
-    logprob_chunk_size: int = _opt(1024, "Tokens per chunk when projecting hidden states onto the vocabulary.")
+    logprob_chunk_size: int = _opt(256, "Tokens per chunk when projecting hidden states onto the vocabulary.")
+    max_tokens_per_forward: int | None = _opt(
+        None, "Run a batch through the model in chunks of whole pairs up to this many tokens (activation memory); "
+        "auto = 256 on CPU (about one pair), 16384 on GPU. Numbers do not change."
+    )
+    max_tokens_per_batch: int | None = _opt(
+        None, "Token-budget batching: fill each micro-batch with pairs up to this many tokens instead of a fixed "
+        "count (per_device_train_batch_size becomes the cap). Changes which pairs share a step."
+    )
+    precompute_ref_log_probs: bool | None = _opt(
+        None, "Compute reference log-probs once before training and cache them on disk; auto = on for full "
+        "fine-tuning without ref_model (no second model copy in memory)."
+    )
 
     # --- logging and saving ---
     output_dir: str = _opt("runs/smolalign", "Run folder.")
@@ -337,7 +349,7 @@ def validate(config: TrainConfig) -> None:
     )
     require(config.eval_steps is None or config.eval_steps >= 1, "'eval_steps' must be >= 1 or null.")
     require(config.save_total_limit is None or config.save_total_limit >= 1, "'save_total_limit' must be >= 1 or null.")
-    for key in ("max_train_pairs", "max_eval_pairs"):
+    for key in ("max_train_pairs", "max_eval_pairs", "max_tokens_per_forward", "max_tokens_per_batch"):
         value = getattr(config, key)
         require(value is None or value >= 1, f"'{key}' must be >= 1 or null, not {value}.")
     require(

@@ -11,10 +11,9 @@ from tqdm.auto import tqdm
 
 from smolalign.batching import build_batch
 from smolalign.data.tokenize import TokenizedPair
+from smolalign.forward import PairRunner
 from smolalign.logprobs import PairLogps, score_batch
-from smolalign.losses import LossSettings, Objective
 from smolalign.metrics import MetricWindow
-from smolalign.reference import Reference
 
 log = logging.getLogger("smolalign")
 
@@ -29,33 +28,14 @@ def mean_logps_accuracy(policy: PairLogps) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_objective(
-    scorer,
-    reference: Reference | None,
-    pairs: list[TokenizedPair],
-    *,
-    objective: Objective,
-    settings: LossSettings,
-    layout: str,
-    batch_size: int,
-    pad_token_id: int,
-    device: torch.device,
-) -> dict[str, float]:
+def evaluate_objective(runner: PairRunner, pairs: list[TokenizedPair], *, batch_size: int) -> dict[str, float]:
     """The objective's loss and metrics on held-out pairs, averaged over batches as TRL's evaluate does."""
     window = MetricWindow()
     for start in tqdm(range(0, len(pairs), batch_size), desc="evaluating", leave=False, unit="batch"):
-        batch = build_batch(
-            pairs[start : start + batch_size],
-            layout,
-            pad_token_id=pad_token_id,
-            score_prompt=objective.needs_prompt_logps,
-        ).to(device)
-        policy = score_batch(scorer, batch)
-        ref = reference.logps(batch) if objective.needs_reference else None
-        out = objective.compute(policy, ref, settings)
-        metrics = {"loss": out.loss, **out.metrics}
-        if objective.needs_rejected:
-            metrics["logps/mean_accuracy"] = mean_logps_accuracy(policy)
+        result = runner.run(pairs[start : start + batch_size])
+        metrics = {"loss": result.output.loss, **result.output.metrics}
+        if runner.objective.needs_rejected:
+            metrics["logps/mean_accuracy"] = mean_logps_accuracy(result.policy)
         window.add(metrics)
     return {f"eval_{name}": value for name, value in window.mean().items()}
 

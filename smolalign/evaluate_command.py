@@ -6,14 +6,28 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 from peft import PeftModel
 
 from smolalign.data.prepare import read_pairs, tokenize_and_fit
+from smolalign.data.tokenize import TokenizedPair
 from smolalign.evaluate import format_summary_table, preference_summary, score_pairs, write_pair_rows
-from smolalign.logprobs import SequenceScorer, choose_layout
+from smolalign.logprobs import PairLogps, SequenceScorer, choose_layout
 from smolalign.models import load_for_scoring, load_tokenizer, resolve_device, resolve_dtype
+from smolalign.reference import ReferenceCache, pair_key, weights_key
 
 log = logging.getLogger("smolalign")
+
+
+def cached_reference_logps(weights, scorer, pairs: list[TokenizedPair], score: dict) -> PairLogps:
+    """Reference sums per pair, reusing (and filling) the cache that training runs share."""
+    values = ReferenceCache(weights_key(weights)).fill(
+        pairs, lambda missing: score_pairs(scorer, missing, desc="scoring reference", **score)
+    )
+    sums = torch.tensor([values.by_pair[pair_key(p)] for p in pairs], dtype=torch.float32)
+    counts = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs], dtype=torch.float32)
+    return PairLogps(sums[:, 0], sums[:, 1], torch.zeros(len(pairs)), counts[:, 0], counts[:, 1],
+                     torch.zeros(len(pairs)))
 
 
 def run_eval(args) -> dict:
@@ -32,11 +46,11 @@ def run_eval(args) -> dict:
     reference = None
     if args.ref_model:
         ref_model = load_for_scoring(args.ref_model, dtype=dtype, device=device, tokenizer=tokenizer)
-        reference = score_pairs(SequenceScorer(ref_model), pairs, desc="scoring reference", **score)
+        reference = cached_reference_logps(ref_model, SequenceScorer(ref_model), pairs, score)
     elif isinstance(model, PeftModel):
         log.info("reference: the adapter's base model (adapters disabled)")
         with model.disable_adapter():
-            reference = score_pairs(SequenceScorer(model), pairs, desc="scoring reference", **score)
+            reference = cached_reference_logps(model, SequenceScorer(model), pairs, score)
 
     summary = preference_summary(policy, reference, beta=args.beta)
     output_dir = Path(args.output_dir)

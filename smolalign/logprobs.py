@@ -2,8 +2,9 @@
 
 `hidden @ lm_head.T` over a 49k vocabulary is the largest tensor of a preference step (TRL's padded
 layout materialises batch x length x vocab floats). Here only scored positions go through the head,
-in chunks of tokens; each chunk keeps the target's log-prob and its log-sum-exp, and the backward
-pass recomputes a chunk's logits instead of storing them.
+in chunks of tokens, keeping each target's log-prob and log-sum-exp. The softmax the backward pass
+needs is kept from the forward pass while it is small (a pair or two: up to 256 MB); beyond that the
+backward pass recomputes it chunk by chunk instead of storing it.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from smolalign.batching import CHOSEN, PARTS_PER_PAIR, PROMPT, REJECTED, Batch
 
 log = logging.getLogger("smolalign")
+
+KEEP_SOFTMAX_ELEMENTS = 2**26  # scored tokens x vocabulary; 256 MB in float32
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
@@ -25,38 +29,52 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):
-        logprobs = torch.empty(hidden.shape[0], dtype=_accumulation_dtype(hidden), device=hidden.device)
+        dtype = _accumulation_dtype(hidden)
+        tokens = hidden.shape[0]
+        logprobs = torch.empty(tokens, dtype=dtype, device=hidden.device)
         logsumexp = torch.empty_like(logprobs)
-        for start in range(0, hidden.shape[0], chunk_size):
+        keep = tokens * weight.shape[0] <= KEEP_SOFTMAX_ELEMENTS
+        softmax = torch.empty(tokens, weight.shape[0], dtype=dtype, device=hidden.device) if keep else None
+        for start in range(0, tokens, chunk_size):
             end = start + chunk_size
             logits = _chunk_logits(hidden[start:end], weight, bias)
             logsumexp[start:end] = logits.logsumexp(dim=-1)
             logprobs[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - logsumexp[start:end]
+            if keep:
+                torch.exp(logits.sub_(logsumexp[start:end, None]), out=softmax[start:end])
         ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
+        ctx.softmax = softmax
         ctx.chunk_size = chunk_size
         return logprobs
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logprobs):
         hidden, weight, bias, targets, logsumexp = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         dtype = _accumulation_dtype(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_bias else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            end = start + ctx.chunk_size
+        grad_weight = grad_bias = None
+        tokens = hidden.shape[0]
+        # One block with the kept softmax, or chunks whose softmax is recomputed from the logits.
+        blocks = [(0, tokens, ctx.softmax)] if ctx.softmax is not None else [
+            (start, start + ctx.chunk_size, None) for start in range(0, tokens, ctx.chunk_size)
+        ]
+        ctx.softmax = None
+        for start, end, softmax in blocks:
             chunk = hidden[start:end]
+            if softmax is None:
+                softmax = (_chunk_logits(chunk, weight, bias) - logsumexp[start:end, None]).exp_()
             grad = grad_logprobs[start:end, None]
-            # d logp / d logits = onehot(target) - softmax(logits)
-            grad_logits = (_chunk_logits(chunk, weight, bias) - logsumexp[start:end, None]).exp_().mul_(-grad)
+            grad_logits = softmax.mul_(-grad)  # d logp / d logits = onehot(target) - softmax(logits)
             grad_logits.scatter_add_(1, targets[start:end, None], grad)
             if need_hidden:
                 grad_hidden[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_weight:
-                grad_weight.addmm_(grad_logits.t(), chunk.to(dtype))
+            if need_weight:  # the first block's product starts the sum: no vocabulary-sized zero fill
+                product = grad_logits.t() @ chunk.to(dtype)
+                grad_weight = product if grad_weight is None else grad_weight.add_(product)
             if need_bias:
-                grad_bias += grad_logits.sum(0)
+                grad_bias = grad_logits.sum(0) if grad_bias is None else grad_bias.add_(grad_logits.sum(0))
         return (
             grad_hidden,
             grad_weight.to(weight.dtype) if need_weight else None,
@@ -166,6 +184,11 @@ class PairLogps:
         return PairLogps(*(t.detach() for t in (
             self.chosen, self.rejected, self.prompt, self.chosen_tokens, self.rejected_tokens, self.prompt_tokens
         )))
+
+
+def concat_pair_logps(parts: list[PairLogps]) -> PairLogps:
+    """The per-pair values of consecutive chunks of a batch, as one PairLogps."""
+    return PairLogps(*(torch.cat([getattr(p, name) for p in parts]) for name in PairLogps.__dataclass_fields__))
 
 
 def sum_by_pair(token_logps: torch.Tensor, batch: Batch) -> PairLogps:

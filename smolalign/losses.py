@@ -36,6 +36,24 @@ class LossSettings:
         return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
 
 
+@dataclass(frozen=True)
+class BatchTotals:
+    """Sizes of the whole batch that a slice of pairs belongs to.
+
+    Losses divide by these rather than by the slice's own sizes, so the losses (and gradients) of the
+    slices of a batch add up exactly to those of the batch: a batch can then be run through the model
+    in pieces that fit in memory.
+    """
+
+    pairs: int
+    chosen_tokens: float
+    prompt_tokens: float
+
+    @classmethod
+    def of(cls, policy: PairLogps) -> BatchTotals:
+        return cls(len(policy.chosen), float(policy.chosen_tokens.sum()), float(policy.prompt_tokens.sum()))
+
+
 @dataclass
 class ObjectiveOutput:
     loss: torch.Tensor  # scalar, differentiable
@@ -111,11 +129,11 @@ DPO_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def chosen_nll(policy: PairLogps, *, with_prompt: bool = False) -> torch.Tensor:
+def chosen_nll(policy: PairLogps, totals: BatchTotals, *, with_prompt: bool = False) -> torch.Tensor:
     """Token-averaged negative log-likelihood of the chosen answers over the whole batch (not per pair)."""
     total = policy.chosen + (policy.prompt if with_prompt else 0)
-    count = policy.chosen_tokens + (policy.prompt_tokens if with_prompt else 0)
-    return -total.sum() / count.sum().clamp(min=1)
+    count = totals.chosen_tokens + (totals.prompt_tokens if with_prompt else 0)
+    return -total.sum() / max(count, 1.0)
 
 
 def preference_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict[str, torch.Tensor]:
@@ -130,7 +148,7 @@ def preference_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_
     }
 
 
-def dpo(policy: PairLogps, reference: PairLogps, settings: LossSettings) -> ObjectiveOutput:
+def dpo(policy: PairLogps, reference: PairLogps, settings: LossSettings, totals: BatchTotals) -> ObjectiveOutput:
     """DPO and its variants (`loss_type`), plus RPO's NLL term on the chosen answers when `rpo_alpha` is set
     (Pang et al. 2024, arXiv 2404.19733, Eq. 2)."""
     chosen_logratios = policy.chosen - reference.chosen
@@ -143,12 +161,12 @@ def dpo(policy: PairLogps, reference: PairLogps, settings: LossSettings) -> Obje
         chosen_tokens=policy.chosen_tokens,
         rejected_tokens=policy.rejected_tokens,
     )
-    loss = per_pair.mean()
+    loss = per_pair.sum() / totals.pairs
     metrics = preference_metrics(
         settings.beta * chosen_logratios, settings.beta * rejected_logratios, policy.chosen, policy.rejected
     )
     if settings.rpo_alpha is not None:
-        nll = chosen_nll(policy)
+        nll = chosen_nll(policy, totals)
         loss = loss + settings.rpo_alpha * nll
         metrics["nll_loss"] = nll.detach()
     return ObjectiveOutput(loss, metrics)
@@ -159,15 +177,15 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def orpo(policy: PairLogps, reference: PairLogps | None, settings: LossSettings) -> ObjectiveOutput:
+def orpo(policy: PairLogps, reference: PairLogps | None, settings: LossSettings, totals: BatchTotals) -> ObjectiveOutput:
     """ORPO, Hong et al. 2024 (arXiv 2403.07691), Eqs. 6-7: L = NLL(chosen) - lambda * log sigmoid(log OR),
     with log OR = log odds(y_w) - log odds(y_l) on mean token log-probs and lambda = `beta`. As in TRL,
     the NLL covers the prompt and answer tokens of the chosen sequence."""
     chosen_mean, rejected_mean = policy.chosen_mean, policy.rejected_mean
     log_odds = (chosen_mean - rejected_mean) - (log1mexp(chosen_mean) - log1mexp(rejected_mean))
     log_sigmoid_odds = F.logsigmoid(log_odds)
-    nll = chosen_nll(policy, with_prompt=True)
-    loss = nll - settings.beta * log_sigmoid_odds.mean()
+    nll = chosen_nll(policy, totals, with_prompt=True)
+    loss = nll - settings.beta * log_sigmoid_odds.sum() / totals.pairs
     metrics = preference_metrics(settings.beta * chosen_mean, settings.beta * rejected_mean, chosen_mean, rejected_mean)
     metrics.update(
         {
@@ -179,33 +197,39 @@ def orpo(policy: PairLogps, reference: PairLogps | None, settings: LossSettings)
     return ObjectiveOutput(loss, metrics)
 
 
-def simpo(policy: PairLogps, reference: PairLogps | None, settings: LossSettings) -> ObjectiveOutput:
+def simpo(policy: PairLogps, reference: PairLogps | None, settings: LossSettings, totals: BatchTotals) -> ObjectiveOutput:
     """SimPO, Meng et al. 2024 (arXiv 2405.14734), Eq. 6: -log sigmoid(beta * (mean_w - mean_l) - gamma),
     with label smoothing and, when `cpo_alpha` > 0, CPO's NLL term on the chosen answers (Xu et al.
     2024, arXiv 2401.08417), as TRL's CPOTrainer with loss_type="simpo"."""
     chosen_mean, rejected_mean = policy.chosen_mean, policy.rejected_mean
     logits = settings.beta * (chosen_mean - rejected_mean) - settings.simpo_gamma
     per_pair = -F.logsigmoid(logits) * (1 - settings.label_smoothing) - F.logsigmoid(-logits) * settings.label_smoothing
-    nll = chosen_nll(policy) if settings.cpo_alpha else torch.zeros((), device=per_pair.device)
-    loss = per_pair.mean() + settings.cpo_alpha * nll
+    nll = chosen_nll(policy, totals) if settings.cpo_alpha else torch.zeros((), device=per_pair.device)
+    loss = per_pair.sum() / totals.pairs + settings.cpo_alpha * nll
     metrics = preference_metrics(settings.beta * chosen_mean, settings.beta * rejected_mean, chosen_mean, rejected_mean)
     metrics["nll_loss"] = nll.detach()
     return ObjectiveOutput(loss, metrics)
 
 
-def sft(policy: PairLogps, reference: PairLogps | None, settings: LossSettings) -> ObjectiveOutput:
+def sft(policy: PairLogps, reference: PairLogps | None, settings: LossSettings, totals: BatchTotals) -> ObjectiveOutput:
     """Supervised fine-tuning: token-averaged NLL of the chosen answers (prompt tokens are not trained)."""
-    nll = chosen_nll(policy)
+    nll = chosen_nll(policy, totals)
     return ObjectiveOutput(nll, {"nll_loss": nll.detach(), "logps/chosen": policy.chosen.detach().mean()})
 
 
 @dataclass(frozen=True)
 class Objective:
     name: str
-    compute: Callable[[PairLogps, PairLogps | None, LossSettings], ObjectiveOutput]
+    loss_fn: Callable[[PairLogps, PairLogps | None, LossSettings, BatchTotals], ObjectiveOutput]
     needs_reference: bool
     needs_rejected: bool = True
     needs_prompt_logps: bool = False
+
+    def compute(
+        self, policy: PairLogps, reference: PairLogps | None, settings: LossSettings, totals: BatchTotals | None = None
+    ) -> ObjectiveOutput:
+        """Loss and metrics of a batch, or of a slice of it when `totals` describes the whole batch."""
+        return self.loss_fn(policy, reference, settings, totals or BatchTotals.of(policy))
 
 
 OBJECTIVES = {

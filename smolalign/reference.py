@@ -1,38 +1,182 @@
 """Reference log-probs for objectives that need them (the DPO family).
 
-Three sources, same numbers: the policy with its LoRA adapters disabled (no second copy of the
-model), a separate frozen model (`ref_model`, or a frozen copy of the initial policy for full
-fine-tuning), each run in the same batch layout as the policy under `no_grad`.
+Sources, all giving the same numbers: the policy with its LoRA adapters disabled (no second copy of
+the model), a separate frozen model (`ref_model`), or values computed once before training and kept
+in a disk cache. The cache is keyed by the reference weights (a hash of every tensor) and by each
+pair's token ids, so later runs and `smolalign eval` reuse it whatever their batch layout. Full
+fine-tuning without a `ref_model` precomputes with the initial policy itself, so the reference never
+costs a second copy of the model in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
-from smolalign.batching import Batch
-from smolalign.logprobs import PairLogps, SequenceScorer, score_batch
+from smolalign.batching import Batch, build_batch, split_by_tokens
+from smolalign.data.tokenize import TokenizedPair
+from smolalign.embedded import cache_root
+from smolalign.logprobs import PairLogps, SequenceScorer, concat_pair_logps, score_batch
+from smolalign.models import frozen_copy, load_frozen
+
+log = logging.getLogger("smolalign")
 
 
 class Reference:
-    """Scores batches with a frozen model; `context` switches the model into its reference state."""
+    """Reference log-probs of a batch of pairs."""
 
-    def __init__(self, scorer: nn.Module, context=contextlib.nullcontext):
+    def logps(self, batch: Batch, pairs: list[TokenizedPair]) -> PairLogps:
+        raise NotImplementedError
+
+
+class ModelReference(Reference):
+    """A frozen model run on the same batch under no_grad; `context` puts it in its reference state."""
+
+    def __init__(self, scorer: nn.Module, context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         self.scorer = scorer
         self.context = context
 
     @torch.no_grad()
-    def logps(self, batch: Batch) -> PairLogps:
+    def logps(self, batch: Batch, pairs: list[TokenizedPair]) -> PairLogps:
         with self.context():
             return score_batch(self.scorer, batch)
 
 
-def adapter_disabled_reference(policy_scorer: nn.Module, peft_model) -> Reference:
+def adapter_disabled_reference(policy_scorer: nn.Module, peft_model) -> ModelReference:
     """LoRA: the reference is the base model, i.e. the policy with adapters switched off."""
-    return Reference(policy_scorer, context=peft_model.disable_adapter)
+    return ModelReference(policy_scorer, context=peft_model.disable_adapter)
 
 
-def model_reference(model: nn.Module, chunk_size: int) -> Reference:
-    return Reference(SequenceScorer(model, chunk_size=chunk_size))
+def model_reference(model: nn.Module, chunk_size: int) -> ModelReference:
+    return ModelReference(SequenceScorer(model, chunk_size=chunk_size))
+
+
+def reference_source(
+    config, *, policy: nn.Module, policy_scorer: nn.Module, tokenizer, dtype: torch.dtype, device: torch.device,
+    precompute: bool,
+) -> tuple[ModelReference, nn.Module]:
+    """Where reference log-probs come from, and the module whose weights identify them in the cache.
+
+    `ref_model` if set; else the initial policy: under LoRA the policy with adapters disabled, for full
+    fine-tuning the policy itself when precomputing (before any step), else a frozen copy of it.
+    """
+    if config.ref_model:
+        model = load_frozen(config.ref_model, dtype=dtype, device=device, tokenizer=tokenizer)
+        return model_reference(model, config.logprob_chunk_size), model
+    if isinstance(policy, PeftModel):
+        return adapter_disabled_reference(policy_scorer, policy), policy
+    if precompute:
+        return ModelReference(policy_scorer), policy
+    model = frozen_copy(policy)
+    return model_reference(model, config.logprob_chunk_size), model
+
+
+class PrecomputedReference(Reference):
+    """Reference log-probs looked up by pair, from `ReferenceCache.fill`."""
+
+    def __init__(self, by_pair: dict[int, tuple[float, float]]):
+        self.by_pair = by_pair  # pair_key -> (chosen sum, rejected sum)
+
+    def logps(self, batch: Batch, pairs: list[TokenizedPair]) -> PairLogps:
+        device = batch.input_ids.device
+        values = torch.tensor([self.by_pair[pair_key(p)] for p in pairs], dtype=torch.float32, device=device)
+        unused = torch.zeros(len(pairs), device=device)  # objectives read only the reference's answer sums
+        return PairLogps(values[:, 0], values[:, 1], unused, unused, unused, unused)
+
+
+def pair_key(pair: TokenizedPair) -> int:
+    """A 63-bit fingerprint of a pair's token ids (what the reference log-probs depend on)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids or []):
+        digest.update(len(ids).to_bytes(4, "little"))
+        digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+def weights_key(model: nn.Module) -> str:
+    """Hash of every reference weight (LoRA adapter weights excluded: the reference has them disabled)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        digest.update(name.replace("base_model.model.", "").encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class ReferenceCache:
+    """Per-pair reference log-prob sums of one reference model, in a safetensors file."""
+
+    def __init__(self, model_key: str, folder: Path | None = None):
+        folder = folder or Path(os.environ.get("SMOLALIGN_REFERENCE_CACHE", cache_root() / "reference-logps"))
+        self.path = folder / f"{model_key}.safetensors"
+
+    def load(self) -> dict[int, tuple[float, float]]:
+        if not self.path.exists():
+            return {}
+        tensors = load_file(self.path)
+        return {
+            int(key): (float(chosen), float(rejected))
+            for key, chosen, rejected in zip(tensors["pair_keys"], tensors["chosen"], tensors["rejected"], strict=True)
+        }
+
+    def save(self, values: dict[int, tuple[float, float]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keys = sorted(values)
+        staging = self.path.with_suffix(".partial")
+        save_file(
+            {
+                "pair_keys": torch.tensor(keys, dtype=torch.int64),
+                "chosen": torch.tensor([values[k][0] for k in keys], dtype=torch.float32),
+                "rejected": torch.tensor([values[k][1] for k in keys], dtype=torch.float32),
+            },
+            str(staging),
+        )
+        staging.replace(self.path)  # atomic: readers see the old or the new file, never half of one
+
+    def fill(self, pairs: list[TokenizedPair], score: Callable[[list[TokenizedPair]], PairLogps]) -> PrecomputedReference:
+        """Reference log-probs for `pairs`: cached ones are reused, the others scored and added to the cache."""
+        values = self.load()
+        missing = list({pair_key(p): p for p in pairs if pair_key(p) not in values}.values())
+        log.info("reference log-probs: %d of %d pairs cached in %s, %d to compute",
+                 len(pairs) - len(missing), len(pairs), self.path.parent, len(missing))
+        if missing:
+            scored = score(missing)
+            for pair, chosen, rejected in zip(missing, scored.chosen.tolist(), scored.rejected.tolist(), strict=True):
+                values[pair_key(pair)] = (chosen, rejected)
+            self.save(values)
+        return PrecomputedReference(values)
+
+
+def precompute_reference(
+    reference: ModelReference,
+    reference_weights: nn.Module,
+    pairs: list[TokenizedPair],
+    *,
+    layout: str,
+    pad_token_id: int,
+    device: torch.device,
+    max_tokens_per_forward: int,
+    cache_folder: Path | None = None,
+) -> PrecomputedReference:
+    """Reference log-probs of `pairs`, from the cache of `reference_weights` or scored once now."""
+
+    def score(missing: list[TokenizedPair]) -> PairLogps:
+        parts = []
+        for chunk in tqdm(split_by_tokens(missing, max_tokens_per_forward), desc="reference log-probs", unit="chunk"):
+            batch = build_batch(chunk, layout, pad_token_id=pad_token_id).to(device)
+            parts.append(reference.logps(batch, chunk))
+        return concat_pair_logps(parts)
+
+    return ReferenceCache(weights_key(reference_weights), cache_folder).fill(pairs, score)

@@ -1,13 +1,15 @@
 """Which pairs each optimizer step sees: a pure function of (seed, step), so resuming is exact.
 
 Each epoch visits the pairs in a fresh permutation drawn from (seed, epoch). The epoch is cut into
-micro-batches of `batch_size` pairs (the last may be shorter) and those into optimizer steps of
-`accumulation` micro-batches (the last step of an epoch may hold fewer), like transformers' Trainer.
-With several processes each takes every n-th pair of a micro-batch.
+micro-batches of `batch_size` pairs (the last may be shorter), or, with token-budget batching, of
+as many pairs as fit in `max_tokens` (never more than `batch_size`), and those into optimizer steps
+of `accumulation` micro-batches (the last step of an epoch may hold fewer), like transformers'
+Trainer. With several processes each takes every n-th pair of a micro-batch.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -17,43 +19,69 @@ import torch
 @dataclass(frozen=True)
 class StepPlan:
     num_pairs: int
-    batch_size: int  # pairs per micro-batch across all processes
+    batch_size: int  # pairs per micro-batch across all processes (the cap under token-budget batching)
     accumulation: int
-    total_steps: int
+    num_train_epochs: float
+    max_steps: int
     seed: int
+    pair_tokens: tuple[int, ...] | None = None  # needed for token-budget batching
+    max_tokens: int | None = None  # token budget of a micro-batch; None = fixed batch_size
 
-    @classmethod
-    def create(cls, *, num_pairs, batch_size, accumulation, num_train_epochs, max_steps, seed) -> StepPlan:
-        micro_batches = math.ceil(num_pairs / batch_size)
-        steps_per_epoch = math.ceil(micro_batches / accumulation)
-        total = max_steps if max_steps > 0 else max(1, math.ceil(steps_per_epoch * num_train_epochs))
-        return cls(num_pairs, batch_size, accumulation, total, seed)
+    @functools.cached_property
+    def total_steps(self) -> int:
+        if self.max_steps > 0:
+            return self.max_steps
+        whole, fraction = divmod(self.num_train_epochs, 1)
+        steps = sum(self.steps_in_epoch(e) for e in range(int(whole)))
+        if fraction:
+            steps += math.ceil(self.steps_in_epoch(int(whole)) * fraction)
+        return max(1, steps)
 
-    @property
-    def micro_batches_per_epoch(self) -> int:
-        return math.ceil(self.num_pairs / self.batch_size)
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - a plan lives as long as its run
+    def epoch_micro_batches(self, epoch: int) -> list[list[int]]:
+        order = torch.randperm(self.num_pairs, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        order = order.tolist()
+        if self.max_tokens is None:
+            return [order[i : i + self.batch_size] for i in range(0, self.num_pairs, self.batch_size)]
+        batches: list[list[int]] = []
+        size = 0
+        for index in order:
+            tokens = self.pair_tokens[index]
+            if not batches or size + tokens > self.max_tokens or len(batches[-1]) == self.batch_size:
+                batches.append([])
+                size = 0
+            batches[-1].append(index)
+            size += tokens
+        return batches
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.micro_batches_per_epoch / self.accumulation)
+    def steps_in_epoch(self, epoch: int) -> int:
+        return math.ceil(len(self.epoch_micro_batches(epoch)) / self.accumulation)
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, step within that epoch) of optimizer step `step` (0-based)."""
+        epoch = 0
+        while step >= self.steps_in_epoch(epoch):
+            step -= self.steps_in_epoch(epoch)
+            epoch += 1
+        return epoch, step
 
     def micro_batches(self, step: int, *, process_index: int = 0, num_processes: int = 1) -> list[list[int]]:
         """Pair indices of each micro-batch of optimizer step `step` (0-based) for this process."""
-        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-        order = self.epoch_order(epoch)
+        epoch, step_in_epoch = self.locate(step)
+        batches = self.epoch_micro_batches(epoch)
         first = step_in_epoch * self.accumulation
-        last = min(first + self.accumulation, self.micro_batches_per_epoch)
-        batches = [order[m * self.batch_size : (m + 1) * self.batch_size] for m in range(first, last)]
-        return [b[process_index::num_processes] for b in batches]
-
-    def epoch_order(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.num_pairs, generator=generator).tolist()
+        return [b[process_index::num_processes] for b in batches[first : first + self.accumulation]]
 
     def epoch_at(self, step: int) -> float:
         """Fractional epoch after `step` optimizer steps, as transformers logs it."""
-        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-        if step_in_epoch == 0 and step > 0:
-            return float(epoch)
-        done = min(step_in_epoch * self.accumulation, self.micro_batches_per_epoch)
-        return epoch + done / self.micro_batches_per_epoch
+        if step == 0:
+            return 0.0
+        epoch, step_in_epoch = self.locate(step - 1)
+        batches = len(self.epoch_micro_batches(epoch))
+        return epoch + min((step_in_epoch + 1) * self.accumulation, batches) / batches
+
+    def pairs_used(self) -> list[int]:
+        """Indices of every pair some step of the run will see (all of them once it spans an epoch)."""
+        if self.total_steps >= self.steps_in_epoch(0):
+            return list(range(self.num_pairs))
+        return sorted(i for step in range(self.total_steps) for batch in self.micro_batches(step) for i in batch)

@@ -6,7 +6,6 @@ Built on Accelerate, so the same code runs on a CPU, one GPU, or several through
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -18,26 +17,25 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from smolalign.batching import build_batch
+from smolalign.batching import block_tokens
 from smolalign.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from smolalign.config import TrainConfig, save_config
 from smolalign.data.prepare import prepare_data
 from smolalign.evaluate import evaluate_objective
 from smolalign.export import save_final_model
-from smolalign.logprobs import SequenceScorer, causal_lm_of, choose_layout, score_batch
+from smolalign.forward import PairRunner
+from smolalign.logprobs import SequenceScorer, causal_lm_of, choose_layout
 from smolalign.losses import OBJECTIVES, LossSettings
 from smolalign.metrics import MetricsFile, MetricWindow, last_values, read_metrics
 from smolalign.models import (
     add_lora,
     count_parameters,
-    frozen_copy,
     load_causal_lm,
-    load_frozen,
     load_tokenizer,
     resolve_device,
     resolve_dtype,
 )
-from smolalign.reference import adapter_disabled_reference, model_reference
+from smolalign.reference import precompute_reference, reference_source
 from smolalign.report import write_report
 from smolalign.steps import StepPlan
 
@@ -57,34 +55,46 @@ def train(config: TrainConfig) -> Path:
     tokenizer = load_tokenizer(config.model, chat_template=config.chat_template)
     data = prepare_data(config, tokenizer, needs_rejected=objective.needs_rejected)
 
-    # Models. The reference is the initial policy: a frozen copy for full fine-tuning, the policy with
-    # its adapters disabled under LoRA (no second copy), or the separate `ref_model`.
+    # Models. The reference is the initial policy (or `ref_model`): under LoRA the policy with its
+    # adapters disabled; for full fine-tuning its log-probs are computed once before the first step, so
+    # no second copy of the model is held (precompute_ref_log_probs: false keeps a frozen copy instead).
     dtype = resolve_dtype(config.dtype, accelerator.device)
     policy = load_causal_lm(config.model, dtype=dtype, device=accelerator.device, tokenizer=tokenizer)
-    reference_model = None
-    if objective.needs_reference and config.ref_model:
-        reference_model = load_frozen(config.ref_model, dtype=dtype, device=accelerator.device, tokenizer=tokenizer)
-    elif objective.needs_reference and config.lora is None:
-        reference_model = frozen_copy(policy)
     if config.lora is not None:
         policy = add_lora(policy, config.lora)
     if config.gradient_checkpointing:
         causal_lm_of(policy).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layout = choose_layout(config.batch_layout, policy)
+    max_tokens = config.max_tokens_per_forward or (16384 if accelerator.device.type == "cuda" else 256)
     trainable, total = count_parameters(policy)
     log.info("%s on %s (%s): %d/%d parameters trainable, layout %s, %d training pairs",
              config.algorithm, accelerator.device, str(dtype).removeprefix("torch."), trainable, total, layout,
              len(data.train))
 
     scorer = SequenceScorer(policy, config.logprob_chunk_size)
-    plan = StepPlan.create(
+    plan = StepPlan(
         num_pairs=len(data.train),
         batch_size=config.per_device_train_batch_size * accelerator.num_processes,
         accumulation=config.gradient_accumulation_steps,
         num_train_epochs=config.num_train_epochs,
         max_steps=config.max_steps,
         seed=config.seed,
+        pair_tokens=tuple(block_tokens(p) for p in data.train),
+        max_tokens=config.max_tokens_per_batch,
     )
+    precompute = objective.needs_reference and (
+        config.precompute_ref_log_probs
+        if config.precompute_ref_log_probs is not None
+        else config.lora is None and not config.ref_model
+    )
+    reference_args = {"policy": policy, "tokenizer": tokenizer, "dtype": dtype, "device": accelerator.device}
+    if precompute:
+        source, weights = reference_source(config, policy_scorer=scorer, precompute=True, **reference_args)
+        needed = [data.train[i] for i in plan.pairs_used()] + data.eval
+        reference = precompute_reference(source, weights, needed, layout=layout, pad_token_id=tokenizer.pad_token_id,
+                                         device=accelerator.device, max_tokens_per_forward=max_tokens)
+        del source, weights  # a separate ref_model is no longer needed
+
     optimizer = build_optimizer(scorer, config)
     scheduler = get_scheduler(
         config.lr_scheduler_type,
@@ -93,13 +103,10 @@ def train(config: TrainConfig) -> Path:
         num_training_steps=plan.total_steps,
     )
     scorer, optimizer, scheduler = accelerator.prepare(scorer, optimizer, scheduler)
-    reference = None
-    if objective.needs_reference:
-        reference = (
-            model_reference(reference_model, config.logprob_chunk_size)
-            if reference_model is not None
-            else adapter_disabled_reference(scorer, policy)
-        )
+    if objective.needs_reference and not precompute:
+        reference, _ = reference_source(config, policy_scorer=scorer, precompute=False, **reference_args)
+    runner = PairRunner(scorer, reference if objective.needs_reference else None, objective, settings, layout,
+                        tokenizer.pad_token_id, accelerator.device, max_tokens)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = MetricsFile(output_dir / "metrics.jsonl")
@@ -118,11 +125,7 @@ def train(config: TrainConfig) -> Path:
 
     def evaluate() -> dict[str, float]:
         scorer.eval()
-        result = evaluate_objective(
-            scorer, reference, data.eval, objective=objective, settings=settings, layout=layout,
-            batch_size=config.per_device_eval_batch_size, pad_token_id=tokenizer.pad_token_id,
-            device=accelerator.device,
-        )
+        result = evaluate_objective(runner, data.eval, batch_size=config.per_device_eval_batch_size)
         scorer.train()
         return result
 
@@ -137,6 +140,7 @@ def train(config: TrainConfig) -> Path:
 
     scorer.train()
     window, window_tokens, window_start = MetricWindow(), 0, time.perf_counter()
+    total_tokens = int(last_values(read_metrics(metrics_file.path)).get("num_tokens", 0))  # resumed runs go on
     progress = tqdm(total=plan.total_steps, initial=start_step, desc=config.algorithm, unit="step",
                     disable=not accelerator.is_main_process)
     for step in range(start_step, plan.total_steps):
@@ -144,22 +148,20 @@ def train(config: TrainConfig) -> Path:
                                            num_processes=accelerator.num_processes)
         step_loss = 0.0
         for index, pair_ids in enumerate(micro_batches):
-            batch = build_batch(
-                [data.train[i] for i in pair_ids], layout,
-                pad_token_id=tokenizer.pad_token_id, score_prompt=objective.needs_prompt_logps,
-            ).to(accelerator.device)
-            # The reference pass runs first, under no_grad and in the same layout: it keeps no activations.
-            ref_logps = reference.logps(batch) if reference is not None else None
-            last = index == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last else accelerator.no_sync(scorer)
-            with sync:
-                out = objective.compute(score_batch(scorer, batch), ref_logps, settings)
+            result = runner.run(
+                [data.train[i] for i in pair_ids],
+                backward=accelerator.backward,
                 # Each micro-batch loss is a mean over its pairs; dividing by the number of micro-batches
                 # makes the accumulated gradient the mean over the step (TRL's scaling).
-                accelerator.backward(out.loss / len(micro_batches))
-            step_loss += out.loss.item() / len(micro_batches)
-            window.add(out.metrics)
-            window_tokens += batch.num_tokens
+                loss_scale=1 / len(micro_batches),
+                # Processes exchange gradients once per step, after the last chunk of the last micro-batch.
+                no_sync=lambda: accelerator.no_sync(scorer),
+                sync_after_last_chunk=index == len(micro_batches) - 1,
+            )
+            step_loss += result.output.loss.item() / len(micro_batches)
+            window.add(result.output.metrics)
+            window_tokens += result.tokens
+            total_tokens += result.tokens
         window.add({"loss": step_loss})
         # The norm is measured before clipping and logged as TRL logs it; max_grad_norm=0 only measures.
         grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), config.max_grad_norm or math.inf)
@@ -173,7 +175,7 @@ def train(config: TrainConfig) -> Path:
         if done % config.logging_steps == 0 or done == plan.total_steps:
             elapsed = time.perf_counter() - window_start
             values = {**window.mean(), "learning_rate": learning_rate, "grad_norm": float(grad_norm),
-                      "tokens_per_second": window_tokens / elapsed}
+                      "tokens_per_second": window_tokens / elapsed, "num_tokens": total_tokens}
             log_record(done, values)
             progress.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values.get('rewards/accuracies', 0):.2f}",
                                  tok_s=f"{values['tokens_per_second']:.0f}")
@@ -203,8 +205,10 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         if parameter.requires_grad:
             (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel updates in place; the default multi-tensor path allocates model-sized temporaries.
     return torch.optim.AdamW(
-        groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon
+        groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+        fused=True,
     )
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never need the network
+if "SMOLALIGN_CACHE" not in os.environ:  # a fresh cache per session: reference log-probs never leak between runs
+    os.environ["SMOLALIGN_CACHE"] = tempfile.mkdtemp(prefix="smolalign-test-cache-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 

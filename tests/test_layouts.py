@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import smolalign.logprobs
 from smolalign.batching import LAYOUTS, build_batch
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import TokenizedPair, fit_to_length, tokenize_pairs
@@ -45,7 +46,7 @@ def run_objective(model, reference_model, pairs, layout, algorithm, pad_token_id
     if objective.needs_reference:
         source = (adapter_disabled_reference(scorer, model) if reference_model is None
                   else model_reference(reference_model, chunk_size=16))
-        reference = source.logps(batch)
+        reference = source.logps(batch, batch_pairs)
     model.zero_grad()
     out = objective.compute(score_batch(scorer, batch), reference, SETTINGS[algorithm])
     out.loss.backward()
@@ -104,7 +105,10 @@ def test_rejected_tokens_never_see_the_chosen_answer():
     assert mask[3].tolist() == [True, True, True, True, False, False]
 
 
-def test_chunked_logprobs_match_log_softmax_with_gradients():
+@pytest.mark.parametrize("keep_softmax", [True, False], ids=["softmax-kept", "softmax-recomputed"])
+def test_chunked_logprobs_match_log_softmax_with_gradients(monkeypatch, keep_softmax):
+    if not keep_softmax:  # larger batches recompute the softmax chunk by chunk in the backward pass
+        monkeypatch.setattr(smolalign.logprobs, "KEEP_SOFTMAX_ELEMENTS", 0)
     torch.manual_seed(0)
     hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)

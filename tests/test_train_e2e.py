@@ -10,7 +10,7 @@ from conftest import read_jsonl, write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import smolalign.train
+import smolalign.forward
 from smolalign.batching import build_batch
 from smolalign.config import load_config
 from smolalign.train import train
@@ -104,7 +104,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model, pairs_file
         batches[current[0]].append([pair.index for pair in pairs])
         return build_batch(pairs, *args, **kwargs)
 
-    monkeypatch.setattr(smolalign.train, "build_batch", recording_build_batch)
+    monkeypatch.setattr(smolalign.forward, "build_batch", recording_build_batch)
     final, folder = run(tmp_path, "straight", **settings)
     assert [p.name for p in folder.glob("checkpoint-*")] == ["checkpoint-3"]
 

@@ -25,7 +25,7 @@ from smolalign.train import train
 
 NUM_PAIRS = 6
 STEPS = 4
-LEARNING_RATE = 5e-3
+LEARNING_RATE = 2e-3
 SCHEDULE = {
     "per_device_train_batch_size": NUM_PAIRS,
     "max_steps": STEPS,

@@ -1,0 +1,91 @@
+"""One benchmark run in its own process: `python -m smolalign.bench_worker SPEC.json RESULT.json`.
+
+SPEC names the framework (`smolalign` or `trl`), algorithm, model folder, pairs file, steps, batch
+size and max_length. RESULT receives the seconds of every optimizer step and the tokens trained.
+Peak memory and the whole process's time are measured from outside, by `smolalign bench`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_smolalign(spec: dict, output_dir: Path) -> dict:
+    from smolalign.config import load_config
+    from smolalign.metrics import read_metrics
+    from smolalign.train import train
+
+    config = load_config(None, {
+        "model": spec["model"], "dataset": spec["dataset"], "algorithm": spec["algorithm"],
+        "per_device_train_batch_size": spec["batch_size"], "max_steps": spec["steps"],
+        "max_length": spec["max_length"], "logging_steps": 1, "save_steps": 10**9, "output_dir": str(output_dir),
+    })
+    train(config)
+    records = [r for r in read_metrics(output_dir / "metrics.jsonl") if "tokens_per_second" in r]
+    tokens = [r["num_tokens"] for r in records]
+    step_tokens = [t - previous for t, previous in zip(tokens, [0, *tokens[:-1]], strict=True)]
+    return {
+        "step_seconds": [n / r["tokens_per_second"] for n, r in zip(step_tokens, records, strict=True)],
+        "tokens": tokens[-1],
+    }
+
+
+def run_trl(spec: dict, output_dir: Path) -> dict:
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    step_seconds: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step_seconds.append(time.perf_counter() - self.start)
+
+    common = {
+        "output_dir": str(output_dir), "per_device_train_batch_size": spec["batch_size"], "max_steps": spec["steps"],
+        "max_length": spec["max_length"], "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+        "gradient_checkpointing": False, "bf16": spec["device"] == "cuda", "use_cpu": spec["device"] == "cpu",
+    }
+    if spec["algorithm"] == "dpo":
+        from trl import DPOConfig as Config
+        from trl import DPOTrainer as Trainer
+    elif spec["algorithm"] == "orpo":
+        from trl.experimental.orpo import ORPOConfig as Config
+        from trl.experimental.orpo import ORPOTrainer as Trainer
+    else:
+        from trl.experimental.cpo import CPOConfig as Config
+        from trl.experimental.cpo import CPOTrainer as Trainer
+
+        common.update(loss_type="simpo", cpo_alpha=0.0)
+    trainer = Trainer(
+        model=AutoModelForCausalLM.from_pretrained(spec["model"]),
+        args=Config(**common),
+        train_dataset=load_dataset("json", data_files=spec["dataset"], split="train"),
+        processing_class=AutoTokenizer.from_pretrained(spec["model"]),
+        callbacks=[StepTimer()],
+    )
+    trainer.train()
+    logged = [entry["num_tokens"] for entry in trainer.state.log_history if "num_tokens" in entry]
+    return {"step_seconds": step_seconds, "tokens": int(logged[-1]) if logged else None}
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    with tempfile.TemporaryDirectory(prefix="smolalign-bench-") as scratch:
+        runner = run_smolalign if spec["framework"] == "smolalign" else run_trl
+        result = runner(spec, Path(scratch))
+    if spec["device"] == "cuda":
+        import torch
+
+        result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    Path(sys.argv[2]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The speed features change nothing but speed: chunked forward passes, the precomputed reference and
+its cache, token-budget batching, gradient checkpointing, the padded fallback; and `smolalign bench` runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import read_jsonl, write_jsonl
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import smolalign.evaluate_command
+import smolalign.reference
+from smolalign.batching import block_tokens
+from smolalign.bench import bench
+from smolalign.cli import main
+from smolalign.config import load_config
+from smolalign.data.formats import to_pair
+from smolalign.data.tokenize import tokenize_pairs
+from smolalign.forward import PairRunner
+from smolalign.logprobs import SequenceScorer, causal_lm_of, choose_layout
+from smolalign.losses import OBJECTIVES, LossSettings
+from smolalign.reference import model_reference
+from smolalign.steps import StepPlan
+from smolalign.train import train
+
+
+@pytest.fixture(scope="module")
+def pairs(hh_rows, tokenizer):
+    return tokenize_pairs([to_pair(row, i, "hh_rlhf") for i, row in enumerate(hh_rows[500:506])], tokenizer)
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory, hh_rows):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", hh_rows[100:116])
+
+
+def run_once(model, reference_model, pairs, algorithm, max_tokens, pad_token_id):
+    objective = OBJECTIVES[algorithm]
+    reference = model_reference(reference_model, 16) if objective.needs_reference else None
+    runner = PairRunner(SequenceScorer(model, 16), reference, objective, LossSettings(beta=0.3, rpo_alpha=0.1),
+                        "prefix_shared", pad_token_id, torch.device("cpu"), max_tokens)
+    model.zero_grad()
+    result = runner.run(pairs, backward=lambda loss: loss.backward())
+    return result, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "orpo", "simpo"])
+def test_chunked_forward_passes_give_the_whole_batch_numbers(tiny_model, tokenizer, pairs, algorithm):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model(0))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model(1))
+    whole, whole_grads = run_once(model, reference, pairs, algorithm, 10**6, tokenizer.pad_token_id)
+    chunked, chunked_grads = run_once(model, reference, pairs, algorithm, 1, tokenizer.pad_token_id)  # 1 pair each
+    assert torch.allclose(chunked.output.loss, whole.output.loss, atol=1e-5)
+    for name, value in whole.output.metrics.items():
+        assert torch.allclose(chunked.output.metrics[name], value, atol=1e-5), name
+    for name, grad in whole_grads.items():
+        assert torch.allclose(chunked_grads[name], grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_gradient_checkpointing_changes_no_number(tiny_model, tokenizer, pairs):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model(0))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model(1))
+    plain, plain_grads = run_once(model, reference, pairs, "dpo", 10**6, tokenizer.pad_token_id)
+    causal_lm_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    checkpointed, checkpointed_grads = run_once(model, reference, pairs, "dpo", 10**6, tokenizer.pad_token_id)
+    assert torch.allclose(checkpointed.output.loss, plain.output.loss, atol=1e-6)
+    for name, grad in plain_grads.items():
+        assert torch.allclose(checkpointed_grads[name], grad, atol=1e-6), name
+
+
+def test_attention_without_4d_masks_falls_back_to_padded(tiny_model, caplog):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model(0))
+    assert choose_layout("auto", model) == "prefix_shared"
+    model.config._attn_implementation = "flash_attention_2"
+    with caplog.at_level(logging.WARNING, logger="smolalign"):
+        assert choose_layout("auto", model) == "padded"
+        assert choose_layout("packed", model) == "padded"
+    assert "flash_attention_2" in caplog.text and "padded" in caplog.text
+
+
+def test_precomputed_reference_matches_a_frozen_copy_and_is_cached(tmp_path, tiny_model, pairs_file, monkeypatch):
+    settings = {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_steps": 3,
+                "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1, "test_split_size": 4}
+    monkeypatch.setenv("SMOLALIGN_REFERENCE_CACHE", str(tmp_path / "cache"))
+
+    def run(name, **extra):
+        final = train(load_config(None, {**settings, **extra, "output_dir": str(tmp_path / name)}))
+        return load_file(final / "model.safetensors"), read_jsonl(tmp_path / name / "metrics.jsonl")
+
+    inline_weights, inline_metrics = run("inline", precompute_ref_log_probs=False)
+    precomputed_weights, precomputed_metrics = run("precomputed")  # the default for full fine-tuning
+    assert all(torch.allclose(inline_weights[k], precomputed_weights[k], atol=1e-6) for k in inline_weights)
+    for ours, theirs in zip(precomputed_metrics, inline_metrics, strict=True):
+        for key in ("loss", "rewards/margins", "eval_loss", "eval_rewards/accuracies"):
+            if key in theirs:
+                assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
+    assert list((tmp_path / "cache").glob("*.safetensors"))
+
+    # A later run with the same reference weights and pairs scores nothing again.
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("the cache should have every pair")
+
+    monkeypatch.setattr(smolalign.reference, "build_batch", no_scoring)
+    _, again = run("again")
+    assert again[0]["loss"] == pytest.approx(precomputed_metrics[0]["loss"], abs=1e-7)
+
+
+def test_eval_reuses_the_reference_cache_of_training(tmp_path, tiny_model, pairs_file, monkeypatch):
+    monkeypatch.setenv("SMOLALIGN_REFERENCE_CACHE", str(tmp_path / "cache"))
+    policy, reference = tiny_model(0), tiny_model(1)
+    train(load_config(None, {"model": str(policy), "ref_model": str(reference), "dataset": str(pairs_file),
+                             "eval_dataset": str(pairs_file), "max_steps": 1, "precompute_ref_log_probs": True,
+                             "output_dir": str(tmp_path / "run")}))
+    calls = []
+    original = smolalign.evaluate_command.score_pairs
+    monkeypatch.setattr(smolalign.evaluate_command, "score_pairs",
+                        lambda *a, **k: calls.append(k.get("desc")) or original(*a, **k))
+    main(["eval", "--model", str(policy), "--ref_model", str(reference), "--dataset", str(pairs_file),
+          "--output_dir", str(tmp_path / "eval")])
+    assert calls == ["scoring policy"]  # the reference came from the cache the training run filled
+    rows = read_jsonl(tmp_path / "eval" / "eval_pairs.jsonl")
+    assert all("ref_logps_chosen" in row for row in rows)
+
+
+def test_token_budget_batching(pairs):
+    tokens = tuple(block_tokens(p) for p in pairs) * 4  # 24 pairs of varied length
+    budget = max(tokens) + min(tokens)
+    plan = StepPlan(num_pairs=len(tokens), batch_size=5, accumulation=2, num_train_epochs=2.0, max_steps=-1, seed=3,
+                    pair_tokens=tokens, max_tokens=budget)
+    for epoch in (0, 1):
+        batches = plan.epoch_micro_batches(epoch)
+        assert sorted(i for b in batches for i in b) == list(range(len(tokens)))  # each pair once per epoch
+        assert all(len(b) <= 5 for b in batches)
+        assert all(sum(tokens[i] for i in b) <= budget or len(b) == 1 for b in batches)
+    assert plan.total_steps == plan.steps_in_epoch(0) + plan.steps_in_epoch(1)
+    seen = [i for step in range(plan.total_steps) for b in plan.micro_batches(step) for i in b]
+    assert sorted(seen) == sorted(list(range(len(tokens))) * 2)
+    again = StepPlan(num_pairs=len(tokens), batch_size=5, accumulation=2, num_train_epochs=2.0, max_steps=-1, seed=3,
+                     pair_tokens=tokens, max_tokens=budget)
+    assert [again.micro_batches(s) for s in range(plan.total_steps)] == [
+        plan.micro_batches(s) for s in range(plan.total_steps)
+    ]  # a pure function of (seed, step): a resumed run sees the same pairs
+    assert plan.epoch_at(plan.total_steps) == 2.0
+
+
+def test_training_with_a_token_budget(tmp_path, tiny_model, pairs_file):
+    final = train(load_config(None, {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_steps": 2,
+                                     "max_tokens_per_batch": 300, "per_device_train_batch_size": 8,
+                                     "output_dir": str(tmp_path / "run")}))
+    assert final.exists()
+
+
+def test_bench_runs_both_frameworks_and_reports_ratios(tmp_path, tiny_model, pairs_file):
+    args = SimpleNamespace(algorithm="dpo", model=str(tiny_model(0)), dataset=str(pairs_file), steps=1, batch_size=2,
+                           max_length=256, frameworks="smolalign,trl", output_dir=str(tmp_path / "bench"))
+    report = bench(args)
+    saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert [row["framework"] for row in saved["rows"]] == ["smolalign", "trl"]
+    for row in saved["rows"]:
+        assert row["process_seconds"] > 0 and row["peak_bytes"] > 100e6 and 0 < row["mfu"] < 1
+        assert len(row["step_seconds"]) == 1
+    ratio = saved["ratios"][0]
+    assert ratio["speedup_whole_process"] > 0 and ratio["memory_ratio"] > 0
+    markdown = (tmp_path / "bench" / "bench.md").read_text()
+    assert "smolalign / TRL" in markdown and report["markdown"] == markdown
