@@ -98,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch_size", type=positive_int, default=4)
     bench.add_argument("--max_length", type=positive_int, default=512)
     bench.add_argument("--frameworks", default="smolalign,trl")
+    bench.add_argument("--repeats", type=positive_int, default=1, help="runs per framework; the fastest is kept")
     bench.add_argument("--output_dir", default="runs/bench")
     bench.set_defaults(run=_run_bench)
 

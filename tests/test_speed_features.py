@@ -158,7 +158,7 @@ def test_training_with_a_token_budget(tmp_path, tiny_model, pairs_file):
 
 def test_bench_runs_both_frameworks_and_reports_ratios(tmp_path, tiny_model, pairs_file):
     args = SimpleNamespace(algorithm="dpo", model=str(tiny_model(0)), dataset=str(pairs_file), steps=1, batch_size=2,
-                           max_length=256, frameworks="smolalign,trl", output_dir=str(tmp_path / "bench"))
+                           max_length=256, frameworks="smolalign,trl", repeats=1, output_dir=str(tmp_path / "bench"))
     report = bench(args)
     saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert [row["framework"] for row in saved["rows"]] == ["smolalign", "trl"]
