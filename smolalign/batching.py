@@ -76,15 +76,28 @@ class _Block:
 
 
 def build_batch(
-    pairs: list[TokenizedPair], layout: str, *, pad_token_id: int, score_prompt: bool = False
+    pairs: list[TokenizedPair],
+    layout: str,
+    *,
+    pad_token_id: int,
+    score_prompt: bool = False,
+    score_ends: bool = False,
 ) -> Batch:
-    """Rows for `pairs` in `layout`. `score_prompt` also scores the prompt tokens (ORPO's NLL term)."""
+    """Rows for `pairs` in `layout`.
+
+    Scored are the answer tokens (their log-probs), plus with `score_prompt` the prompt tokens (ORPO's
+    NLL term); with `score_ends` instead one position per answer: its sequence's last token that is not
+    the padding id, where a sequence-classification head reads the reward (as transformers does).
+    """
+    ends_after = pad_token_id if score_ends else None
     if layout == "prefix_shared":
-        blocks = [_pair_block(pair, slot, score_prompt) for slot, pair in enumerate(pairs)]
+        blocks = [_pair_block(pair, slot, score_prompt, ends_after) for slot, pair in enumerate(pairs)]
     else:
-        blocks = [_sequence_block(p, p.chosen_ids, slot, CHOSEN, score_prompt) for slot, p in enumerate(pairs)]
+        blocks = [
+            _sequence_block(p, p.chosen_ids, slot, CHOSEN, score_prompt, ends_after) for slot, p in enumerate(pairs)
+        ]
         blocks += [
-            _sequence_block(p, p.rejected_ids, slot, REJECTED, False)
+            _sequence_block(p, p.rejected_ids, slot, REJECTED, False, ends_after)
             for slot, p in enumerate(pairs)
             if p.rejected_ids is not None
         ]
@@ -93,30 +106,50 @@ def build_batch(
     return _assemble(rows, pad_token_id, four_d_mask=layout != "padded", num_pairs=len(pairs), num_tokens=num_tokens)
 
 
-def _sequence_block(pair: TokenizedPair, answer: list[int], slot: int, part: int, score_prompt: bool) -> _Block:
+def _end_score(tokens: list[int], sequence: list[int], pad_token_id: int, owner: int) -> tuple[int, int, int]:
+    """Score the last token of a sequence (its block indices, in order) whose id is not the padding id."""
+    real = [i for i in sequence if tokens[i] != pad_token_id]
+    return (real[-1] if real else sequence[-1], 0, owner)
+
+
+def _sequence_block(
+    pair: TokenizedPair, answer: list[int], slot: int, part: int, score_prompt: bool, ends_after: int | None
+) -> _Block:
     prompt = pair.prompt_ids
     tokens = prompt + answer
-    scores = [(len(prompt) - 1 + k, token, slot * PARTS_PER_PAIR + part) for k, token in enumerate(answer)]
-    if score_prompt:
-        scores += [(k - 1, prompt[k], slot * PARTS_PER_PAIR + PROMPT) for k in range(1, len(prompt))]
+    owner = slot * PARTS_PER_PAIR
+    if ends_after is not None:
+        scores = [_end_score(tokens, list(range(len(tokens))), ends_after, owner + part)]
+    else:
+        scores = [(len(prompt) - 1 + k, token, owner + part) for k, token in enumerate(answer)]
+        if score_prompt:
+            scores += [(k - 1, prompt[k], owner + PROMPT) for k in range(1, len(prompt))]
     return _Block(tokens, list(range(len(tokens))), [PROMPT_BRANCH] * len(prompt) + [1] * len(answer), scores)
 
 
-def _pair_block(pair: TokenizedPair, slot: int, score_prompt: bool) -> _Block:
+def _pair_block(pair: TokenizedPair, slot: int, score_prompt: bool, ends_after: int | None) -> _Block:
     prompt, chosen, rejected = pair.prompt_ids, pair.chosen_ids, pair.rejected_ids or []
+    tokens = prompt + chosen + rejected
     last_prompt = len(prompt) - 1
     after_chosen = len(prompt) + len(chosen)
     owner = slot * PARTS_PER_PAIR
-    scores = [(last_prompt + k, token, owner + CHOSEN) for k, token in enumerate(chosen)]
-    # The first rejected token is predicted from the prompt's last token, like the first chosen one.
-    scores += [
-        (last_prompt if k == 0 else after_chosen + k - 1, token, owner + REJECTED) for k, token in enumerate(rejected)
-    ]
-    if score_prompt:
-        scores += [(k - 1, prompt[k], owner + PROMPT) for k in range(1, len(prompt))]
-    positions = list(range(len(prompt) + len(chosen))) + list(range(len(prompt), len(prompt) + len(rejected)))
+    if ends_after is not None:
+        scores = [_end_score(tokens, list(range(after_chosen)), ends_after, owner + CHOSEN)]
+        if pair.rejected_ids is not None:
+            rejected_sequence = list(range(len(prompt))) + list(range(after_chosen, len(tokens)))
+            scores.append(_end_score(tokens, rejected_sequence, ends_after, owner + REJECTED))
+    else:
+        scores = [(last_prompt + k, token, owner + CHOSEN) for k, token in enumerate(chosen)]
+        # The first rejected token is predicted from the prompt's last token, like the first chosen one.
+        scores += [
+            (last_prompt if k == 0 else after_chosen + k - 1, token, owner + REJECTED)
+            for k, token in enumerate(rejected)
+        ]
+        if score_prompt:
+            scores += [(k - 1, prompt[k], owner + PROMPT) for k in range(1, len(prompt))]
+    positions = list(range(after_chosen)) + list(range(len(prompt), len(prompt) + len(rejected)))
     branches = [PROMPT_BRANCH] * len(prompt) + [1] * len(chosen) + [2] * len(rejected)
-    return _Block(prompt + chosen + rejected, positions, branches, scores)
+    return _Block(tokens, positions, branches, scores)
 
 
 def _pack(blocks: list[_Block]) -> list[list[_Block]]:

@@ -1,4 +1,4 @@
-"""`smolalign` command line: train, eval, bench, data inspect.
+"""`smolalign` command line: train, eval, compare, sweep, bench, data inspect.
 
 User mistakes end with one sentence on stderr and exit status 2, never a traceback.
 """
@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from smolalign.errors import UserError
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         sys.exit(2)
     try:
-        if args.command != "train" and rest:
+        if args.command not in ("train", "sweep") and rest:
             raise UserError(f"unrecognised arguments: {' '.join(rest)}")
         args.run(args, rest)
     except UserError as error:
@@ -76,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="model folder (a final/ folder, full or LoRA) or Hub id")
     evaluate.add_argument("--dataset", required=True, help="preference pairs (file or Hub id)")
     evaluate.add_argument("--ref_model", help="reference model; default: the base model of a LoRA adapter, else none")
-    evaluate.add_argument("--output_dir", default="eval", help="where eval.json and eval_pairs.jsonl go")
+    evaluate.add_argument("--output_dir", help="where eval.json and the rest go; default RUN/eval for RUN/final, else ./eval")
     evaluate.add_argument("--split", default="test", help="split of a Hub dataset")
     evaluate.add_argument("--beta", type=float, default=0.1, help="reward scale (DPO beta)")
     evaluate.add_argument("--max_length", type=positive_int, default=1024)
@@ -86,6 +87,17 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch_layout", default="auto", choices=["auto", "padded", "packed", "prefix_shared"])
     evaluate.add_argument("--chat_template", help="'chatml' for a base model without a chat template")
     evaluate.add_argument("--system_prompt")
+    evaluate.add_argument("--generate", type=int, default=0, metavar="N",
+                          help="answer the first N prompts with the policy and the reference, side by side")
+    evaluate.add_argument("--max_new_tokens", type=positive_int, default=128)
+    evaluate.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    evaluate.add_argument("--temperature", type=float, default=1.0)
+    evaluate.add_argument("--top_p", type=float, default=1.0)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--judge", help="reward model (sequence classification; folder or Hub id) that judges answers")
+    evaluate.add_argument("--judge_url", help="OpenAI-compatible chat endpoint that judges answers (…/v1)")
+    evaluate.add_argument("--judge_model", help="model name to ask at --judge_url")
+    evaluate.add_argument("--judge_api_key_env", default="OPENAI_API_KEY", help="environment variable with the key")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     evaluate.set_defaults(run=_run_eval)
@@ -101,6 +113,18 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=positive_int, default=1, help="runs per framework; the fastest is kept")
     bench.add_argument("--output_dir", default="runs/bench")
     bench.set_defaults(run=_run_bench)
+
+    sweep = commands.add_parser("sweep", help="train a grid of settings, then compare the runs", add_help=False)
+    sweep.add_argument("--config", help="YAML file with the settings shared by every run")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a swept key and its values; repeat for a grid over several keys")
+    sweep.add_argument("-h", "--help", action="store_true")
+    sweep.set_defaults(run=_run_sweep)
+
+    compare = commands.add_parser("compare", help="side-by-side report of runs: settings, metrics, curves, samples")
+    compare.add_argument("runs", nargs="+", help="run folders (each with config.yaml and metrics.jsonl)")
+    compare.add_argument("--output_dir", default="runs/compare", help="where report.html, report.md and plots go")
+    compare.set_defaults(run=_run_compare)
 
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -140,6 +164,24 @@ def _run_bench(args, rest: list[str]) -> None:
 
     args.dataset = args.dataset or bundled_dataset("train")
     bench(args)
+
+
+def _run_sweep(args, rest: list[str]) -> None:
+    from smolalign.config import parse_override_args
+    from smolalign.sweep import run_sweep
+
+    if args.help:
+        print("smolalign sweep --config FILE.yaml --grid KEY=V1,V2 [--grid KEY=…] [--KEY VALUE …]\n\n"
+              "Trains one run per grid point into OUTPUT_DIR/KEY=VALUE,…/ (finished runs are skipped,\n"
+              "interrupted ones resumed), then writes OUTPUT_DIR/report.html comparing them.")
+        return
+    print(f"report: {run_sweep(args.config, args.grid, parse_override_args(rest))}")
+
+
+def _run_compare(args, rest: list[str]) -> None:
+    from smolalign.report import compare_runs
+
+    print(f"report: {compare_runs([Path(run) for run in args.runs], Path(args.output_dir))}")
 
 
 def _run_inspect(args, rest: list[str]) -> None:

@@ -20,7 +20,7 @@ import yaml
 
 from smolalign.errors import UserError
 
-ALGORITHMS = ("dpo", "orpo", "simpo", "sft")
+ALGORITHMS = ("dpo", "orpo", "simpo", "sft", "reward")
 DPO_LOSS_TYPES = (
     "sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
 )
@@ -79,13 +79,18 @@ class TrainConfig:
     max_prompt_length: int | None = _opt(None, "Maximum prompt tokens (cut from the left, keeping the latest turns).")
 
     # --- algorithm ---
-    algorithm: Literal["dpo", "orpo", "simpo", "sft"] = _opt("dpo", "Objective: dpo, orpo, simpo or sft.")
+    algorithm: Literal["dpo", "orpo", "simpo", "sft", "reward"] = _opt(
+        "dpo", "Objective: dpo, orpo, simpo, sft, or reward (a Bradley-Terry reward model)."
+    )
     loss_type: str = _opt("sigmoid", f"DPO loss variant: {', '.join(DPO_LOSS_TYPES)}.")
     beta: float = _opt(0.1, "DPO/SimPO temperature; for ORPO the weight lambda of the odds-ratio term.")
     label_smoothing: float = _opt(0.0, "Label noise for loss_type robust (DPO) and for SimPO, in [0, 0.5).")
     rpo_alpha: float | None = _opt(None, "Weight of an NLL term on the chosen answers added to the DPO loss (RPO).")
     simpo_gamma: float = _opt(0.5, "SimPO target reward margin gamma.")
     cpo_alpha: float = _opt(0.0, "SimPO only: weight of an NLL term on the chosen answers (TRL's CPO-SimPO uses 1.0).")
+    center_rewards_coefficient: float | None = _opt(
+        None, "Reward models only: weight of the penalty that keeps rewards centred on zero (TRL's name)."
+    )
 
     # --- optimisation ---
     learning_rate: float = _opt(1e-6, "Peak AdamW learning rate.")
@@ -385,6 +390,10 @@ def validate(config: TrainConfig) -> None:
         )
         require(config.label_smoothing == 0 or name == "simpo", f"'label_smoothing' does not apply to {name}.")
     require(config.cpo_alpha == 0 or config.algorithm == "simpo", "'cpo_alpha' applies to simpo only.")
+    require(
+        config.center_rewards_coefficient is None or config.algorithm == "reward",
+        "'center_rewards_coefficient' applies to algorithm: reward only.",
+    )
     require(config.cpo_alpha >= 0, "'cpo_alpha' must be >= 0.")
 
 

@@ -34,7 +34,7 @@ def evaluate_objective(runner: PairRunner, pairs: list[TokenizedPair], *, batch_
     for start in tqdm(range(0, len(pairs), batch_size), desc="evaluating", leave=False, unit="batch"):
         result = runner.run(pairs[start : start + batch_size])
         metrics = {"loss": result.output.loss, **result.output.metrics}
-        if runner.objective.needs_rejected:
+        if runner.objective.needs_rejected and not runner.objective.reward_model:
             metrics["logps/mean_accuracy"] = mean_logps_accuracy(result.policy)
         window.add(metrics)
     return {f"eval_{name}": value for name, value in window.mean().items()}

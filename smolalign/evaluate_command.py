@@ -1,7 +1,14 @@
-"""`smolalign eval`: preference accuracy of a model on held-out pairs, and per-pair log-probs."""
+"""`smolalign eval`: did the alignment work? Preference accuracy, drift from the reference, generations
+side by side, and a judge's win rate, on held-out pairs.
+
+Writes into the output folder: `eval.json` (the summary), `eval_pairs.jsonl` (per pair, in dataset
+order), and with `--generate N` `generations.jsonl` (policy and reference answers to N prompts, with
+the judge's verdicts when a judge is given).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -11,12 +18,22 @@ from peft import PeftModel
 
 from smolalign.data.prepare import read_pairs, tokenize_and_fit
 from smolalign.data.tokenize import TokenizedPair
+from smolalign.drift import ScoringModel, answer_statistics, generate_answers
+from smolalign.errors import UserError
 from smolalign.evaluate import format_summary_table, preference_summary, score_pairs, write_pair_rows
 from smolalign.logprobs import PairLogps, SequenceScorer, choose_layout
 from smolalign.models import load_for_scoring, load_tokenizer, resolve_device, resolve_dtype
 from smolalign.reference import ReferenceCache, pair_key, weights_key
 
 log = logging.getLogger("smolalign")
+
+
+def default_output_dir(model: str) -> Path:
+    """`RUN/eval` for a run's `RUN/final` model (where `smolalign compare` looks), else `./eval`."""
+    path = Path(model)
+    if path.name == "final" and (path.parent / "config.yaml").exists():
+        return path.parent / "eval"
+    return Path("eval")
 
 
 def cached_reference_logps(weights, scorer, pairs: list[TokenizedPair], score: dict) -> PairLogps:
@@ -31,7 +48,8 @@ def cached_reference_logps(weights, scorer, pairs: list[TokenizedPair], score: d
 
 
 def run_eval(args) -> dict:
-    """Score every pair with the model (and the reference), write eval.json and eval_pairs.jsonl."""
+    """Score every pair with the model (and the reference), measure drift, generate and judge."""
+    judge = build_judge_from_args(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
@@ -41,22 +59,100 @@ def run_eval(args) -> dict:
     model = load_for_scoring(args.model, dtype=dtype, device=device, tokenizer=tokenizer)
     layout = choose_layout(args.batch_layout, model)
     score = {"layout": layout, "batch_size": args.batch_size, "pad_token_id": tokenizer.pad_token_id, "device": device}
-    policy = score_pairs(SequenceScorer(model), pairs, desc="scoring policy", **score)
+    policy_scorer = SequenceScorer(model)
+    policy = score_pairs(policy_scorer, pairs, desc="scoring policy", **score)
 
-    reference = None
+    # The reference: --ref_model, or the base model of a LoRA adapter (the adapter switched off).
+    reference_model, reference_context = None, contextlib.nullcontext
     if args.ref_model:
-        ref_model = load_for_scoring(args.ref_model, dtype=dtype, device=device, tokenizer=tokenizer)
-        reference = cached_reference_logps(ref_model, SequenceScorer(ref_model), pairs, score)
+        reference_model = load_for_scoring(args.ref_model, dtype=dtype, device=device, tokenizer=tokenizer)
     elif isinstance(model, PeftModel):
         log.info("reference: the adapter's base model (adapters disabled)")
-        with model.disable_adapter():
-            reference = cached_reference_logps(model, SequenceScorer(model), pairs, score)
+        reference_model, reference_context = model, model.disable_adapter
+    reference_view = None
+    reference = None
+    if reference_model is not None:
+        reference_view = ScoringModel(SequenceScorer(reference_model), reference_context)
+        with reference_context():
+            reference = cached_reference_logps(reference_model, reference_view.scorer, pairs, score)
 
     summary = preference_summary(policy, reference, beta=args.beta)
-    output_dir = Path(args.output_dir)
+    policy_view = ScoringModel(policy_scorer)
+    drift = {"layout": layout, "pad_token_id": tokenizer.pad_token_id, "device": device}
+    summary.update(answer_statistics(policy_view, reference_view, pairs, name="chosen", **drift))
+
+    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if args.generate:
+        shown = pairs[: args.generate]
+        prompts = [p.prompt_ids for p in shown]
+        sampling = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
+                    "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
+                    "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "device": device}
+        policy_answers = generate_answers(model, prompts, desc="generating (policy)", **sampling)
+        reference_answers = None
+        if reference_model is not None:
+            reference_answers = generate_answers(reference_model, prompts, context=reference_context,
+                                                 desc="generating (reference)", **sampling)
+            generated = [TokenizedPair(p.index, p.prompt_ids, a, None) for p, a in zip(shown, policy_answers,
+                                                                                     strict=True) if a]
+            summary.update(answer_statistics(policy_view, reference_view, generated, name="generated", **drift))
+        rows = generation_rows(shown, read, tokenizer, policy_answers, reference_answers)
+        summary["generation/policy_mean_tokens"] = sum(r["policy_tokens"] for r in rows) / len(rows)
+        if reference_answers is not None:
+            summary["generation/reference_mean_tokens"] = sum(r["reference_tokens"] for r in rows) / len(rows)
+        if judge is not None:
+            summary.update(judge_generations(judge, rows))
+        with (output_dir / "generations.jsonl").open("w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+
     (output_dir / "eval.json").write_text(json.dumps(summary, indent=2))
     write_pair_rows(output_dir / "eval_pairs.jsonl", pairs, policy, reference)
     print(f"{args.model} on {args.dataset} ({summary['pairs']} pairs):\n{format_summary_table(summary)}")
-    print(f"wrote {output_dir / 'eval.json'} and {output_dir / 'eval_pairs.jsonl'}")
+    print(f"wrote {output_dir}/eval.json, eval_pairs.jsonl" + (", generations.jsonl" if args.generate else ""))
     return summary
+
+
+def generation_rows(pairs, read, tokenizer, policy_answers, reference_answers) -> list[dict]:
+    """One row per prompt: the prompt as the dataset gave it, and both answers as text with their lengths."""
+    prompts = {pair.index: pair.prompt for pair in read.pairs}
+    rows = []
+    for i, pair in enumerate(pairs):
+        row = {
+            "index": pair.index,
+            "prompt": prompts[pair.index],
+            "policy": tokenizer.decode(policy_answers[i], skip_special_tokens=True).strip(),
+            "policy_tokens": len(policy_answers[i]),
+        }
+        if reference_answers is not None:
+            row["reference"] = tokenizer.decode(reference_answers[i], skip_special_tokens=True).strip()
+            row["reference_tokens"] = len(reference_answers[i])
+        rows.append(row)
+    return rows
+
+
+def build_judge_from_args(args):
+    """The judge asked for on the command line, or None; checked before any model is loaded."""
+    if not (args.judge or args.judge_url):
+        return None
+    if not args.generate:
+        raise UserError("a judge compares generated answers: add --generate N (e.g. --generate 32).")
+    from smolalign.judge import build_judge
+
+    return build_judge(
+        reward_model=args.judge, url=args.judge_url, model=args.judge_model, api_key_env=args.judge_api_key_env,
+        device=resolve_device(args.device),
+    )
+
+
+def judge_generations(judge, rows: list[dict]) -> dict:
+    """Verdicts of `judge` on each row (added to the rows) and the win rate of the policy."""
+    from smolalign.judge import win_rate_summary
+
+    if any("reference" not in row for row in rows):
+        raise UserError("a judge compares the policy with its reference: give --ref_model (or a LoRA adapter).")
+    verdicts = judge.judge([r["prompt"] for r in rows], [r["policy"] for r in rows], [r["reference"] for r in rows])
+    for row, verdict in zip(rows, verdicts, strict=True):
+        row["verdict"] = verdict.winner
+        row["policy_score"], row["reference_score"] = verdict.policy_score, verdict.reference_score
+    return win_rate_summary(verdicts, judge.name)

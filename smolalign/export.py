@@ -16,6 +16,7 @@ ALGORITHM_NAMES = {
     "orpo": "Odds Ratio Preference Optimization (Hong et al. 2024)",
     "simpo": "Simple Preference Optimization (Meng et al. 2024)",
     "sft": "supervised fine-tuning",
+    "reward": "a Bradley-Terry reward model (sequence classification, one output)",
 }
 
 
@@ -48,7 +49,8 @@ def model_card(config: TrainConfig, summary: dict[str, float], *, is_adapter: bo
         "",
         f"# {Path(config.output_dir).name}",
         "",
-        f"{base} aligned with {ALGORITHM_NAMES[config.algorithm]}{variant} by smolalign.",
+        f"{base} trained by smolalign as {ALGORITHM_NAMES[config.algorithm]}{variant}."
+        if config.algorithm == "reward" else f"{base} aligned with {ALGORITHM_NAMES[config.algorithm]}{variant} by smolalign.",
         "",
     ]
     if is_embedded(config.model):
@@ -78,6 +80,12 @@ def model_card(config: TrainConfig, summary: dict[str, float], *, is_adapter: bo
             "from transformers import AutoTokenizer",
             "",
             'model = AutoPeftModelForCausalLM.from_pretrained("path/to/final")  # base model named in adapter_config.json',
+        ]
+    elif config.algorithm == "reward":
+        lines += [
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+            "",
+            'model = AutoModelForSequenceClassification.from_pretrained("path/to/final")  # one reward per sequence',
         ]
     else:
         lines += [

@@ -71,7 +71,8 @@ class PairRunner:
         chunks = split_by_tokens(pairs, self.max_tokens_per_forward)
         policy_parts, reference_parts, tokens = [], [], 0
         for index, chunk in enumerate(chunks):
-            batch = build_batch(chunk, self.layout, pad_token_id=self.pad_token_id, score_prompt=score_prompt)
+            batch = build_batch(chunk, self.layout, pad_token_id=self.pad_token_id, score_prompt=score_prompt,
+                                score_ends=self.objective.reward_model)
             batch = batch.to(self.device)
             tokens += batch.num_tokens
             # The reference pass comes first, under no_grad and in the same layout: it keeps no activations.

@@ -102,14 +102,15 @@ def token_logprobs(
     return _ChunkedTokenLogprobs.apply(hidden, weight, bias, targets, chunk_size)
 
 
-def causal_lm_of(model: nn.Module) -> nn.Module:
-    """The transformers *ForCausalLM inside a PEFT wrapper (LoRA layers are injected in place)."""
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The transformers model (*ForCausalLM, *ForSequenceClassification) inside a PEFT wrapper; LoRA
+    layers are injected into it in place."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def supports_block_masks(model: nn.Module) -> bool:
     """Whether the model's attention takes the 4-D masks of the packed and prefix-shared layouts."""
-    return causal_lm_of(model).config._attn_implementation in ("sdpa", "eager")
+    return base_model_of(model).config._attn_implementation in ("sdpa", "eager")
 
 
 def choose_layout(requested: str, model: nn.Module) -> str:
@@ -117,7 +118,7 @@ def choose_layout(requested: str, model: nn.Module) -> str:
     if supports_block_masks(model):
         return "prefix_shared" if requested == "auto" else requested
     if requested != "padded":
-        implementation = causal_lm_of(model).config._attn_implementation
+        implementation = base_model_of(model).config._attn_implementation
         log.warning("attention '%s' cannot take the 4-D masks of %s; falling back to the padded layout",
                     implementation, requested)
     return "padded"
@@ -135,9 +136,33 @@ class SequenceScorer(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
-        config = causal_lm_of(model).config
+        config = base_model_of(model).config
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
             raise NotImplementedError("models with scaled or soft-capped logits are not supported yet")
+
+    def hidden_at(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        score_positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """Final hidden states at the scored positions ([scored tokens, hidden])."""
+        causal_lm = base_model_of(self.model)
+        backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+        if attention_mask.dim() == 4 and causal_lm.config._attn_implementation == "eager":
+            # eager attention adds the mask to the scores; SDPA takes the boolean mask as it is
+            dtype = self.head.weight.dtype
+            additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+            attention_mask = additive.masked_fill_(~attention_mask, torch.finfo(dtype).min)
+        hidden = backbone(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_positions)
+
+    @property
+    def head(self) -> nn.Module:
+        return base_model_of(self.model).get_output_embeddings()
 
     def forward(
         self,
@@ -147,23 +172,27 @@ class SequenceScorer(nn.Module):
         score_positions: torch.Tensor,
         score_targets: torch.Tensor,
     ) -> torch.Tensor:
-        causal_lm = causal_lm_of(self.model)
-        backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-        head = causal_lm.get_output_embeddings()
-        if attention_mask.dim() == 4 and causal_lm.config._attn_implementation == "eager":
-            # eager attention adds the mask to the scores; SDPA takes the boolean mask as it is
-            additive = torch.zeros(attention_mask.shape, dtype=head.weight.dtype, device=attention_mask.device)
-            attention_mask = additive.masked_fill_(~attention_mask, torch.finfo(head.weight.dtype).min)
-        hidden = backbone(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
-        scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_positions)
-        return token_logprobs(scored, head.weight, head.bias, score_targets, self.chunk_size)
+        scored = self.hidden_at(input_ids, position_ids, attention_mask, score_positions)
+        return token_logprobs(scored, self.head.weight, self.head.bias, score_targets, self.chunk_size)
+
+
+class RewardScorer(SequenceScorer):
+    """A sequence-classification reward model: the score head's value at each scored position, which the
+    batch puts on the last (non-padding) token of each answer, where transformers reads a sequence's score."""
+
+    @property
+    def head(self) -> nn.Module:
+        return base_model_of(self.model).score
+
+    def forward(self, input_ids, position_ids, attention_mask, score_positions, score_targets) -> torch.Tensor:
+        hidden = self.hidden_at(input_ids, position_ids, attention_mask, score_positions)
+        return self.head(hidden).squeeze(-1).float()
 
 
 @dataclass
 class PairLogps:
-    """Per-pair sums of token log-probs and token counts, each a [pairs] float32 tensor."""
+    """Per-pair sums of token log-probs and token counts, each a [pairs] float32 tensor. For a reward model
+    the sums are the rewards of the chosen and rejected sequences (one scored position each)."""
 
     chosen: torch.Tensor
     rejected: torch.Tensor

@@ -30,6 +30,7 @@ class LossSettings:
     rpo_alpha: float | None = None
     simpo_gamma: float = 0.5
     cpo_alpha: float = 0.0
+    center_rewards_coefficient: float | None = None
 
     @classmethod
     def from_config(cls, config) -> LossSettings:
@@ -217,6 +218,25 @@ def sft(policy: PairLogps, reference: PairLogps | None, settings: LossSettings, 
     return ObjectiveOutput(nll, {"nll_loss": nll.detach(), "logps/chosen": policy.chosen.detach().mean()})
 
 
+def reward(policy: PairLogps, reference: PairLogps | None, settings: LossSettings, totals: BatchTotals) -> ObjectiveOutput:
+    """Bradley-Terry reward model (Ouyang et al. 2022, arXiv 2203.02155, Eq. 1): -log sigmoid(r_w - r_l) on
+    the rewards of the chosen and rejected sequences, plus, with `center_rewards_coefficient`, the
+    centring penalty of Eisenstein et al. 2023 (arXiv 2312.09244), as TRL's RewardTrainer."""
+    chosen, rejected = policy.chosen, policy.rejected
+    loss = -F.logsigmoid(chosen - rejected).sum() / totals.pairs
+    if settings.center_rewards_coefficient:
+        loss = loss + settings.center_rewards_coefficient * ((chosen + rejected) ** 2).sum() / totals.pairs
+    rewards = torch.cat([chosen, rejected]).detach()
+    metrics = {
+        "accuracy": (chosen > rejected).float().mean().detach(),
+        "margin": (chosen - rejected).mean().detach(),
+        "min_reward": rewards.min(),
+        "mean_reward": rewards.mean(),
+        "max_reward": rewards.max(),
+    }
+    return ObjectiveOutput(loss, metrics)
+
+
 @dataclass(frozen=True)
 class Objective:
     name: str
@@ -224,6 +244,7 @@ class Objective:
     needs_reference: bool
     needs_rejected: bool = True
     needs_prompt_logps: bool = False
+    reward_model: bool = False  # trains a sequence-classification head: one reward per answer, not log-probs
 
     def compute(
         self, policy: PairLogps, reference: PairLogps | None, settings: LossSettings, totals: BatchTotals | None = None
@@ -237,4 +258,5 @@ OBJECTIVES = {
     "orpo": Objective("orpo", orpo, needs_reference=False, needs_prompt_logps=True),
     "simpo": Objective("simpo", simpo, needs_reference=False),
     "sft": Objective("sft", sft, needs_reference=False, needs_rejected=False),
+    "reward": Objective("reward", reward, needs_reference=False, reward_model=True),
 }

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from smolalign.data.sources import looks_like_path
 from smolalign.embedded import EMBEDDED_NAME, embedded_model_dir, embedded_tokenizer_dir, is_embedded
@@ -99,12 +105,24 @@ def _set_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str) -
 
 
 def load_causal_lm(
-    name: str | None, *, dtype: torch.dtype, device: torch.device, tokenizer: PreTrainedTokenizerBase | None = None
+    name: str | None,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    reward_head: bool = False,
 ) -> PreTrainedModel:
-    """A causal LM in `dtype` on `device`, dropout off (as TRL), vocabulary grown to the tokenizer's."""
+    """A causal LM in `dtype` on `device`, dropout off (as TRL), vocabulary grown to the tokenizer's.
+
+    With `reward_head`, the same backbone with a one-output sequence-classification head (a new, randomly
+    initialised head for a causal LM checkpoint), the format TRL's RewardTrainer saves and loads.
+    """
     source = model_source(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        if reward_head:
+            model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype, num_labels=1)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except Exception as error:
         if Path(source).is_dir():
             raise UserError(f"cannot load a causal language model from '{name}': {str(error).splitlines()[0]}") from None
@@ -112,7 +130,8 @@ def load_causal_lm(
     if tokenizer is not None:
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
-        for config in (model.config, model.generation_config):
+        configs = [model.config] + ([model.generation_config] if model.can_generate() else [])
+        for config in configs:
             config.pad_token_id = tokenizer.pad_token_id
             config.eos_token_id = tokenizer.eos_token_id
     _disable_dropout(model)
@@ -159,9 +178,11 @@ def load_frozen(name: str, *, dtype, device, tokenizer) -> PreTrainedModel:
 
 
 def add_lora(model: PreTrainedModel, settings) -> torch.nn.Module:
-    """Wrap with PEFT LoRA adapters; the output head is never adapted (log-probs read its weight)."""
+    """Wrap with PEFT LoRA adapters. A language model's output head is never adapted (log-probs read its
+    weight); a reward model's new score head is trained in full (PEFT's SEQ_CLS task saves it too)."""
+    reward_head = "ForSequenceClassification" in type(model).__name__
     config = LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if reward_head else "CAUSAL_LM",
         r=settings.r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,

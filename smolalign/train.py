@@ -24,7 +24,7 @@ from smolalign.data.prepare import prepare_data
 from smolalign.evaluate import evaluate_objective
 from smolalign.export import save_final_model
 from smolalign.forward import PairRunner
-from smolalign.logprobs import SequenceScorer, causal_lm_of, choose_layout
+from smolalign.logprobs import RewardScorer, SequenceScorer, base_model_of, choose_layout
 from smolalign.losses import OBJECTIVES, LossSettings
 from smolalign.metrics import MetricsFile, MetricWindow, last_values, read_metrics
 from smolalign.models import (
@@ -59,11 +59,12 @@ def train(config: TrainConfig) -> Path:
     # adapters disabled; for full fine-tuning its log-probs are computed once before the first step, so
     # no second copy of the model is held (precompute_ref_log_probs: false keeps a frozen copy instead).
     dtype = resolve_dtype(config.dtype, accelerator.device)
-    policy = load_causal_lm(config.model, dtype=dtype, device=accelerator.device, tokenizer=tokenizer)
+    policy = load_causal_lm(config.model, dtype=dtype, device=accelerator.device, tokenizer=tokenizer,
+                            reward_head=objective.reward_model)
     if config.lora is not None:
         policy = add_lora(policy, config.lora)
     if config.gradient_checkpointing:
-        causal_lm_of(policy).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base_model_of(policy).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layout = choose_layout(config.batch_layout, policy)
     max_tokens = config.max_tokens_per_forward or (16384 if accelerator.device.type == "cuda" else 256)
     trainable, total = count_parameters(policy)
@@ -71,7 +72,7 @@ def train(config: TrainConfig) -> Path:
              config.algorithm, accelerator.device, str(dtype).removeprefix("torch."), trainable, total, layout,
              len(data.train))
 
-    scorer = SequenceScorer(policy, config.logprob_chunk_size)
+    scorer = (RewardScorer if objective.reward_model else SequenceScorer)(policy, config.logprob_chunk_size)
     plan = StepPlan(
         num_pairs=len(data.train),
         batch_size=config.per_device_train_batch_size * accelerator.num_processes,

@@ -47,6 +47,7 @@ TRL_ONLY = {
 COMPARED = (
     "loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
     "rewards/margins", "logps/chosen", "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen",
+    "accuracy", "margin", "min_reward", "mean_reward", "max_reward",
 )
 
 
@@ -90,11 +91,13 @@ def trl_log(trainer) -> list[dict]:
     return [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
-def assert_same_numbers(ours: list[dict], theirs: list[dict]) -> None:
+def assert_same_numbers(
+    ours: list[dict], theirs: list[dict], required: tuple[str, ...] = ("loss", "rewards/accuracies", "logps/chosen")
+) -> None:
     assert [r["step"] for r in ours] == [t["step"] for t in theirs] == list(range(1, STEPS + 1))
     first, trl_first = ours[0], theirs[0]
     compared = [key for key in COMPARED if key in trl_first]
-    assert {"loss", "rewards/accuracies", "logps/chosen"} <= set(compared)
+    assert set(required) <= set(compared)
     for key in compared:
         assert math.isclose(first[key], trl_first[key], rel_tol=1e-4, abs_tol=1e-4), (key, first[key], trl_first[key])
     assert first["learning_rate"] == 0.0 and ours[1]["learning_rate"] == LEARNING_RATE
@@ -187,3 +190,18 @@ def test_simpo_matches_trl_cpo_trainer(tmp_path, tiny_model, bos_eos_string_pair
         processing_class=AutoTokenizer.from_pretrained(policy),
     )
     assert_same_numbers(ours, trl_log(trainer))
+
+
+def test_reward_model_matches_trl_reward_trainer(tmp_path, tiny_model, conversational_pairs):
+    from trl import RewardConfig, RewardTrainer
+
+    policy = tiny_model(0)
+    ours = run_smolalign(tmp_path, conversational_pairs, model=str(policy), algorithm="reward")
+    args = RewardConfig(output_dir=str(tmp_path / "trl"), **SCHEDULE, **TRL_ONLY)
+    trainer = RewardTrainer(
+        model=str(policy),  # TRL loads it with a fresh one-output head after seeding, as smolalign does
+        args=args,
+        train_dataset=Dataset.from_list(conversational_pairs),
+        processing_class=AutoTokenizer.from_pretrained(policy),
+    )
+    assert_same_numbers(ours, trl_log(trainer), required=("loss", "accuracy", "margin", "mean_reward"))

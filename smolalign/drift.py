@@ -1,0 +1,131 @@
+"""How far the policy moved from its reference: KL and perplexity on answers, and generated answers.
+
+The KL is exact per token: at every answer position, the sum over the whole vocabulary of
+p(v) (log p(v) - log q(v)) for the policy p and the reference q, computed in chunks of positions so
+the full logits are never held. Averaged per token and summed per answer. On given answers (the
+chosen answers of held-out pairs) it measures drift where the data is; on answers sampled from the
+policy it is the per-token estimate of KL(policy || reference) along the policy's own outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from smolalign.batching import CHOSEN, PARTS_PER_PAIR, build_batch, split_by_tokens
+from smolalign.data.tokenize import TokenizedPair
+from smolalign.logprobs import SequenceScorer, token_logprobs
+
+CHUNK = 256
+
+
+@dataclass
+class ScoringModel:
+    """A scorer and the context that puts its model in the wanted state (e.g. adapters disabled)."""
+
+    scorer: SequenceScorer
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def token_kl(policy_hidden, policy_head, reference_hidden, reference_head, chunk: int = CHUNK) -> torch.Tensor:
+    """KL(policy || reference) of the next-token distributions at each position ([tokens])."""
+    parts = []
+    for start in range(0, policy_hidden.shape[0], chunk):
+        end = start + chunk
+        log_p = _log_softmax(policy_hidden[start:end], policy_head)
+        log_q = _log_softmax(reference_hidden[start:end], reference_head)
+        parts.append((log_p.exp() * (log_p - log_q)).sum(-1))
+    return torch.cat(parts) if parts else policy_hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _log_softmax(hidden: torch.Tensor, head) -> torch.Tensor:
+    logits = (hidden @ head.weight.t()).float()
+    if head.bias is not None:
+        logits = logits + head.bias.float()
+    return logits.log_softmax(-1)
+
+
+@torch.no_grad()
+def answer_statistics(
+    policy: ScoringModel,
+    reference: ScoringModel | None,
+    answers: list[TokenizedPair],
+    *,
+    name: str,
+    layout: str,
+    pad_token_id: int,
+    device: torch.device,
+    max_tokens: int = 1024,
+) -> dict[str, float]:
+    """Perplexity of `answers` (their chosen side) under the policy and the reference, and the KL."""
+    answers = [TokenizedPair(p.index, p.prompt_ids, p.chosen_ids, None) for p in answers]
+    logp_sum = ref_logp_sum = kl_sum = 0.0
+    tokens = 0
+    kl_per_answer = []
+    for chunk in tqdm(split_by_tokens(answers, max_tokens), desc=f"drift on {name} answers", unit="chunk"):
+        batch = build_batch(chunk, layout, pad_token_id=pad_token_id).to(device)
+        inputs = (batch.input_ids, batch.position_ids, batch.attention_mask, batch.score_positions)
+        with policy.context():
+            hidden = policy.scorer.hidden_at(*inputs)
+        head = policy.scorer.head
+        logp_sum += token_logprobs(hidden, head.weight, head.bias, batch.score_targets, CHUNK).sum().item()
+        tokens += len(batch.score_targets)
+        if reference is not None:
+            with reference.context():
+                reference_hidden = reference.scorer.hidden_at(*inputs)
+                reference_head = reference.scorer.head
+                ref_logp_sum += token_logprobs(
+                    reference_hidden, reference_head.weight, reference_head.bias, batch.score_targets, CHUNK
+                ).sum().item()
+                kl = token_kl(hidden, head, reference_hidden, reference_head)
+            kl_sum += kl.sum().item()
+            pair_slot = batch.score_owners // PARTS_PER_PAIR
+            assert bool((batch.score_owners % PARTS_PER_PAIR == CHOSEN).all())
+            kl_per_answer += kl.new_zeros(len(chunk)).index_add(0, pair_slot, kl).tolist()
+    stats = {f"perplexity/{name}": float(torch.tensor(-logp_sum / tokens).exp())}
+    if reference is not None:
+        stats[f"ref_perplexity/{name}"] = float(torch.tensor(-ref_logp_sum / tokens).exp())
+        stats[f"kl/{name}_per_token"] = kl_sum / tokens
+        stats[f"kl/{name}_per_answer"] = sum(kl_per_answer) / len(kl_per_answer)
+    return stats
+
+
+@torch.no_grad()
+def generate_answers(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    *,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    device: torch.device,
+    desc: str,
+) -> list[list[int]]:
+    """The model's answer ids to each prompt (prompt ids already end with the generation prompt)."""
+    answers = []
+    for index, prompt in enumerate(tqdm(prompts, desc=desc, unit="prompt")):
+        torch.manual_seed(seed + index)  # the same draws whichever model and however many prompts
+        input_ids = torch.tensor([prompt], device=device)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {
+            "do_sample": False
+        }
+        with context():
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                **sampling,
+            )
+        answers.append(output[0, len(prompt):].tolist())
+    return answers
