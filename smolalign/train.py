@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import is_tensorboard_available, is_wandb_available, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -21,6 +21,7 @@ from smolalign.batching import block_tokens
 from smolalign.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from smolalign.config import TrainConfig, save_config
 from smolalign.data.prepare import prepare_data
+from smolalign.errors import UserError
 from smolalign.evaluate import evaluate_objective
 from smolalign.export import save_final_model
 from smolalign.forward import PairRunner
@@ -48,6 +49,7 @@ def train(config: TrainConfig) -> Path:
     objective = OBJECTIVES[config.algorithm]
     settings = LossSettings.from_config(config)
     device = resolve_device(config.device)
+    require_trackers(config.report_to)
     accelerator = Accelerator(cpu=device.type == "cpu", log_with=config.report_to or None, project_dir=str(output_dir))
     set_seed(config.seed)  # before LoRA: PEFT initialises the adapters randomly
 
@@ -197,6 +199,14 @@ def train(config: TrainConfig) -> Path:
         log.info("report: %s", report)
     accelerator.end_training()
     return final
+
+
+def require_trackers(names: list[str]) -> None:
+    """Accelerate skips a tracker whose package is missing with only a warning; here it is an error."""
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    for name in names:
+        if not available[name]():
+            raise UserError(f"report_to {name} needs the {name} package: pip install {name} (or smolalign[tracking]).")
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

@@ -46,6 +46,7 @@ CASES = {
     "hub id without network": (lambda t, m, d: train_args(t, "someone/not-a-model", d), "embedded"),
     "missing config file": (lambda t, m, d: ["train", "--config", str(t / "none.yaml")], "does not exist"),
     "no gpu": (lambda t, m, d: train_args(t, m, d, "--device", "cuda"), "no CUDA GPU"),
+    "tracker not installed": (lambda t, m, d: train_args(t, m, d, "--report_to", "wandb"), "pip install wandb"),
 }
 
 

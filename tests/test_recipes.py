@@ -15,7 +15,7 @@ RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("**/*
 
 def test_the_documented_recipes_exist():
     names = {path.name for path in RECIPES}
-    assert {"demo.yaml", "dpo-smollm2.yaml", "orpo-smollm2.yaml", "dpo-hh-rlhf.yaml", "sft-smoltalk.yaml"} <= names
+    assert {"demo.yaml", "demo-orpo.yaml", "dpo-smollm2.yaml", "orpo-smollm2.yaml", "dpo-hh-rlhf.yaml", "sft-smoltalk.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])

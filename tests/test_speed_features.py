@@ -22,7 +22,7 @@ from smolalign.config import load_config
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
 from smolalign.forward import PairRunner
-from smolalign.logprobs import SequenceScorer, causal_lm_of, choose_layout
+from smolalign.logprobs import SequenceScorer, base_model_of, choose_layout
 from smolalign.losses import OBJECTIVES, LossSettings
 from smolalign.reference import model_reference
 from smolalign.steps import StepPlan
@@ -66,7 +66,7 @@ def test_gradient_checkpointing_changes_no_number(tiny_model, tokenizer, pairs):
     model = AutoModelForCausalLM.from_pretrained(tiny_model(0))
     reference = AutoModelForCausalLM.from_pretrained(tiny_model(1))
     plain, plain_grads = run_once(model, reference, pairs, "dpo", 10**6, tokenizer.pad_token_id)
-    causal_lm_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base_model_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     checkpointed, checkpointed_grads = run_once(model, reference, pairs, "dpo", 10**6, tokenizer.pad_token_id)
     assert torch.allclose(checkpointed.output.loss, plain.output.loss, atol=1e-6)

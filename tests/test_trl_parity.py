@@ -86,7 +86,16 @@ def run_smolalign(tmp_path, data_rows, **settings) -> list[dict]:
     return [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
 
 
-def trl_log(trainer) -> list[dict]:
+def run_trl(tmp_path, trainer_class, config_class, data_rows, policy, reference=None, **settings) -> list[dict]:
+    """Train with a TRL trainer on the same rows and schedule; returns its logged training steps."""
+    extra = {"ref_model": AutoModelForCausalLM.from_pretrained(reference)} if reference else {}
+    trainer = trainer_class(
+        model=AutoModelForCausalLM.from_pretrained(policy),
+        args=config_class(output_dir=str(tmp_path / "trl"), **settings, **SCHEDULE, **TRL_ONLY),
+        train_dataset=Dataset.from_list(data_rows),
+        processing_class=AutoTokenizer.from_pretrained(policy),
+        **extra,
+    )
     trainer.train()
     return [entry for entry in trainer.state.log_history if "loss" in entry]
 
@@ -124,18 +133,10 @@ def test_dpo_loss_types_match_trl(tmp_path, tiny_model, conversational_pairs, lo
     from trl import DPOConfig, DPOTrainer
 
     policy, reference = tiny_model(0), tiny_model(1)
-    ours = run_smolalign(
-        tmp_path, conversational_pairs, model=str(policy), ref_model=str(reference), beta=0.5, loss_type=loss_type, **extra
-    )
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.5, loss_type=loss_type, **SCHEDULE, **TRL_ONLY, **extra)
-    trainer = DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(policy),
-        ref_model=AutoModelForCausalLM.from_pretrained(reference),
-        args=args,
-        train_dataset=Dataset.from_list(conversational_pairs),
-        processing_class=AutoTokenizer.from_pretrained(policy),
-    )
-    assert_same_numbers(ours, trl_log(trainer))
+    settings = {"beta": 0.5, "loss_type": loss_type, **extra}
+    ours = run_smolalign(tmp_path, conversational_pairs, model=str(policy), ref_model=str(reference), **settings)
+    theirs = run_trl(tmp_path, DPOTrainer, DPOConfig, conversational_pairs, policy, reference, **settings)
+    assert_same_numbers(ours, theirs)
 
 
 def test_rpo_alpha_matches_trl_sigmoid_plus_sft(tmp_path, tiny_model, conversational_pairs):
@@ -143,17 +144,9 @@ def test_rpo_alpha_matches_trl_sigmoid_plus_sft(tmp_path, tiny_model, conversati
 
     policy, reference = tiny_model(0), tiny_model(1)
     ours = run_smolalign(tmp_path, conversational_pairs, model=str(policy), ref_model=str(reference), rpo_alpha=0.5)
-    args = DPOConfig(
-        output_dir=str(tmp_path / "trl"), loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], **SCHEDULE, **TRL_ONLY
-    )
-    trainer = DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(policy),
-        ref_model=AutoModelForCausalLM.from_pretrained(reference),
-        args=args,
-        train_dataset=Dataset.from_list(conversational_pairs),
-        processing_class=AutoTokenizer.from_pretrained(policy),
-    )
-    assert_same_numbers(ours, trl_log(trainer))
+    theirs = run_trl(tmp_path, DPOTrainer, DPOConfig, conversational_pairs, policy, reference,
+                     loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    assert_same_numbers(ours, theirs)
 
 
 def test_orpo_matches_trl(tmp_path, tiny_model, bos_eos_string_pairs):
@@ -161,14 +154,8 @@ def test_orpo_matches_trl(tmp_path, tiny_model, bos_eos_string_pairs):
 
     policy = tiny_model(0)
     ours = run_smolalign(tmp_path, bos_eos_string_pairs, model=str(policy), algorithm="orpo", beta=0.25)
-    args = ORPOConfig(output_dir=str(tmp_path / "trl"), beta=0.25, **SCHEDULE, **TRL_ONLY)
-    trainer = ORPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(policy),
-        args=args,
-        train_dataset=Dataset.from_list(bos_eos_string_pairs),
-        processing_class=AutoTokenizer.from_pretrained(policy),
-    )
-    assert_same_numbers(ours, trl_log(trainer))
+    theirs = run_trl(tmp_path, ORPOTrainer, ORPOConfig, bos_eos_string_pairs, policy, beta=0.25)
+    assert_same_numbers(ours, theirs)
 
 
 @pytest.mark.parametrize("cpo_alpha", [0.0, 1.0], ids=["simpo", "cpo-simpo"])
@@ -176,20 +163,10 @@ def test_simpo_matches_trl_cpo_trainer(tmp_path, tiny_model, bos_eos_string_pair
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     policy = tiny_model(0)
-    settings = {"beta": 2.0, "simpo_gamma": 0.8, "label_smoothing": 0.1}
-    ours = run_smolalign(
-        tmp_path, bos_eos_string_pairs, model=str(policy), algorithm="simpo", cpo_alpha=cpo_alpha, **settings
-    )
-    args = CPOConfig(
-        output_dir=str(tmp_path / "trl"), loss_type="simpo", cpo_alpha=cpo_alpha, **settings, **SCHEDULE, **TRL_ONLY
-    )
-    trainer = CPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(policy),
-        args=args,
-        train_dataset=Dataset.from_list(bos_eos_string_pairs),
-        processing_class=AutoTokenizer.from_pretrained(policy),
-    )
-    assert_same_numbers(ours, trl_log(trainer))
+    settings = {"beta": 2.0, "simpo_gamma": 0.8, "label_smoothing": 0.1, "cpo_alpha": cpo_alpha}
+    ours = run_smolalign(tmp_path, bos_eos_string_pairs, model=str(policy), algorithm="simpo", **settings)
+    theirs = run_trl(tmp_path, CPOTrainer, CPOConfig, bos_eos_string_pairs, policy, loss_type="simpo", **settings)
+    assert_same_numbers(ours, theirs)
 
 
 def test_reward_model_matches_trl_reward_trainer(tmp_path, tiny_model, conversational_pairs):
@@ -197,11 +174,12 @@ def test_reward_model_matches_trl_reward_trainer(tmp_path, tiny_model, conversat
 
     policy = tiny_model(0)
     ours = run_smolalign(tmp_path, conversational_pairs, model=str(policy), algorithm="reward")
-    args = RewardConfig(output_dir=str(tmp_path / "trl"), **SCHEDULE, **TRL_ONLY)
     trainer = RewardTrainer(
         model=str(policy),  # TRL loads it with a fresh one-output head after seeding, as smolalign does
-        args=args,
+        args=RewardConfig(output_dir=str(tmp_path / "trl"), **SCHEDULE, **TRL_ONLY),
         train_dataset=Dataset.from_list(conversational_pairs),
         processing_class=AutoTokenizer.from_pretrained(policy),
     )
-    assert_same_numbers(ours, trl_log(trainer), required=("loss", "accuracy", "margin", "mean_reward"))
+    trainer.train()
+    theirs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert_same_numbers(ours, theirs, required=("loss", "accuracy", "margin", "mean_reward"))

@@ -1,0 +1,141 @@
+"""Drift from the reference (KL, perplexity), generations side by side, reference-free summaries, sweeps."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import read_jsonl, write_jsonl
+from transformers import AutoModelForCausalLM
+
+from smolalign.cli import main
+from smolalign.data.formats import to_pair
+from smolalign.data.tokenize import tokenize_pairs
+from smolalign.drift import ScoringModel, answer_statistics
+from smolalign.logprobs import SequenceScorer
+
+
+@pytest.fixture(scope="module")
+def rows(hh_rows):
+    return hh_rows[60:66]
+
+
+def full_logits_statistics(policy, reference, pairs):
+    """KL and perplexity on the chosen answers from whole logits, position by position."""
+    logp_sum = ref_logp_sum = kl_sum = 0.0
+    tokens, per_answer = 0, []
+    for pair in pairs:
+        ids = torch.tensor([pair.prompt_ids + pair.chosen_ids])
+        with torch.no_grad():
+            log_p = policy(ids).logits[0, :-1].float().log_softmax(-1)
+            log_q = reference(ids).logits[0, :-1].float().log_softmax(-1)
+        answer = range(len(pair.prompt_ids) - 1, ids.shape[1] - 1)
+        targets = ids[0, 1:]
+        answer_kl = 0.0
+        for t in answer:
+            logp_sum += log_p[t, targets[t]].item()
+            ref_logp_sum += log_q[t, targets[t]].item()
+            answer_kl += sum(math.exp(a) * (a - b) for a, b in zip(log_p[t].tolist(), log_q[t].tolist(), strict=True))
+            tokens += 1
+        kl_sum += answer_kl
+        per_answer.append(answer_kl)
+    return {
+        "perplexity/chosen": math.exp(-logp_sum / tokens),
+        "ref_perplexity/chosen": math.exp(-ref_logp_sum / tokens),
+        "kl/chosen_per_token": kl_sum / tokens,
+        "kl/chosen_per_answer": sum(per_answer) / len(per_answer),
+    }
+
+
+def test_kl_and_perplexity_match_a_full_logits_computation(tiny_model, tokenizer, rows):
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model(0))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model(1))
+    pairs = tokenize_pairs([to_pair(r, i, "hh_rlhf") for i, r in enumerate(rows)], tokenizer)
+    ours = answer_statistics(ScoringModel(SequenceScorer(policy)), ScoringModel(SequenceScorer(reference)), pairs,
+                             name="chosen", layout="prefix_shared", pad_token_id=tokenizer.pad_token_id,
+                             device=torch.device("cpu"), max_tokens=300)
+    expected = full_logits_statistics(policy, reference, pairs)
+    assert ours.keys() == expected.keys()
+    for key, value in expected.items():
+        assert ours[key] == pytest.approx(value, rel=1e-4), key
+    same = answer_statistics(ScoringModel(SequenceScorer(policy)), ScoringModel(SequenceScorer(policy)), pairs,
+                             name="chosen", layout="padded", pad_token_id=tokenizer.pad_token_id,
+                             device=torch.device("cpu"))
+    assert same["kl/chosen_per_token"] == pytest.approx(0.0, abs=1e-6)  # a model does not drift from itself
+
+
+def test_eval_generates_side_by_side_and_measures_drift(tmp_path, tiny_model, tokenizer, rows):
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "eval"
+    main(["eval", "--model", str(tiny_model(0)), "--ref_model", str(tiny_model(1)), "--dataset", str(data),
+          "--output_dir", str(out), "--generate", "2", "--max_new_tokens", "6"])
+    summary = json.loads((out / "eval.json").read_text())
+    for key in ("perplexity/chosen", "kl/chosen_per_token", "kl/generated_per_token", "perplexity/generated",
+                "generation/policy_mean_tokens", "generation/reference_mean_tokens"):
+        assert key in summary, key
+    generations = read_jsonl(out / "generations.jsonl")
+    assert [g["index"] for g in generations] == [0, 1]
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model(0))
+    pairs = tokenize_pairs([to_pair(r, i, "hh_rlhf") for i, r in enumerate(rows[:2])], tokenizer)
+    for row, pair in zip(generations, pairs, strict=True):
+        assert row["prompt"][-1]["role"] == "user"  # the prompt as the dataset gave it
+        ids = torch.tensor([pair.prompt_ids])
+        greedy = policy.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
+        assert row["policy_tokens"] == len(greedy)
+        assert row["policy"] == tokenizer.decode(greedy, skip_special_tokens=True).strip()
+        assert row["reference_tokens"] > 0
+
+
+def test_reference_free_eval_uses_mean_log_probs(tmp_path, tiny_model, rows):
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    main(["eval", "--model", str(tiny_model(0)), "--dataset", str(data), "--output_dir", str(tmp_path / "e"),
+          "--beta", "2"])
+    summary = json.loads((tmp_path / "e" / "eval.json").read_text())
+    pairs = read_jsonl(tmp_path / "e" / "eval_pairs.jsonl")
+    margins = [2 * (p["logps_chosen"] / p["n_tokens_chosen"] - p["logps_rejected"] / p["n_tokens_rejected"])
+               for p in pairs]
+    assert summary["rewards/margins"] == pytest.approx(sum(margins) / len(margins), abs=1e-5)
+    assert summary["rewards/accuracies"] == pytest.approx(sum(m > 0 for m in margins) / len(margins))
+    assert "kl/chosen_per_token" not in summary and "perplexity/chosen" in summary  # no reference: no KL
+
+
+def test_a_judge_needs_generations(tmp_path, tiny_model, rows, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", str(tiny_model(0)), "--dataset", str(data), "--judge", str(tiny_model(1))])
+    assert exit_info.value.code == 2
+    assert "--generate" in capsys.readouterr().err
+
+
+def test_sweep_trains_the_grid_skips_finished_runs_and_compares(tmp_path, tiny_model, hh_rows, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", hh_rows[:12])
+    root = tmp_path / "sweep"
+    args = ["sweep", "--grid", "beta=0.1,0.5", "--model", str(tiny_model(0)), "--dataset", str(data),
+            "--max_steps", "2", "--per_device_train_batch_size", "4", "--output_dir", str(root), "--save_steps", "1"]
+    main(args)
+    runs = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "final").exists())
+    assert runs == ["beta=0.1", "beta=0.5"]
+    assert (root / "report.html").exists()
+    assert json.loads(json.dumps(read_jsonl(root / "beta=0.5" / "metrics.jsonl")))[0]["step"] == 1
+    first = (root / "beta=0.1" / "final" / "model.safetensors").stat().st_mtime_ns
+
+    # An interrupted point resumes from its checkpoint; finished points are left alone.
+    import shutil
+
+    shutil.rmtree(root / "beta=0.5" / "final")
+    capsys.readouterr()
+    main(args)
+    err = capsys.readouterr().err
+    assert "beta=0.1: finished earlier, skipped" in err and "beta=0.5: resuming" in err
+    assert (root / "beta=0.1" / "final" / "model.safetensors").stat().st_mtime_ns == first
+    assert (root / "beta=0.5" / "final").exists()
+
+
+def test_sweep_rejects_a_bad_grid_before_training(tmp_path, tiny_model, capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--grid", "beta=0.1,-1", "--model", str(tiny_model(0)), "--output_dir", str(tmp_path / "s")])
+    assert "'beta' must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
