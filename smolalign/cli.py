@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--judge", help="reward model (sequence classification; folder or Hub id) that judges answers")
     evaluate.add_argument("--judge_url", help="OpenAI-compatible chat endpoint that judges answers (…/v1)")
     evaluate.add_argument("--judge_model", help="model name to ask at --judge_url")
-    evaluate.add_argument("--judge_api_key_env", default="OPENAI_API_KEY", help="environment variable with the key")
+    evaluate.add_argument("--judge_api_key_env", default="SMOLALIGN_JUDGE_API_KEY",
+                          help="environment variable holding the endpoint's key (e.g. OPENAI_API_KEY); none = no key")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     evaluate.set_defaults(run=_run_eval)

@@ -22,7 +22,7 @@ from smolalign.drift import ScoringModel, answer_statistics, generate_answers
 from smolalign.errors import UserError
 from smolalign.evaluate import format_summary_table, preference_summary, score_pairs, write_pair_rows
 from smolalign.logprobs import PairLogps, SequenceScorer, choose_layout
-from smolalign.models import load_for_scoring, load_tokenizer, resolve_device, resolve_dtype
+from smolalign.models import load_for_scoring, load_tokenizer, model_source, resolve_device, resolve_dtype
 from smolalign.reference import ReferenceCache, pair_key, weights_key
 
 log = logging.getLogger("smolalign")
@@ -49,7 +49,7 @@ def cached_reference_logps(weights, scorer, pairs: list[TokenizedPair], score: d
 
 def run_eval(args) -> dict:
     """Score every pair with the model (and the reference), measure drift, generate and judge."""
-    judge = build_judge_from_args(args)
+    check_judge_args(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
@@ -101,13 +101,11 @@ def run_eval(args) -> dict:
         summary["generation/policy_mean_tokens"] = sum(r["policy_tokens"] for r in rows) / len(rows)
         if reference_answers is not None:
             summary["generation/reference_mean_tokens"] = sum(r["reference_tokens"] for r in rows) / len(rows)
-        if judge is not None:
-            summary.update(judge_generations(judge, rows))
-        with (output_dir / "generations.jsonl").open("w") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
-
-    (output_dir / "eval.json").write_text(json.dumps(summary, indent=2))
+    write_results(output_dir, summary, rows if args.generate else None)
     write_pair_rows(output_dir / "eval_pairs.jsonl", pairs, policy, reference)
+    if args.judge or args.judge_url:  # after the results are safe on disk: an endpoint may give up
+        summary.update(judge_generations(build_judge_from_args(args, device), rows))
+        write_results(output_dir, summary, rows)
     print(f"{args.model} on {args.dataset} ({summary['pairs']} pairs):\n{format_summary_table(summary)}")
     print(f"wrote {output_dir}/eval.json, eval_pairs.jsonl" + (", generations.jsonl" if args.generate else ""))
     return summary
@@ -131,26 +129,37 @@ def generation_rows(pairs, read, tokenizer, policy_answers, reference_answers) -
     return rows
 
 
-def build_judge_from_args(args):
-    """The judge asked for on the command line, or None; checked before any model is loaded."""
+def write_results(output_dir: Path, summary: dict, rows: list[dict] | None) -> None:
+    (output_dir / "eval.json").write_text(json.dumps(summary, indent=2))
+    if rows is not None:
+        with (output_dir / "generations.jsonl").open("w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def check_judge_args(args) -> None:
+    """A judge needs generations and a reference to compare with: checked before any work is done."""
     if not (args.judge or args.judge_url):
-        return None
+        return
+    from smolalign.judge import check_judge_options
+
+    check_judge_options(reward_model=args.judge, url=args.judge_url, model=args.judge_model)
     if not args.generate:
         raise UserError("a judge compares generated answers: add --generate N (e.g. --generate 32).")
+    if not args.ref_model and not (Path(model_source(args.model)) / "adapter_config.json").exists():
+        raise UserError("a judge compares the policy with its reference: give --ref_model (or a LoRA adapter).")
+
+
+def build_judge_from_args(args, device: torch.device):
     from smolalign.judge import build_judge
 
-    return build_judge(
-        reward_model=args.judge, url=args.judge_url, model=args.judge_model, api_key_env=args.judge_api_key_env,
-        device=resolve_device(args.device),
-    )
+    return build_judge(reward_model=args.judge, url=args.judge_url, model=args.judge_model,
+                       api_key_env=args.judge_api_key_env, device=device)
 
 
 def judge_generations(judge, rows: list[dict]) -> dict:
     """Verdicts of `judge` on each row (added to the rows) and the win rate of the policy."""
     from smolalign.judge import win_rate_summary
 
-    if any("reference" not in row for row in rows):
-        raise UserError("a judge compares the policy with its reference: give --ref_model (or a LoRA adapter).")
     verdicts = judge.judge([r["prompt"] for r in rows], [r["policy"] for r in rows], [r["reference"] for r in rows])
     for row, verdict in zip(rows, verdicts, strict=True):
         row["verdict"] = verdict.winner

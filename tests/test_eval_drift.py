@@ -139,3 +139,24 @@ def test_sweep_rejects_a_bad_grid_before_training(tmp_path, tiny_model, capsys):
         main(["sweep", "--grid", "beta=0.1,-1", "--model", str(tiny_model(0)), "--output_dir", str(tmp_path / "s")])
     assert "'beta' must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_trained_reward_model_judges_generations(tmp_path, tiny_model, rows):
+    """The fully local judge: `algorithm: reward` trains it, `smolalign eval --judge` uses it."""
+    from smolalign.config import load_config
+    from smolalign.train import train
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    judge = train(load_config(None, {"model": str(tiny_model(1)), "algorithm": "reward", "dataset": str(data),
+                                     "max_steps": 1, "output_dir": str(tmp_path / "rm")}))
+    out = tmp_path / "eval"
+    main(["eval", "--model", str(tiny_model(0)), "--ref_model", str(tiny_model(1)), "--dataset", str(data),
+          "--output_dir", str(out), "--generate", "3", "--max_new_tokens", "4", "--judge", str(judge)])
+    summary = json.loads((out / "eval.json").read_text())
+    generations = read_jsonl(out / "generations.jsonl")
+    assert summary["judge/n"] == 3 == len(generations)
+    wins = sum(g["verdict"] == "policy" for g in generations)
+    ties = sum(g["verdict"] == "tie" for g in generations)
+    assert summary["judge/win_rate"] == pytest.approx((wins + ties / 2) / 3)
+    assert summary["judge/ci_low"] <= summary["judge/win_rate"] <= summary["judge/ci_high"]
+    assert all((g["policy_score"] > g["reference_score"]) == (g["verdict"] == "policy") for g in generations)
