@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.smolalign-installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup browser demo test lint clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,15 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/smolalign train --config recipes/demo.yaml
 
-test: setup
+# The report test opens report.html in headless Chromium: Debian's packages, installed when missing
+# (apt needs root, as in CI; elsewhere that test is skipped).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else echo "chromium or chromedriver is missing and only root can install it: the report rendering test will be skipped"; fi
+
+test: setup browser
 	$(BIN)/ruff check smolalign tests
 	$(BIN)/python -m pytest -q
 

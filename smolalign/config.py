@@ -397,6 +397,17 @@ def validate(config: TrainConfig) -> None:
     require(config.cpo_alpha >= 0, "'cpo_alpha' must be >= 0.")
 
 
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys (`lora.r`): what trackers take, and how runs line up in reports."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def save_config(config: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 

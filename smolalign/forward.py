@@ -51,6 +51,7 @@ class PairRunner:
     pad_token_id: int
     device: torch.device
     max_tokens_per_forward: int
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # mixed precision
 
     def run(
         self,
@@ -76,15 +77,18 @@ class PairRunner:
             batch = batch.to(self.device)
             tokens += batch.num_tokens
             # The reference pass comes first, under no_grad and in the same layout: it keeps no activations.
-            reference = self.reference.logps(batch, chunk) if self.objective.needs_reference else None
+            with self.autocast():
+                reference = self.reference.logps(batch, chunk) if self.objective.needs_reference else None
             if backward is None:
-                with torch.no_grad():
+                with torch.no_grad(), self.autocast():
                     policy = score_batch(self.scorer, batch)
             else:
                 last = sync_after_last_chunk and index == len(chunks) - 1
                 with contextlib.nullcontext() if last else no_sync():
-                    policy = score_batch(self.scorer, batch)
-                    backward(self.objective.compute(policy, reference, self.settings, totals).loss * loss_scale)
+                    with self.autocast():
+                        policy = score_batch(self.scorer, batch)
+                        loss = self.objective.compute(policy, reference, self.settings, totals).loss * loss_scale
+                    backward(loss)
             policy_parts.append(policy.detach())
             reference_parts.append(reference)
         policy = concat_pair_logps(policy_parts)

@@ -28,6 +28,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     """log softmax(hidden @ weight.T + bias)[target] for each row of `hidden`, in float32 (or float64)."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")  # the backward runs in the forward's autocast state
     def forward(ctx, hidden, weight, bias, targets, chunk_size):
         dtype = _accumulation_dtype(hidden)
         tokens = hidden.shape[0]
@@ -49,6 +50,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_logprobs):
         hidden, weight, bias, targets, logsumexp = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]

@@ -37,8 +37,27 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def resolve_precision(requested: str, device: torch.device, *, lora: bool) -> tuple[torch.dtype, str]:
+    """Weights dtype and Accelerate mixed precision for training.
+
+    On a CPU: float32 (bf16 is emulated there). On a CUDA GPU with bf16 (dtype auto or bfloat16): float32
+    master weights under bf16 autocast, as TRL trains, since AdamW on bf16 weights loses small updates;
+    under LoRA the frozen base weights are stored in bf16 and only the adapters are float32.
+    """
+    if device.type != "cuda":
+        return resolve_dtype(requested, device), "no"
+    if requested == "float32" or (requested == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float32, "no"
+    if requested == "float16":
+        return torch.float32, "fp16"
+    if not torch.cuda.is_bf16_supported():
+        raise UserError("dtype bfloat16 was asked for but this GPU does not support it; use float16 or float32.")
+    return (torch.bfloat16 if lora else torch.float32), "bf16"
+
+
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """float32 on CPU (bf16 is emulated and slow there); bf16 on CUDA GPUs that support it."""
+    """Weights dtype for inference: float32 on CPU (bf16 is emulated and slow there); bf16 on CUDA GPUs
+    that support it."""
     if requested == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16

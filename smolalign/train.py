@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import is_tensorboard_available, is_wandb_available, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from smolalign.batching import block_tokens
 from smolalign.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from smolalign.config import TrainConfig, save_config
+from smolalign.config import TrainConfig, flatten, save_config
 from smolalign.data.prepare import prepare_data
 from smolalign.errors import UserError
 from smolalign.evaluate import evaluate_objective
@@ -34,7 +35,7 @@ from smolalign.models import (
     load_causal_lm,
     load_tokenizer,
     resolve_device,
-    resolve_dtype,
+    resolve_precision,
 )
 from smolalign.reference import precompute_reference, reference_source
 from smolalign.report import write_report
@@ -50,7 +51,12 @@ def train(config: TrainConfig) -> Path:
     settings = LossSettings.from_config(config)
     device = resolve_device(config.device)
     require_trackers(config.report_to)
-    accelerator = Accelerator(cpu=device.type == "cpu", log_with=config.report_to or None, project_dir=str(output_dir))
+    dtype, mixed_precision = resolve_precision(config.dtype, device, lora=config.lora is not None)
+    # Accelerate keeps one state per process: without a reset, a trainer made earlier in the same process
+    # (a notebook that ran TRL first) would impose its mixed precision on this run.
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision,
+                              log_with=config.report_to or None, project_dir=str(output_dir))
     set_seed(config.seed)  # before LoRA: PEFT initialises the adapters randomly
 
     # Data comes first, so that a bad file fails before any weights are loaded.
@@ -60,7 +66,6 @@ def train(config: TrainConfig) -> Path:
     # Models. The reference is the initial policy (or `ref_model`): under LoRA the policy with its
     # adapters disabled; for full fine-tuning its log-probs are computed once before the first step, so
     # no second copy of the model is held (precompute_ref_log_probs: false keeps a frozen copy instead).
-    dtype = resolve_dtype(config.dtype, accelerator.device)
     policy = load_causal_lm(config.model, dtype=dtype, device=accelerator.device, tokenizer=tokenizer,
                             reward_head=objective.reward_model)
     if config.lora is not None:
@@ -94,8 +99,10 @@ def train(config: TrainConfig) -> Path:
     if precompute:
         source, weights = reference_source(config, policy_scorer=scorer, precompute=True, **reference_args)
         needed = [data.train[i] for i in plan.pairs_used()] + data.eval
-        reference = precompute_reference(source, weights, needed, layout=layout, pad_token_id=tokenizer.pad_token_id,
-                                         device=accelerator.device, max_tokens_per_forward=max_tokens)
+        with accelerator.autocast():  # the precision the policy will train in
+            reference = precompute_reference(source, weights, needed, layout=layout,
+                                             pad_token_id=tokenizer.pad_token_id, device=accelerator.device,
+                                             max_tokens_per_forward=max_tokens)
         del source, weights  # a separate ref_model is no longer needed
 
     optimizer = build_optimizer(scorer, config)
@@ -109,7 +116,7 @@ def train(config: TrainConfig) -> Path:
     if objective.needs_reference and not precompute:
         reference, _ = reference_source(config, policy_scorer=scorer, precompute=False, **reference_args)
     runner = PairRunner(scorer, reference if objective.needs_reference else None, objective, settings, layout,
-                        tokenizer.pad_token_id, accelerator.device, max_tokens)
+                        tokenizer.pad_token_id, accelerator.device, max_tokens, autocast=accelerator.autocast)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = MetricsFile(output_dir / "metrics.jsonl")
@@ -123,7 +130,9 @@ def train(config: TrainConfig) -> Path:
         metrics_file.path.unlink(missing_ok=True)
     if accelerator.is_main_process:
         save_config(config, output_dir / "config.yaml")
-    accelerator.init_trackers("smolalign", config=_flat(config.to_dict()),
+    tracked = {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)  # lists become text
+               for k, v in flatten(config.to_dict()).items()}
+    accelerator.init_trackers("smolalign", config=tracked,
                               init_kwargs={"wandb": {"name": config.run_name or output_dir.name}})
 
     def evaluate() -> dict[str, float]:
@@ -198,6 +207,7 @@ def train(config: TrainConfig) -> Path:
         log.info("final model: %s", final)
         log.info("report: %s", report)
     accelerator.end_training()
+    AcceleratorState._reset_state()  # leave the process as we found it, for whatever trains next
     return final
 
 
@@ -221,13 +231,3 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
         fused=True,
     )
-
-
-def _flat(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
-    return flat

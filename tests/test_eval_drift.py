@@ -114,7 +114,8 @@ def test_sweep_trains_the_grid_skips_finished_runs_and_compares(tmp_path, tiny_m
     data = write_jsonl(tmp_path / "pairs.jsonl", hh_rows[:12])
     root = tmp_path / "sweep"
     args = ["sweep", "--grid", "beta=0.1,0.5", "--model", str(tiny_model(0)), "--dataset", str(data),
-            "--max_steps", "2", "--per_device_train_batch_size", "4", "--output_dir", str(root), "--save_steps", "1"]
+            "--max_steps", "2", "--per_device_train_batch_size", "4", "--output_dir", str(root), "--save_steps", "1",
+            "--logging_steps", "1"]
     main(args)
     runs = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "final").exists())
     assert runs == ["beta=0.1", "beta=0.5"]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import smolalign.logprobs
 from smolalign.batching import LAYOUTS, build_batch
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import TokenizedPair, fit_to_length, tokenize_pairs
-from smolalign.logprobs import SequenceScorer, score_batch, token_logprobs
+from smolalign.logprobs import RewardScorer, SequenceScorer, score_batch, token_logprobs
 from smolalign.losses import OBJECTIVES, LossSettings
 from smolalign.models import add_lora
 from smolalign.reference import adapter_disabled_reference, model_reference
@@ -20,6 +20,7 @@ SETTINGS = {
     "orpo": LossSettings(beta=0.5),
     "simpo": LossSettings(beta=2.0, simpo_gamma=0.5, cpo_alpha=0.3, label_smoothing=0.1),
     "sft": LossSettings(),
+    "reward": LossSettings(center_rewards_coefficient=0.01),
 }
 
 
@@ -36,12 +37,13 @@ def awkward_pairs(hh_rows, tokenizer):
 
 def run_objective(model, reference_model, pairs, layout, algorithm, pad_token_id):
     objective = OBJECTIVES[algorithm]
-    scorer = SequenceScorer(model, chunk_size=16)
+    scorer = (RewardScorer if objective.reward_model else SequenceScorer)(model, chunk_size=16)
     if objective.needs_rejected:
         batch_pairs = pairs
     else:
         batch_pairs = [TokenizedPair(p.index, p.prompt_ids, p.chosen_ids, None) for p in pairs]
-    batch = build_batch(batch_pairs, layout, pad_token_id=pad_token_id, score_prompt=objective.needs_prompt_logps)
+    batch = build_batch(batch_pairs, layout, pad_token_id=pad_token_id, score_prompt=objective.needs_prompt_logps,
+                        score_ends=objective.reward_model)
     reference = None
     if objective.needs_reference:
         source = (adapter_disabled_reference(scorer, model) if reference_model is None
@@ -58,7 +60,10 @@ def run_objective(model, reference_model, pairs, layout, algorithm, pad_token_id
 @pytest.mark.parametrize("algorithm", list(OBJECTIVES))
 def test_every_layout_matches_padded(tiny_model, tokenizer, awkward_pairs, algorithm, use_lora):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model(0))
+    if OBJECTIVES[algorithm].reward_model:  # a one-output head on the same backbone (random, seeded)
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model(0), num_labels=1)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model(0))
     reference_model = None
     if use_lora:
         model = add_lora(model, type("Lora", (), {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
@@ -117,3 +122,12 @@ def test_chunked_logprobs_match_log_softmax_with_gradients(monkeypatch, keep_sof
     expected = torch.log_softmax(hidden @ weight.T + bias, dim=-1)[torch.arange(37), targets]
     assert torch.allclose(token_logprobs(hidden, weight, bias, targets, 8), expected)
     assert torch.autograd.gradcheck(lambda h, w, b: token_logprobs(h, w, b, targets, 8), (hidden, weight, bias))
+
+
+def test_reward_scores_sit_on_the_last_non_padding_token():
+    pad = 0
+    pair = TokenizedPair(0, [5, 6], [7, pad], [9, 10])  # chosen ends in the padding id (an EOS used as padding)
+    for layout in LAYOUTS:
+        batch = build_batch([pair], layout, pad_token_id=pad, score_ends=True)
+        tokens = batch.input_ids.flatten()[batch.score_positions].tolist()
+        assert tokens == [7, 10], layout  # transformers reads a sequence's score at its last non-padding token

@@ -421,12 +421,28 @@ def test_orpo_gradient_reaches_the_prompt_logps():
 
 
 def test_objectives_registry_declares_what_each_needs():
-    assert set(OBJECTIVES) == {"dpo", "orpo", "simpo", "sft"}
+    assert set(OBJECTIVES) == {"dpo", "orpo", "simpo", "sft", "reward"}
     for name, objective in OBJECTIVES.items():
         assert objective.name == name
         assert objective.needs_reference == (name == "dpo"), name
         assert objective.needs_prompt_logps == (name == "orpo"), name
         assert objective.needs_rejected == (name != "sft"), name
+        assert objective.reward_model == (name == "reward"), name
+
+
+def test_bradley_terry_reward_loss_by_hand():
+    # Ouyang et al. 2022, Eq. 1: -log sigmoid(r_w - r_l); centring adds c * mean((r_w + r_l)^2)
+    chosen, rejected = [1.5, -0.2, 0.3], [0.5, 0.1, 0.3]
+    policy = PairLogps(torch.tensor(chosen), torch.tensor(rejected), *(torch.zeros(3) for _ in range(4)))
+    out = OBJECTIVES["reward"].compute(policy, None, LossSettings(center_rewards_coefficient=0.1))
+    bt = sum(math.log1p(math.exp(-(c - r))) for c, r in zip(chosen, rejected, strict=True)) / 3
+    centring = 0.1 * sum((c + r) ** 2 for c, r in zip(chosen, rejected, strict=True)) / 3
+    assert out.loss.item() == pytest.approx(bt + centring, rel=1e-6)
+    assert out.metrics["accuracy"].item() == pytest.approx(1 / 3)  # the tie (0.3, 0.3) is not accurate
+    assert out.metrics["margin"].item() == pytest.approx((1.0 - 0.3 + 0.0) / 3)
+    assert out.metrics["min_reward"].item() == pytest.approx(-0.2)
+    assert out.metrics["max_reward"].item() == pytest.approx(1.5)
+    assert out.metrics["mean_reward"].item() == pytest.approx(sum(chosen + rejected) / 6)
 
 
 def test_loss_settings_from_config_reads_trl_names():

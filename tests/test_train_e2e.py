@@ -158,3 +158,30 @@ def test_sft_on_a_messages_dataset(tmp_path, tiny_model):
     final, folder = run(tmp_path, "sft", model=str(tiny_model(0)), dataset=str(data), algorithm="sft", max_steps=6)
     losses = [r["loss"] for r in read_jsonl(folder / "metrics.jsonl")]
     assert losses[-1] < losses[0]
+
+
+def test_an_earlier_trainer_in_the_process_does_not_change_the_precision(tmp_path, tiny_model, pairs_file):
+    from accelerate import Accelerator
+
+    settings = {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_train_pairs": 8, "max_steps": 2}
+    first, _ = run(tmp_path, "first", **settings)
+    Accelerator(cpu=True, mixed_precision="bf16")  # what a TRL trainer with its default bf16=True leaves behind
+    second, _ = run(tmp_path, "second", **settings)
+    a, b = weights(first), weights(second)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_precision_per_device(monkeypatch):
+    from smolalign.errors import UserError
+    from smolalign.models import resolve_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", cpu, lora=False) == (torch.float32, "no")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", cuda, lora=False) == (torch.float32, "bf16")  # fp32 master weights
+    assert resolve_precision("auto", cuda, lora=True) == (torch.bfloat16, "bf16")  # frozen base in bf16
+    assert resolve_precision("float16", cuda, lora=False) == (torch.float32, "fp16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", cuda, lora=False) == (torch.float32, "no")
+    with pytest.raises(UserError, match="does not support"):
+        resolve_precision("bfloat16", cuda, lora=False)
