@@ -123,7 +123,7 @@ def _set_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str) -
         raise UserError(f"'chat_template' must be 'chatml', a Jinja template or a template file, not '{chat_template}'.")
 
 
-def load_causal_lm(
+def load_model(
     name: str | None,
     *,
     dtype: torch.dtype,
@@ -191,7 +191,7 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def load_frozen(name: str, *, dtype, device, tokenizer) -> PreTrainedModel:
-    model = load_causal_lm(name, dtype=dtype, device=device, tokenizer=tokenizer).eval()
+    model = load_model(name, dtype=dtype, device=device, tokenizer=tokenizer).eval()
     model.requires_grad_(False)
     return model
 

@@ -32,7 +32,7 @@ from smolalign.metrics import MetricsFile, MetricWindow, last_values, read_metri
 from smolalign.models import (
     add_lora,
     count_parameters,
-    load_causal_lm,
+    load_model,
     load_tokenizer,
     resolve_device,
     resolve_precision,
@@ -66,13 +66,7 @@ def train(config: TrainConfig) -> Path:
     # Models. The reference is the initial policy (or `ref_model`): under LoRA the policy with its
     # adapters disabled; for full fine-tuning its log-probs are computed once before the first step, so
     # no second copy of the model is held (precompute_ref_log_probs: false keeps a frozen copy instead).
-    policy = load_causal_lm(config.model, dtype=dtype, device=accelerator.device, tokenizer=tokenizer,
-                            reward_head=objective.reward_model)
-    if config.lora is not None:
-        policy = add_lora(policy, config.lora)
-    if config.gradient_checkpointing:
-        base_model_of(policy).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layout = choose_layout(config.batch_layout, policy)
+    policy, layout = build_policy(config, objective, tokenizer, dtype=dtype, device=accelerator.device)
     max_tokens = config.max_tokens_per_forward or (16384 if accelerator.device.type == "cuda" else 256)
     trainable, total = count_parameters(policy)
     log.info("%s on %s (%s): %d/%d parameters trainable, layout %s, %d training pairs",
@@ -118,18 +112,7 @@ def train(config: TrainConfig) -> Path:
     runner = PairRunner(scorer, reference if objective.needs_reference else None, objective, settings, layout,
                         tokenizer.pad_token_id, accelerator.device, max_tokens, autocast=accelerator.autocast)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = MetricsFile(output_dir / "metrics.jsonl")
-    start_step = 0
-    if config.resume_from_checkpoint:
-        start_step = load_checkpoint(accelerator, resolve_checkpoint(config.resume_from_checkpoint, output_dir))
-        log.info("resumed from step %d", start_step)
-    if start_step:
-        metrics_file.truncate_after(start_step)
-    else:
-        metrics_file.path.unlink(missing_ok=True)
-    if accelerator.is_main_process:
-        save_config(config, output_dir / "config.yaml")
+    metrics_file, start_step = open_run_folder(accelerator, config, output_dir)
     tracked = {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)  # lists become text
                for k, v in flatten(config.to_dict()).items()}
     accelerator.init_trackers("smolalign", config=tracked,
@@ -189,7 +172,8 @@ def train(config: TrainConfig) -> Path:
             values = {**window.mean(), "learning_rate": learning_rate, "grad_norm": float(grad_norm),
                       "tokens_per_second": window_tokens / elapsed, "num_tokens": total_tokens}
             log_record(done, values)
-            progress.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values.get('rewards/accuracies', 0):.2f}",
+            accuracy = values.get("rewards/accuracies", values.get("accuracy", 0.0))
+            progress.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{accuracy:.2f}",
                                  tok_s=f"{values['tokens_per_second']:.0f}")
             window.clear()
             window_tokens, window_start = 0, time.perf_counter()
@@ -209,6 +193,35 @@ def train(config: TrainConfig) -> Path:
     accelerator.end_training()
     AcceleratorState._reset_state()  # leave the process as we found it, for whatever trains next
     return final
+
+
+def build_policy(config: TrainConfig, objective, tokenizer, *, dtype, device) -> tuple[torch.nn.Module, str]:
+    """The model to train (with LoRA adapters and gradient checkpointing if asked) and its batch layout."""
+    policy = load_model(config.model, dtype=dtype, device=device, tokenizer=tokenizer,
+                        reward_head=objective.reward_model)
+    if config.lora is not None:
+        policy = add_lora(policy, config.lora)
+    if config.gradient_checkpointing:
+        base_model_of(policy).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy, choose_layout(config.batch_layout, policy)
+
+
+def open_run_folder(accelerator: Accelerator, config: TrainConfig, output_dir: Path) -> tuple[MetricsFile, int]:
+    """Create or reopen the run folder: restore a checkpoint if asked, keep metrics only up to it, save
+    the resolved config. Returns the metrics file and the number of steps already done."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = MetricsFile(output_dir / "metrics.jsonl")
+    start_step = 0
+    if config.resume_from_checkpoint:
+        start_step = load_checkpoint(accelerator, resolve_checkpoint(config.resume_from_checkpoint, output_dir))
+        log.info("resumed from step %d", start_step)
+    if start_step:
+        metrics_file.truncate_after(start_step)
+    else:
+        metrics_file.path.unlink(missing_ok=True)
+    if accelerator.is_main_process:
+        save_config(config, output_dir / "config.yaml")
+    return metrics_file, start_step
 
 
 def require_trackers(names: list[str]) -> None:
