@@ -68,12 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smolalign", description="Align small language models with preferences.")
     commands = parser.add_subparsers(dest="command")
 
-    train = commands.add_parser("train", help="train a model (DPO, ORPO, SimPO, SFT)", add_help=False)
+    train = commands.add_parser(
+        "train", help="train a model: DPO and variants, ORPO, SimPO, SFT, or a reward model", add_help=False
+    )
     train.add_argument("--config", help="YAML file with the run's settings")
     train.add_argument("-h", "--help", action="store_true")
     train.set_defaults(run=_run_train)
 
-    evaluate = commands.add_parser("eval", help="preference accuracy and per-pair log-probs on held-out pairs")
+    evaluate = commands.add_parser("eval", help="held-out preference accuracy, drift, generations and a judge's win rate")
     evaluate.add_argument("--model", required=True, help="model folder (a final/ folder, full or LoRA) or Hub id")
     evaluate.add_argument("--dataset", required=True, help="preference pairs (file or Hub id)")
     evaluate.add_argument("--ref_model", help="reference model; default: the base model of a LoRA adapter, else none")
