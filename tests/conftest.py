@@ -27,6 +27,22 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(embedded_tokenizer_dir())
 
 
+def tiny_llama_config(tokenizer, **overrides) -> LlamaConfig:
+    """A 2-layer Llama small enough to train in a second, sized for the SmolLM2 tokenizer."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tokenizer):
     """`tiny_model(seed)` -> folder of a 2-layer Llama with the SmolLM2 tokenizer, built once per seed."""
@@ -35,19 +51,7 @@ def tiny_model(tmp_path_factory, tokenizer):
     def build(seed: int = 0) -> Path:
         if seed not in built:
             torch.manual_seed(seed)
-            config = LlamaConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=2048,
-                tie_word_embeddings=True,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            config = tiny_llama_config(tokenizer, max_position_embeddings=2048, tie_word_embeddings=True)
             folder = tmp_path_factory.mktemp(f"tiny-llama-{seed}")
             LlamaForCausalLM(config).save_pretrained(folder)
             tokenizer.save_pretrained(folder)

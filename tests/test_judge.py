@@ -12,12 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForSequenceClassification,
-)
+from conftest import tiny_llama_config
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaForSequenceClassification
 
 from smolalign.errors import UserError
 from smolalign.judge import ChatJudge, Verdict, build_judge, parse_choice, win_rate_summary
@@ -44,16 +40,7 @@ REFERENCE = ["I think it is Lyon.", "Seven.", "Put it in boiling water for about
 def reward_model(tmp_path_factory, tokenizer):
     """Folder of a tiny Llama reward model (one-output sequence classification) with the SmolLM2 tokenizer."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny_llama_config(tokenizer, num_labels=1)
     folder = tmp_path_factory.mktemp("tiny-reward-model")
     LlamaForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

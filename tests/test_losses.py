@@ -247,6 +247,21 @@ def test_log1mexp_is_finite_with_finite_gradient():
         assert grad == pytest.approx(-1 / math.expm1(-value), rel=1e-4)
 
 
+def mean_logp_reward_metrics(chosen_mean: list[float], rejected_mean: list[float], beta: float) -> dict[str, float]:
+    # ORPO and SimPO (TRL's ORPO/CPO trainers): rewards = beta * mean answer log-prob; strict accuracy
+    chosen_rewards = [beta * c for c in chosen_mean]
+    rejected_rewards = [beta * r for r in rejected_mean]
+    pairs = list(zip(chosen_rewards, rejected_rewards, strict=True))
+    return {
+        "rewards/chosen": mean(chosen_rewards),
+        "rewards/rejected": mean(rejected_rewards),
+        "rewards/accuracies": mean(float(c > r) for c, r in pairs),
+        "rewards/margins": mean(c - r for c, r in pairs),
+        "logps/chosen": mean(chosen_mean),
+        "logps/rejected": mean(rejected_mean),
+    }
+
+
 def expected_orpo(values: dict[str, list[float]], beta: float) -> tuple[float, dict[str, float]]:
     # ORPO (Hong et al. 2024, Eqs. 4, 6-7): odds(y) = P / (1 - P) with log P the mean token log-prob;
     # L = NLL(y_w | x) - lambda * mean(log sigmoid(log odds(y_w) - log odds(y_l))), lambda = beta.
@@ -261,15 +276,8 @@ def expected_orpo(values: dict[str, list[float]], beta: float) -> tuple[float, d
     nll = -(sum(values["prompt"]) + sum(values["chosen"])) / (
         sum(values["prompt_tokens"]) + sum(values["chosen_tokens"])
     )
-    chosen_rewards = [beta * c for c in chosen_mean]
-    rejected_rewards = [beta * r for r in rejected_mean]
     metrics = {
-        "rewards/chosen": mean(chosen_rewards),
-        "rewards/rejected": mean(rejected_rewards),
-        "rewards/accuracies": mean(float(c > r) for c, r in zip(chosen_rewards, rejected_rewards, strict=True)),
-        "rewards/margins": mean(c - r for c, r in zip(chosen_rewards, rejected_rewards, strict=True)),
-        "logps/chosen": mean(chosen_mean),
-        "logps/rejected": mean(rejected_mean),
+        **mean_logp_reward_metrics(chosen_mean, rejected_mean, beta),
         "nll_loss": nll,
         "log_odds_ratio": mean(ratio),
         "log_odds_chosen": mean(log_odds),
@@ -325,15 +333,8 @@ def expected_simpo(values, *, beta, gamma, label_smoothing, cpo_alpha):
         z = beta * (c - r) - gamma
         per_pair.append(-(1 - label_smoothing) * logsigmoid(z) - label_smoothing * logsigmoid(-z))
     nll = -sum(values["chosen"]) / sum(values["chosen_tokens"]) if cpo_alpha else 0.0  # answer tokens only
-    chosen_rewards = [beta * c for c in chosen_mean]
-    rejected_rewards = [beta * r for r in rejected_mean]
     metrics = {
-        "rewards/chosen": mean(chosen_rewards),
-        "rewards/rejected": mean(rejected_rewards),
-        "rewards/accuracies": mean(float(c > r) for c, r in zip(chosen_rewards, rejected_rewards, strict=True)),
-        "rewards/margins": mean(c - r for c, r in zip(chosen_rewards, rejected_rewards, strict=True)),
-        "logps/chosen": mean(chosen_mean),
-        "logps/rejected": mean(rejected_mean),
+        **mean_logp_reward_metrics(chosen_mean, rejected_mean, beta),
         "nll_loss": nll,
     }
     return mean(per_pair) + cpo_alpha * nll, metrics
