@@ -91,33 +91,37 @@ def forward_flops(config, pair: TokenizedPair, *, shared_prompt: bool, scored_pr
 
 
 def training_flops(config, pairs: list[TokenizedPair], *, algorithm: str, framework: str) -> float:
-    """Useful FLOPs of the training steps: policy forward + backward, plus the reference forward where
-    it runs inside the steps (TRL; smolalign precomputes it before the first step for full fine-tuning)."""
+    """Useful FLOPs of the training steps, counted the same way for every framework (each prompt once):
+    policy forward + backward, plus the reference forward where it runs inside the steps (TRL;
+    smolalign precomputes it before the first step for full fine-tuning)."""
     objective = OBJECTIVES[algorithm]
-    shared = framework == "smolalign"
     total = 0.0
     for pair in pairs:
-        forward = forward_flops(config, pair, shared_prompt=shared, scored_prompt=objective.needs_prompt_logps)
-        total += 3 * forward
+        total += 3 * forward_flops(config, pair, shared_prompt=True, scored_prompt=objective.needs_prompt_logps)
         if objective.needs_reference and framework == "trl":
-            total += forward_flops(config, pair, shared_prompt=False, scored_prompt=False)
+            total += forward_flops(config, pair, shared_prompt=True, scored_prompt=False)
     return total
 
 
-def run_framework(spec: dict, workdir: Path) -> tuple[dict, float, int]:
-    """Run one worker process; returns its result, its wall time and its peak RSS in bytes."""
-    spec_path, result_path = workdir / f"{spec['framework']}-spec.json", workdir / f"{spec['framework']}-result.json"
+def run_framework(spec: dict, run_dir: Path) -> tuple[dict, float, int]:
+    """Run one worker process in a fresh folder; returns its result, its wall time and its peak RSS in bytes.
+
+    The folder holds the run's own reference cache, so every run pays for its reference log-probs."""
+    run_dir.mkdir()
+    spec_path, result_path, log_path = run_dir / "spec.json", run_dir / "result.json", run_dir / "stderr.log"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "SMOLALIGN_REFERENCE_CACHE": str(workdir / "reference-cache"), "TQDM_DISABLE": "1"}
+    env = {**os.environ, "SMOLALIGN_REFERENCE_CACHE": str(run_dir / "reference-cache"), "TQDM_DISABLE": "1"}
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "smolalign.bench_worker", str(spec_path), str(result_path)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
+    with log_path.open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "smolalign.bench_worker", str(spec_path), str(result_path)],
+                                   env=env, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
     if status != 0 or not result_path.exists():
-        error = process.stderr.read().strip().splitlines()
+        error = log_path.read_text().strip().splitlines()
         raise UserError(f"the {spec['framework']} run failed: {error[-1] if error else 'no output'}")
-    return json.loads(result_path.read_text()), seconds, usage.ru_maxrss * 1024
+    max_rss_unit = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux kilobytes
+    return json.loads(result_path.read_text()), seconds, usage.ru_maxrss * max_rss_unit
 
 
 def bench(args) -> dict:
@@ -138,6 +142,8 @@ def bench(args) -> dict:
         except ImportError:
             print("TRL is not installed: measuring smolalign alone (pip install trl==1.16.0 to compare).")
             frameworks.remove("trl")
+    if not frameworks:
+        raise UserError("nothing to measure: TRL is not installed and --frameworks names no other framework.")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model_source(args.model)
@@ -170,7 +176,7 @@ def bench(args) -> dict:
                 for repeat in range(args.repeats):
                     print(f"running {algorithm} with {framework} ({repeat + 1}/{args.repeats}) ...", flush=True)
                     peaks.append(matmul_peak_flops(device, matmul_dtype))
-                    result, seconds, peak_rss = run_framework(spec, workdir)
+                    result, seconds, peak_rss = run_framework(spec, workdir / f"{algorithm}-{framework}-{repeat}")
                     runs.append(BenchResult(framework, algorithm, seconds, result["step_seconds"], tokens,
                                             result.get("cuda_peak_bytes", peak_rss), flops))
                 # The fastest repeat is the least disturbed by the machine's neighbours; memory is the highest seen.

@@ -1,7 +1,7 @@
 """One benchmark run in its own process: `python -m smolalign.bench_worker SPEC.json RESULT.json`.
 
 SPEC names the framework (`smolalign` or `trl`), algorithm, model folder, pairs file, steps, batch
-size and max_length. RESULT receives the seconds of every optimizer step and the tokens trained.
+size and max_length. RESULT receives the seconds of every optimizer step.
 Peak memory and the whole process's time are measured from outside, by `smolalign bench`.
 """
 
@@ -28,10 +28,7 @@ def run_smolalign(spec: dict, output_dir: Path) -> dict:
     records = [r for r in read_metrics(output_dir / "metrics.jsonl") if "tokens_per_second" in r]
     tokens = [r["num_tokens"] for r in records]
     step_tokens = [t - previous for t, previous in zip(tokens, [0, *tokens[:-1]], strict=True)]
-    return {
-        "step_seconds": [n / r["tokens_per_second"] for n, r in zip(step_tokens, records, strict=True)],
-        "tokens": tokens[-1],
-    }
+    return {"step_seconds": [n / r["tokens_per_second"] for n, r in zip(step_tokens, records, strict=True)]}
 
 
 def run_trl(spec: dict, output_dir: Path) -> dict:
@@ -71,8 +68,7 @@ def run_trl(spec: dict, output_dir: Path) -> dict:
         callbacks=[StepTimer()],
     )
     trainer.train()
-    logged = [entry["num_tokens"] for entry in trainer.state.log_history if "num_tokens" in entry]
-    return {"step_seconds": step_seconds, "tokens": int(logged[-1]) if logged else None}
+    return {"step_seconds": step_seconds}
 
 
 def main() -> None:

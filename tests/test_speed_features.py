@@ -169,3 +169,34 @@ def test_bench_runs_both_frameworks_and_reports_ratios(tmp_path, tiny_model, pai
     assert ratio["speedup_whole_process"] > 0 and ratio["memory_ratio"] > 0
     markdown = (tmp_path / "bench" / "bench.md").read_text()
     assert "smolalign / TRL" in markdown and report["markdown"] == markdown
+
+
+def test_bench_repeats_each_pay_for_their_own_reference(tmp_path, tiny_model, pairs_file, monkeypatch):
+    import smolalign.bench
+
+    caches = []
+    run_framework = smolalign.bench.run_framework
+
+    def recording(spec, run_dir):
+        result = run_framework(spec, run_dir)
+        caches.append(sorted(p.name for p in (run_dir / "reference-cache").glob("*.safetensors")))
+        return result
+
+    monkeypatch.setattr(smolalign.bench, "run_framework", recording)
+    args = SimpleNamespace(algorithm="dpo", model=str(tiny_model(0)), dataset=str(pairs_file), steps=1, batch_size=2,
+                           max_length=256, frameworks="smolalign", repeats=2, output_dir=str(tmp_path / "bench"))
+    bench(args)
+    assert len(caches) == 2 and all(len(files) == 1 for files in caches)  # each run computed and cached its own
+
+
+def test_bench_counts_the_same_useful_flops_for_both_frameworks(tiny_model, pairs):
+    from transformers import AutoConfig
+
+    from smolalign.bench import forward_flops, training_flops
+
+    config = AutoConfig.from_pretrained(tiny_model(0))
+    reference = sum(forward_flops(config, p, shared_prompt=True, scored_prompt=False) for p in pairs)
+    ours, theirs = (training_flops(config, pairs, algorithm="dpo", framework=f) for f in ("smolalign", "trl"))
+    assert theirs - ours == pytest.approx(reference)  # TRL's steps also run the reference forward
+    assert training_flops(config, pairs, algorithm="orpo", framework="trl") == training_flops(
+        config, pairs, algorithm="orpo", framework="smolalign")
