@@ -13,14 +13,16 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from smolalign.config import TrainConfig, save_config
+from smolalign.config import TrainConfig, changed_settings, load_config, save_config
 from smolalign.errors import UserError
 
 STATE_FILE = "smolalign_state.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, config: TrainConfig, limit: int | None) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: Path, step: int, num_tokens: int, config: TrainConfig, limit: int | None
+) -> Path:
     target = output_dir / f"checkpoint-{step}"
     staging = output_dir / f".checkpoint-{step}.partial"
     if accelerator.is_main_process:
@@ -28,7 +30,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, confi
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging), safe_serialization=False)  # tied embeddings: torch.save keeps the tie
     if accelerator.is_main_process:
-        (staging / STATE_FILE).write_text(json.dumps({"step": step}))
+        (staging / STATE_FILE).write_text(json.dumps({"step": step, "num_tokens": num_tokens}))
         save_config(config, staging / "config.yaml")
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
@@ -62,7 +64,20 @@ def resolve_checkpoint(requested: str, output_dir: Path) -> Path:
     return path
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> int:
-    """Restore everything Accelerate prepared; returns the number of optimizer steps already done."""
+# Settings a resumed run may change: where and how often it reports and saves, and how it splits work
+# into chunks (which changes no number). Any other change would alter the pairs or schedule of later steps.
+RESUMABLE_CHANGES = (
+    "output_dir", "resume_from_checkpoint", "run_name", "report_to", "logging_steps", "eval_steps", "eval_on_start",
+    "save_steps", "save_total_limit", "max_tokens_per_forward", "logprob_chunk_size", "per_device_eval_batch_size",
+)
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, config: TrainConfig) -> tuple[int, int]:
+    """Restore everything Accelerate prepared; returns the optimizer steps and tokens already done."""
+    changed = changed_settings(load_config(path / "config.yaml"), config, ignore=RESUMABLE_CHANGES)
+    if changed:
+        raise UserError(f"cannot resume from '{path}' with other settings ({', '.join(changed[:3])}): later steps "
+                        "would see other pairs or another schedule. Resume with the checkpoint's settings.")
     accelerator.load_state(str(path))
-    return json.loads((path / STATE_FILE).read_text())["step"]
+    state = json.loads((path / STATE_FILE).read_text())
+    return state["step"], state["num_tokens"]

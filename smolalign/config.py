@@ -18,14 +18,11 @@ from typing import Any, Literal
 
 import yaml
 
-from smolalign.errors import UserError
+from smolalign.errors import UserError, first_line
 
-ALGORITHMS = ("dpo", "orpo", "simpo", "sft", "reward")
 DPO_LOSS_TYPES = (
     "sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
 )
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-BATCH_LAYOUTS = ("auto", "padded", "packed", "prefix_shared")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -59,7 +56,8 @@ class TrainConfig:
         None, "'chatml' to give a base model ChatML (like TRL's setup_chat_format), or a Jinja template string."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
-        "auto", "Weights dtype; auto = float32 on CPU, bfloat16 on CUDA GPUs that support it."
+        "auto", "Training precision; auto = float32 on CPU, bfloat16 on CUDA GPUs that support it. Half precision "
+        "is autocast over float32 weights for full fine-tuning; LoRA keeps the frozen base weights in it."
     )
     device: Literal["auto", "cpu", "cuda"] = _opt("auto", "Where to train; auto = CUDA when available.")
     gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
@@ -122,7 +120,8 @@ class TrainConfig:
     )
     max_tokens_per_batch: int | None = _opt(
         None, "Token-budget batching: fill each micro-batch with pairs up to this many tokens instead of a fixed "
-        "count (per_device_train_batch_size becomes the cap). Changes which pairs share a step."
+        "count (per_device_train_batch_size becomes the cap). Tokens are counted with each prompt once, for all "
+        "processes together. Changes which pairs share a step."
     )
     precompute_ref_log_probs: bool | None = _opt(
         None, "Compute reference log-probs once before training and cache them on disk; auto = on for full "
@@ -167,7 +166,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise UserError(f"config file '{path}' is not valid YAML: {str(error).splitlines()[0]}.") from None
+        raise UserError(f"config file '{path}' is not valid YAML: {first_line(error)}.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -406,6 +405,13 @@ def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def changed_settings(before: TrainConfig, after: TrainConfig, *, ignore: tuple[str, ...] = ()) -> list[str]:
+    """`key: old -> new` for each setting (dotted keys for sections) that differs between two configs."""
+    old, new = flatten(before.to_dict()), flatten(after.to_dict())
+    return [f"{key}: {old.get(key)!r} -> {value!r}" for key, value in new.items()
+            if key not in ignore and old.get(key) != value]
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

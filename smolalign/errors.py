@@ -8,3 +8,8 @@ with status 2; every other exception is a bug and keeps its traceback.
 
 class UserError(Exception):
     """A mistake in the user's input, reported as one clear sentence."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for a UserError."""
+    return (str(error).splitlines() or [type(error).__name__])[0][:200]

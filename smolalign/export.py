@@ -75,11 +75,12 @@ def model_card(config: TrainConfig, summary: dict[str, float], *, is_adapter: bo
         "```python",
     ]
     if is_adapter:
+        auto_class = "AutoPeftModelForSequenceClassification" if config.algorithm == "reward" else "AutoPeftModelForCausalLM"
         lines += [
-            "from peft import AutoPeftModelForCausalLM",
+            f"from peft import {auto_class}",
             "from transformers import AutoTokenizer",
             "",
-            'model = AutoPeftModelForCausalLM.from_pretrained("path/to/final")  # base model named in adapter_config.json',
+            f'model = {auto_class}.from_pretrained("path/to/final")  # base model named in adapter_config.json',
         ]
     elif config.algorithm == "reward":
         lines += [

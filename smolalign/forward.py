@@ -94,5 +94,5 @@ class PairRunner:
         policy = concat_pair_logps(policy_parts)
         reference = concat_pair_logps(reference_parts) if self.objective.needs_reference else None
         with torch.no_grad():  # metrics of the whole batch, from the per-pair values of all chunks
-            output = self.objective.compute(policy, reference, self.settings)
+            output = self.objective.compute(policy, reference, self.settings, totals)
         return RunResult(output, policy, tokens)

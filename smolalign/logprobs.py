@@ -18,6 +18,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from smolalign.batching import CHOSEN, PARTS_PER_PAIR, PROMPT, REJECTED, Batch
+from smolalign.errors import UserError
 
 log = logging.getLogger("smolalign")
 
@@ -29,16 +30,16 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")  # the backward runs in the forward's autocast state
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, keep_softmax):
         dtype = _accumulation_dtype(hidden)
         tokens = hidden.shape[0]
         logprobs = torch.empty(tokens, dtype=dtype, device=hidden.device)
         logsumexp = torch.empty_like(logprobs)
-        keep = tokens * weight.shape[0] <= KEEP_SOFTMAX_ELEMENTS
+        keep = keep_softmax and tokens * weight.shape[0] <= KEEP_SOFTMAX_ELEMENTS
         softmax = torch.empty(tokens, weight.shape[0], dtype=dtype, device=hidden.device) if keep else None
         for start in range(0, tokens, chunk_size):
             end = start + chunk_size
-            logits = _chunk_logits(hidden[start:end], weight, bias)
+            logits = chunk_logits(hidden[start:end], weight, bias)
             logsumexp[start:end] = logits.logsumexp(dim=-1)
             logprobs[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - logsumexp[start:end]
             if keep:
@@ -66,14 +67,15 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         for start, end, softmax in blocks:
             chunk = hidden[start:end]
             if softmax is None:
-                softmax = (_chunk_logits(chunk, weight, bias) - logsumexp[start:end, None]).exp_()
+                softmax = (chunk_logits(chunk, weight, bias) - logsumexp[start:end, None]).exp_()
             grad = grad_logprobs[start:end, None]
             grad_logits = softmax.mul_(-grad)  # d logp / d logits = onehot(target) - softmax(logits)
             grad_logits.scatter_add_(1, targets[start:end, None], grad)
             if need_hidden:
                 grad_hidden[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_weight:  # the first block's product starts the sum: no vocabulary-sized zero fill
-                product = grad_logits.t() @ chunk.to(dtype)
+                with torch.autocast(hidden.device.type, enabled=False):  # summed in float32, also under autocast
+                    product = grad_logits.t() @ chunk.to(dtype)
                 grad_weight = product if grad_weight is None else grad_weight.add_(product)
             if need_bias:
                 grad_bias = grad_logits.sum(0) if grad_bias is None else grad_bias.add_(grad_logits.sum(0))
@@ -81,6 +83,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             grad_hidden,
             grad_weight.to(weight.dtype) if need_weight else None,
             grad_bias.to(bias.dtype) if need_bias else None,
+            None,
             None,
             None,
         )
@@ -91,7 +94,8 @@ def _accumulation_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, torch.float32)
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Logits of a few positions, in float32 (float64 for float64 models)."""
     dtype = _accumulation_dtype(hidden)
     logits = (hidden @ weight.t()).to(dtype)
     return logits if bias is None else logits + bias.to(dtype)
@@ -101,7 +105,9 @@ def token_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
     """Float32 log-prob of `targets[i]` after `hidden[i]` ([tokens, hidden] -> [tokens])."""
-    return _ChunkedTokenLogprobs.apply(hidden, weight, bias, targets, chunk_size)
+    # The softmax is kept for the backward pass only when there will be one (not for reference or eval passes).
+    keep_softmax = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _ChunkedTokenLogprobs.apply(hidden, weight, bias, targets, chunk_size, keep_softmax)
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
@@ -140,7 +146,8 @@ class SequenceScorer(nn.Module):
         self.chunk_size = chunk_size
         config = base_model_of(model).config
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-            raise NotImplementedError("models with scaled or soft-capped logits are not supported yet")
+            raise UserError(f"{type(base_model_of(model)).__name__} scales or soft-caps its logits, which "
+                            "smolalign's log-prob computation does not support yet; choose another model.")
 
     def hidden_at(
         self,
@@ -212,9 +219,10 @@ class PairLogps:
         return self.rejected / self.rejected_tokens.clamp(min=1)
 
     def detach(self) -> PairLogps:
-        return PairLogps(*(t.detach() for t in (
-            self.chosen, self.rejected, self.prompt, self.chosen_tokens, self.rejected_tokens, self.prompt_tokens
-        )))
+        return PairLogps(*(getattr(self, name).detach() for name in PairLogps.__dataclass_fields__))
+
+    def cpu(self) -> PairLogps:
+        return PairLogps(*(getattr(self, name).cpu() for name in PairLogps.__dataclass_fields__))
 
 
 def concat_pair_logps(parts: list[PairLogps]) -> PairLogps:

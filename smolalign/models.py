@@ -18,7 +18,7 @@ from transformers import (
 
 from smolalign.data.sources import looks_like_path
 from smolalign.embedded import EMBEDDED_NAME, embedded_model_dir, embedded_tokenizer_dir, is_embedded
-from smolalign.errors import UserError
+from smolalign.errors import UserError, first_line
 from smolalign.hub import hub_reachable, prefer_local_cache
 
 log = logging.getLogger("smolalign")
@@ -144,7 +144,7 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except Exception as error:
         if Path(source).is_dir():
-            raise UserError(f"cannot load a causal language model from '{name}': {str(error).splitlines()[0]}") from None
+            raise UserError(f"cannot load a causal language model from '{name}': {first_line(error)}") from None
         raise _hub_failure(name, error) from None
     if tokenizer is not None:
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -170,7 +170,7 @@ def load_for_scoring(
         model = AutoPeftModelForCausalLM.from_pretrained(source, dtype=dtype)
     except Exception as error:
         raise UserError(
-            f"cannot load the LoRA adapter in '{name}' on its base model ({str(error).splitlines()[0]}); "
+            f"cannot load the LoRA adapter in '{name}' on its base model ({first_line(error)}); "
             "check base_model_name_or_path in its adapter_config.json."
         ) from None
     model.requires_grad_(False)
@@ -210,7 +210,7 @@ def add_lora(model: PreTrainedModel, settings) -> torch.nn.Module:
     try:
         return get_peft_model(model, config)
     except ValueError as error:
-        raise UserError(f"invalid LoRA settings: {str(error).splitlines()[0]}") from None
+        raise UserError(f"invalid LoRA settings: {first_line(error)}") from None
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -88,10 +88,15 @@ class PrecomputedReference(Reference):
         self.by_pair = by_pair  # pair_key -> (chosen sum, rejected sum)
 
     def logps(self, batch: Batch, pairs: list[TokenizedPair]) -> PairLogps:
-        device = batch.input_ids.device
+        return self.of_pairs(pairs, batch.input_ids.device)
+
+    def of_pairs(self, pairs: list[TokenizedPair], device: torch.device | str = "cpu") -> PairLogps:
+        """The cached answer sums of `pairs` with their answer token counts (no prompt values)."""
         values = torch.tensor([self.by_pair[pair_key(p)] for p in pairs], dtype=torch.float32, device=device)
-        unused = torch.zeros(len(pairs), device=device)  # objectives read only the reference's answer sums
-        return PairLogps(values[:, 0], values[:, 1], unused, unused, unused, unused)
+        counts = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids or ())] for p in pairs], dtype=torch.float32,
+                              device=device).reshape(-1, 2)
+        zeros = torch.zeros(len(pairs), device=device)
+        return PairLogps(values[:, 0], values[:, 1], zeros, counts[:, 0], counts[:, 1], zeros)
 
 
 def pair_key(pair: TokenizedPair) -> int:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass
 class StepPlan:
     num_pairs: int
     batch_size: int  # pairs per micro-batch across all processes (the cap under token-budget batching)
@@ -26,6 +26,9 @@ class StepPlan:
     seed: int
     pair_tokens: tuple[int, ...] | None = None  # needed for token-budget batching
     max_tokens: int | None = None  # token budget of a micro-batch; None = fixed batch_size
+    # Each epoch's step count is kept for the whole run, its micro-batches only while its steps run.
+    _epoch_steps: dict[int, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _epoch_batches: dict[int, list[list[int]]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @functools.cached_property
     def total_steps(self) -> int:
@@ -37,8 +40,13 @@ class StepPlan:
             steps += math.ceil(self.steps_in_epoch(int(whole)) * fraction)
         return max(1, steps)
 
-    @functools.lru_cache(maxsize=4)  # noqa: B019 - a plan lives as long as its run
     def epoch_micro_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epoch_batches:
+            self._epoch_batches.clear()
+            self._epoch_batches[epoch] = self._draw_micro_batches(epoch)
+        return self._epoch_batches[epoch]
+
+    def _draw_micro_batches(self, epoch: int) -> list[list[int]]:
         order = torch.randperm(self.num_pairs, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         order = order.tolist()
         if self.max_tokens is None:
@@ -55,7 +63,11 @@ class StepPlan:
         return batches
 
     def steps_in_epoch(self, epoch: int) -> int:
-        return math.ceil(len(self.epoch_micro_batches(epoch)) / self.accumulation)
+        if epoch not in self._epoch_steps:
+            micro_batches = (math.ceil(self.num_pairs / self.batch_size) if self.max_tokens is None
+                             else len(self.epoch_micro_batches(epoch)))
+            self._epoch_steps[epoch] = math.ceil(micro_batches / self.accumulation)
+        return self._epoch_steps[epoch]
 
     def locate(self, step: int) -> tuple[int, int]:
         """(epoch, step within that epoch) of optimizer step `step` (0-based)."""

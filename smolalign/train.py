@@ -1,13 +1,15 @@
 """The training loop, read top to bottom: config -> data -> models -> optimizer -> steps -> final model.
 
-Built on Accelerate, so the same code runs on a CPU, one GPU, or several through `accelerate launch`
-(DDP, FSDP, DeepSpeed). There is no Trainer class: one function owns the loop.
+Built on Accelerate, so the same code runs on a CPU or one GPU and is written for several processes
+through `accelerate launch` (DDP). Multi-process runs are not tested yet, and FSDP / ZeRO-3 would need a
+sharded save of final/. There is no Trainer class: one function owns the loop.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from smolalign.batching import block_tokens
-from smolalign.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from smolalign.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from smolalign.config import TrainConfig, flatten, save_config
 from smolalign.data.prepare import prepare_data
 from smolalign.errors import UserError
@@ -55,8 +57,11 @@ def train(config: TrainConfig) -> Path:
     # Accelerate keeps one state per process: without a reset, a trainer made earlier in the same process
     # (a notebook that ran TRL first) would impose its mixed precision on this run.
     AcceleratorState._reset_state()
+    # The schedule counts optimizer steps of the whole job, so the scheduler steps once per optimizer step
+    # (Accelerate would otherwise step it once per process).
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision,
-                              log_with=config.report_to or None, project_dir=str(output_dir))
+                              log_with=config.report_to or None, project_dir=str(output_dir),
+                              step_scheduler_with_optimizer=False)
     set_seed(config.seed)  # before LoRA: PEFT initialises the adapters randomly
 
     # Data comes first, so that a bad file fails before any weights are loaded.
@@ -93,7 +98,8 @@ def train(config: TrainConfig) -> Path:
     if precompute:
         source, weights = reference_source(config, policy_scorer=scorer, precompute=True, **reference_args)
         needed = [data.train[i] for i in plan.pairs_used()] + data.eval
-        with accelerator.autocast():  # the precision the policy will train in
+        # The main process fills the on-disk cache first; the others then read it instead of recomputing.
+        with accelerator.main_process_first(), accelerator.autocast():  # the precision the policy will train in
             reference = precompute_reference(source, weights, needed, layout=layout,
                                              pad_token_id=tokenizer.pad_token_id, device=accelerator.device,
                                              max_tokens_per_forward=max_tokens)
@@ -112,7 +118,7 @@ def train(config: TrainConfig) -> Path:
     runner = PairRunner(scorer, reference if objective.needs_reference else None, objective, settings, layout,
                         tokenizer.pad_token_id, accelerator.device, max_tokens, autocast=accelerator.autocast)
 
-    metrics_file, start_step = open_run_folder(accelerator, config, output_dir)
+    metrics_file, start_step, total_tokens = open_run_folder(accelerator, config, output_dir)
     tracked = {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)  # lists become text
                for k, v in flatten(config.to_dict()).items()}
     accelerator.init_trackers("smolalign", config=tracked,
@@ -135,7 +141,6 @@ def train(config: TrainConfig) -> Path:
 
     scorer.train()
     window, window_tokens, window_start = MetricWindow(), 0, time.perf_counter()
-    total_tokens = int(last_values(read_metrics(metrics_file.path)).get("num_tokens", 0))  # resumed runs go on
     progress = tqdm(total=plan.total_steps, initial=start_step, desc=config.algorithm, unit="step",
                     disable=not accelerator.is_main_process)
     for step in range(start_step, plan.total_steps):
@@ -177,10 +182,12 @@ def train(config: TrainConfig) -> Path:
                                  tok_s=f"{values['tokens_per_second']:.0f}")
             window.clear()
             window_tokens, window_start = 0, time.perf_counter()
+        paused = time.perf_counter()
         if data.eval and (done == plan.total_steps or (config.eval_steps and done % config.eval_steps == 0)):
             log_record(done, evaluate())
         if done % config.save_steps == 0 and done < plan.total_steps:
-            save_checkpoint(accelerator, output_dir, done, config, config.save_total_limit)
+            save_checkpoint(accelerator, output_dir, done, total_tokens, config, config.save_total_limit)
+        window_start += time.perf_counter() - paused  # evaluating and saving do not count as training time
     progress.close()
 
     final = None
@@ -206,22 +213,26 @@ def build_policy(config: TrainConfig, objective, tokenizer, *, dtype, device) ->
     return policy, choose_layout(config.batch_layout, policy)
 
 
-def open_run_folder(accelerator: Accelerator, config: TrainConfig, output_dir: Path) -> tuple[MetricsFile, int]:
+def open_run_folder(accelerator: Accelerator, config: TrainConfig, output_dir: Path) -> tuple[MetricsFile, int, int]:
     """Create or reopen the run folder: restore a checkpoint if asked, keep metrics only up to it, save
-    the resolved config. Returns the metrics file and the number of steps already done."""
+    the resolved config. Returns the metrics file and the steps and tokens already done."""
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = MetricsFile(output_dir / "metrics.jsonl")
-    start_step = 0
+    start_step = num_tokens = 0
     if config.resume_from_checkpoint:
-        start_step = load_checkpoint(accelerator, resolve_checkpoint(config.resume_from_checkpoint, output_dir))
+        start_step, num_tokens = load_checkpoint(accelerator, resolve_checkpoint(config.resume_from_checkpoint, output_dir),
+                                     config)
         log.info("resumed from step %d", start_step)
     if start_step:
         metrics_file.truncate_after(start_step)
-    else:
+    elif accelerator.is_main_process:  # a fresh run replaces an earlier run in the folder, checkpoints included
         metrics_file.path.unlink(missing_ok=True)
+        for stale in list_checkpoints(output_dir):
+            log.warning("starting afresh: removing %s of an earlier run in this folder", stale.name)
+            shutil.rmtree(stale)
     if accelerator.is_main_process:
         save_config(config, output_dir / "config.yaml")
-    return metrics_file, start_step
+    return metrics_file, start_step, num_tokens
 
 
 def require_trackers(names: list[str]) -> None:

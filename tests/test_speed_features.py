@@ -149,6 +149,19 @@ def test_token_budget_batching(pairs):
     assert plan.epoch_at(plan.total_steps) == 2.0
 
 
+@pytest.mark.parametrize("max_tokens", [None, 600])
+def test_a_long_run_draws_each_epoch_once(monkeypatch, max_tokens):
+    plan = StepPlan(num_pairs=50, batch_size=4, accumulation=1, num_train_epochs=10.0, max_steps=-1, seed=0,
+                    pair_tokens=tuple(100 + 37 * i % 300 for i in range(50)), max_tokens=max_tokens)
+    total_steps = plan.total_steps  # counts each epoch's steps once
+    draws = []
+    draw = plan._draw_micro_batches
+    monkeypatch.setattr(plan, "_draw_micro_batches", lambda epoch: draws.append(epoch) or draw(epoch))
+    seen = [i for step in range(total_steps) for b in plan.micro_batches(step) for i in b]
+    assert sorted(seen) == sorted(list(range(50)) * 10)
+    assert draws == list(range(10))  # walking the steps never redraws an earlier epoch's order
+
+
 def test_training_with_a_token_budget(tmp_path, tiny_model, pairs_file):
     final = train(load_config(None, {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_steps": 2,
                                      "max_tokens_per_batch": 300, "per_device_train_batch_size": 8,
@@ -200,3 +213,20 @@ def test_bench_counts_the_same_useful_flops_for_both_frameworks(tiny_model, pair
     assert theirs - ours == pytest.approx(reference)  # TRL's steps also run the reference forward
     assert training_flops(config, pairs, algorithm="orpo", framework="trl") == training_flops(
         config, pairs, algorithm="orpo", framework="smolalign")
+
+
+def test_eval_of_a_full_fine_tuning_run_uses_its_starting_model_as_reference(tmp_path, tiny_model, pairs_file,
+                                                                             monkeypatch):
+    monkeypatch.setenv("SMOLALIGN_REFERENCE_CACHE", str(tmp_path / "cache"))
+    final = train(load_config(None, {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_steps": 1,
+                                     "per_device_train_batch_size": 16, "output_dir": str(tmp_path / "run")}))
+    calls = []
+    original = smolalign.evaluate_command.score_pairs
+    monkeypatch.setattr(smolalign.evaluate_command, "score_pairs",
+                        lambda *a, **k: calls.append(k.get("desc")) or original(*a, **k))
+    main(["eval", "--model", str(final), "--dataset", str(pairs_file), "--max_pairs", "4"])
+    assert calls == ["scoring policy"]  # the reference log-probs were precomputed by training and cached
+    summary = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
+    assert "kl/chosen_per_token" in summary and summary["reward"].startswith("beta * (logps - ref_logps)")
+    rows = read_jsonl(tmp_path / "run" / "eval" / "eval_pairs.jsonl")
+    assert len(rows) == 4 and all("ref_logps_chosen" in row for row in rows)

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import smolalign.forward
 from smolalign.batching import build_batch
 from smolalign.config import load_config
+from smolalign.errors import UserError
 from smolalign.train import train
 
 TRL_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -127,6 +128,14 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model, pairs_file
         return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in read_jsonl(path)]
 
     assert without_timing(crashed / "metrics.jsonl") == without_timing(folder / "metrics.jsonl")
+
+    # Resuming with settings that change which pairs later steps see is refused.
+    with pytest.raises(UserError, match=r"seed: \d+ -> 7"):
+        run(tmp_path, "crashed", **settings, seed=7, resume_from_checkpoint=str(folder / "checkpoint-3"))
+
+    # A fresh run in the same folder replaces the earlier run, checkpoints included.
+    run(tmp_path, "straight", **{**settings, "max_steps": 2, "save_steps": 1})
+    assert [p.name for p in folder.glob("checkpoint-*")] == ["checkpoint-1"]
 
 
 def test_gradient_accumulation_equals_a_larger_batch(tmp_path, tiny_model, pairs_file):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import datasets
 
-from smolalign.errors import UserError
+from smolalign.errors import UserError, first_line
 from smolalign.hub import prefer_local_cache
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent.parent / "data" / "hh-rlhf-harmless"
@@ -58,14 +58,18 @@ def _load_file(path: Path) -> datasets.Dataset:
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:  # datasets wraps parser errors in several exception types
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise UserError(f"cannot parse '{path}' as {path.suffix[1:].upper()}: {reason}") from None
 
 
 def _load_folder(path: Path, split: str) -> datasets.Dataset:
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         loaded = datasets.load_from_disk(str(path))
-        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        if not isinstance(loaded, datasets.DatasetDict):
+            return loaded
+        if split not in loaded:
+            raise UserError(f"dataset '{path}' has no split '{split}'; it has {', '.join(loaded)}.")
+        return loaded[split]
     candidate = path / f"{split}.jsonl"
     if candidate.is_file():
         return _load_file(candidate)
@@ -78,8 +82,8 @@ def _load_hub(name: str, split: str, config_name: str | None) -> datasets.Datase
         return datasets.load_dataset(name, config_name, split=split)
     except ValueError as error:
         if "split" in str(error).lower():
-            raise UserError(f"dataset '{name}' has no split '{split}'; {str(error).splitlines()[0]}") from None
-        raise UserError(f"cannot load dataset '{name}' from the Hub: {str(error).splitlines()[0]}") from None
+            raise UserError(f"dataset '{name}' has no split '{split}'; {first_line(error)}") from None
+        raise UserError(f"cannot load dataset '{name}' from the Hub: {first_line(error)}") from None
     except Exception as error:  # connection errors, missing repos, offline mode
         reason = "the Hugging Face Hub is unreachable and it is not cached" if offline else (
             f"the Hugging Face Hub could not provide it ({type(error).__name__})"
