@@ -23,11 +23,20 @@ Defaults come from the dataclass, then the YAML file, then --KEY VALUE flags (ne
 """
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return value
+def int_at_least(minimum: int):
+    """An argparse type: an integer no smaller than `minimum`."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, not {value}")
+        return value
+
+    parse.__name__ = "non-negative int" if minimum == 0 else "positive int"
+    return parse
+
+
+positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch_layout", default="auto", choices=["auto", "padded", "packed", "prefix_shared"])
     evaluate.add_argument("--chat_template", help="'chatml' for a base model without a chat template")
     evaluate.add_argument("--system_prompt")
-    evaluate.add_argument("--generate", type=int, default=0, metavar="N",
+    evaluate.add_argument("--generate", type=non_negative_int, default=0, metavar="N",
                           help="answer the first N prompts with the policy and the reference, side by side")
     evaluate.add_argument("--max_new_tokens", type=positive_int, default=128)
     evaluate.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")

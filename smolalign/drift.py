@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from smolalign.batching import CHOSEN, PARTS_PER_PAIR, build_batch, split_by_tokens
 from smolalign.data.tokenize import TokenizedPair
-from smolalign.logprobs import SequenceScorer, token_logprobs
+from smolalign.logprobs import SequenceScorer, chunk_logits, token_logprobs
 
 CHUNK = 256
 
@@ -36,17 +36,10 @@ def token_kl(policy_hidden, policy_head, reference_hidden, reference_head, chunk
     parts = []
     for start in range(0, policy_hidden.shape[0], chunk):
         end = start + chunk
-        log_p = _log_softmax(policy_hidden[start:end], policy_head)
-        log_q = _log_softmax(reference_hidden[start:end], reference_head)
+        log_p = chunk_logits(policy_hidden[start:end], policy_head.weight, policy_head.bias).log_softmax(-1)
+        log_q = chunk_logits(reference_hidden[start:end], reference_head.weight, reference_head.bias).log_softmax(-1)
         parts.append((log_p.exp() * (log_p - log_q)).sum(-1))
     return torch.cat(parts) if parts else policy_hidden.new_zeros(0, dtype=torch.float32)
-
-
-def _log_softmax(hidden: torch.Tensor, head) -> torch.Tensor:
-    logits = (hidden @ head.weight.t()).float()
-    if head.bias is not None:
-        logits = logits + head.bias.float()
-    return logits.log_softmax(-1)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from smolalign.batching import build_batch
 from smolalign.data.tokenize import TokenizedPair
 from smolalign.forward import PairRunner
-from smolalign.logprobs import PairLogps, score_batch
+from smolalign.logprobs import PairLogps, concat_pair_logps, score_batch
 from smolalign.metrics import MetricWindow
 
 log = logging.getLogger("smolalign")
@@ -50,7 +50,7 @@ def score_pairs(
     for start in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch"):
         batch = build_batch(pairs[start : start + batch_size], layout, pad_token_id=pad_token_id).to(device)
         parts.append(score_batch(scorer, batch))
-    return PairLogps(*(torch.cat([getattr(p, name) for p in parts]).cpu() for name in PairLogps.__dataclass_fields__))
+    return concat_pair_logps(parts).cpu()
 
 
 def preference_summary(policy: PairLogps, reference: PairLogps | None, *, beta: float) -> dict[str, float]:

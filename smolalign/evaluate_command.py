@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
+import yaml
 from peft import PeftModel
 
 from smolalign.data.prepare import read_pairs, tokenize_and_fit
@@ -23,7 +25,7 @@ from smolalign.errors import UserError
 from smolalign.evaluate import format_summary_table, preference_summary, score_pairs, write_pair_rows
 from smolalign.logprobs import PairLogps, SequenceScorer, choose_layout
 from smolalign.models import load_for_scoring, load_tokenizer, model_source, resolve_device, resolve_dtype
-from smolalign.reference import ReferenceCache, pair_key, weights_key
+from smolalign.reference import ReferenceCache, weights_key
 
 log = logging.getLogger("smolalign")
 
@@ -36,20 +38,32 @@ def default_output_dir(model: str) -> Path:
     return Path("eval")
 
 
+def starting_model_of_run(model: str) -> str | None:
+    """The model a full fine-tuning run started from (its `ref_model`, else its `model`), when `model` is
+    that run's `RUN/final`: the run's own reference. None for anything else, LoRA adapters included
+    (their reference is the base model with the adapter switched off) and reward models."""
+    path = Path(model)
+    config_path = path.parent / "config.yaml"
+    if path.name != "final" or not config_path.exists() or (path / "adapter_config.json").exists():
+        return None
+    config = yaml.safe_load(config_path.read_text()) or {}
+    if config.get("algorithm") == "reward":
+        return None
+    return config.get("ref_model") or model_source(config.get("model"))
+
+
 def cached_reference_logps(weights, scorer, pairs: list[TokenizedPair], score: dict) -> PairLogps:
     """Reference sums per pair, reusing (and filling) the cache that training runs share."""
-    values = ReferenceCache(weights_key(weights)).fill(
+    reference = ReferenceCache(weights_key(weights)).fill(
         pairs, lambda missing: score_pairs(scorer, missing, desc="scoring reference", **score)
     )
-    sums = torch.tensor([values.by_pair[pair_key(p)] for p in pairs], dtype=torch.float32)
-    counts = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs], dtype=torch.float32)
-    return PairLogps(sums[:, 0], sums[:, 1], torch.zeros(len(pairs)), counts[:, 0], counts[:, 1],
-                     torch.zeros(len(pairs)))
+    return reference.of_pairs(pairs)
 
 
 def run_eval(args) -> dict:
     """Score every pair with the model (and the reference), measure drift, generate and judge."""
-    check_judge_args(args)
+    ref_model = args.ref_model or starting_model_of_run(args.model)
+    check_judge_args(args, has_reference=bool(ref_model) or is_adapter(args.model))
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
@@ -62,10 +76,13 @@ def run_eval(args) -> dict:
     policy_scorer = SequenceScorer(model)
     policy = score_pairs(policy_scorer, pairs, desc="scoring policy", **score)
 
-    # The reference: --ref_model, or the base model of a LoRA adapter (the adapter switched off).
+    # The reference: --ref_model, the model a run's final/ started from, or the base model of a LoRA
+    # adapter (the adapter switched off).
     reference_model, reference_context = None, contextlib.nullcontext
-    if args.ref_model:
-        reference_model = load_for_scoring(args.ref_model, dtype=dtype, device=device, tokenizer=tokenizer)
+    if ref_model:
+        if not args.ref_model:
+            log.info("reference: %s, the model this run started from (--ref_model names another)", ref_model)
+        reference_model = load_for_scoring(ref_model, dtype=dtype, device=device, tokenizer=tokenizer)
     elif isinstance(model, PeftModel):
         log.info("reference: the adapter's base model (adapters disabled)")
         reference_model, reference_context = model, model.disable_adapter
@@ -79,7 +96,10 @@ def run_eval(args) -> dict:
     summary = preference_summary(policy, reference, beta=args.beta)
     policy_view = ScoringModel(policy_scorer)
     drift = {"layout": layout, "pad_token_id": tokenizer.pad_token_id, "device": device}
-    summary.update(answer_statistics(policy_view, reference_view, pairs, name="chosen", **drift))
+    if reference_view is not None:
+        summary.update(answer_statistics(policy_view, reference_view, pairs, name="chosen", **drift))
+    else:  # without a reference there is no KL, and the policy's log-probs of the chosen answers are known
+        summary["perplexity/chosen"] = math.exp(-policy.chosen.sum().item() / policy.chosen_tokens.sum().item())
 
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +156,11 @@ def write_results(output_dir: Path, summary: dict, rows: list[dict] | None) -> N
             handle.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def check_judge_args(args) -> None:
+def is_adapter(model: str) -> bool:
+    return (Path(model_source(model)) / "adapter_config.json").exists()
+
+
+def check_judge_args(args, *, has_reference: bool) -> None:
     """A judge needs generations and a reference to compare with: checked before any work is done."""
     if not (args.judge or args.judge_url):
         return
@@ -145,7 +169,7 @@ def check_judge_args(args) -> None:
     check_judge_options(reward_model=args.judge, url=args.judge_url, model=args.judge_model)
     if not args.generate:
         raise UserError("a judge compares generated answers: add --generate N (e.g. --generate 32).")
-    if not args.ref_model and not (Path(model_source(args.model)) / "adapter_config.json").exists():
+    if not has_reference:
         raise UserError("a judge compares the policy with its reference: give --ref_model (or a LoRA adapter).")
 
 

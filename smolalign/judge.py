@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from smolalign.errors import UserError
+from smolalign.errors import UserError, first_line
 from smolalign.hub import hub_reachable
 from smolalign.models import model_source, resolve_dtype
 
@@ -62,7 +62,10 @@ def build_judge(
     """The judge named on the command line: `--judge REWARD_MODEL` or `--judge_url URL --judge_model NAME`."""
     check_judge_options(reward_model=reward_model, url=url, model=model)
     if url:
-        return ChatJudge(url, model=model, api_key=os.environ.get(api_key_env) or None)
+        api_key = os.environ.get(api_key_env) or None
+        if api_key is None and api_key_env.lower() != "none":
+            log.warning("$%s is not set: asking %s without an API key", api_key_env, url)
+        return ChatJudge(url, model=model, api_key=api_key)
     return RewardModelJudge(reward_model, device=device)
 
 
@@ -74,6 +77,17 @@ def check_judge_options(*, reward_model: str | None, url: str | None, model: str
         raise UserError("--judge_url needs --judge_model: the name of the model to ask at that endpoint.")
     if not reward_model and not url:
         raise UserError("no judge given: use --judge REWARD_MODEL or --judge_url URL --judge_model NAME.")
+    if url:
+        check_judge_url(url)
+
+
+def check_judge_url(url: str) -> None:
+    """An OpenAI-compatible base URL: http(s), ending before /chat/completions."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise UserError(f"--judge_url must be an http(s) URL such as http://127.0.0.1:8000/v1, not '{url}'.")
+    if parsed.path.rstrip("/").endswith("/chat/completions"):
+        raise UserError(f"--judge_url is the base URL before /chat/completions (e.g. .../v1), not '{url}'.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -106,7 +120,7 @@ class RewardModelJudge:
         except Exception as error:  # missing repo, no network, not a classification architecture
             if Path(source).is_dir():
                 raise UserError(
-                    f"cannot load a reward model from '{name}': {str(error).splitlines()[0]}"
+                    f"cannot load a reward model from '{name}': {first_line(error)}"
                 ) from None
             reason = (
                 "the Hub is unreachable and it is not in the local cache"
@@ -246,15 +260,7 @@ class ChatJudge:
         backoff: float = 1.0,
         max_tokens: int = 16,
     ):
-        parsed = urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise UserError(
-                f"--judge_url must be an http(s) URL such as http://127.0.0.1:8000/v1, not '{url}'."
-            )
-        if parsed.path.rstrip("/").endswith("/chat/completions"):
-            raise UserError(
-                f"--judge_url is the base URL before /chat/completions (e.g. .../v1), not '{url}'."
-            )
+        check_judge_url(url)
         self.endpoint = url.rstrip("/") + "/chat/completions"
         self.model = model
         self.name = f"{model} at {url}"
@@ -306,7 +312,7 @@ class ChatJudge:
                     self.endpoint, json=payload, headers=self.headers, timeout=self.timeout
                 )
             except (requests.ConnectionError, requests.Timeout) as error:
-                failure = f"{type(error).__name__} ({_first_line(error)})"
+                failure = f"{type(error).__name__} ({first_line(error)})"
                 continue
             if response.status_code in RETRY_STATUS:
                 failure = f"HTTP {response.status_code}: {_server_message(response)}"
@@ -346,10 +352,6 @@ def _server_message(response: requests.Response) -> str:
     if isinstance(body, dict) and body.get("message"):
         return str(body["message"])
     return response.text[:200]
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0][:200]
 
 
 # ----------------------------------------------------------------------------------------------------------

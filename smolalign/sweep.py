@@ -1,8 +1,9 @@
 """`smolalign sweep`: one run per point of a grid of settings, one after another, then a compare report.
 
 Each run lives in its own sub-folder named after its settings (`beta=0.1`, `beta=0.1,learning_rate=5e-6`).
-A run whose `final/` exists is skipped; a run that stopped after a checkpoint resumes from it. Every
-point's config is built and validated before the first run starts, so a bad value fails at once.
+A run whose `final/` exists is skipped; a run that stopped after a checkpoint resumes from it; either
+only when the folder's run was started with the same settings. Every point's config is built and
+validated before the first run starts, so a bad value fails at once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 from pathlib import Path
 
 from smolalign.checkpoint import list_checkpoints
-from smolalign.config import FlagText, TrainConfig, load_config, read_yaml
+from smolalign.config import FlagText, TrainConfig, changed_settings, load_config, read_yaml
 from smolalign.errors import UserError
 
 log = logging.getLogger("smolalign")
@@ -25,9 +26,10 @@ def parse_grid(specs: list[str]) -> dict[str, list[FlagText]]:
         key, equals, values = spec.partition("=")
         if not equals or not key or not values:
             raise UserError(f"--grid takes KEY=VALUE,VALUE,…, not '{spec}'.")
+        key = key.replace("-", "_")
         if key in grid:
             raise UserError(f"--grid names '{key}' twice; give all its values in one --grid.")
-        grid[key.replace("-", "_")] = [FlagText(v.strip()) for v in values.split(",") if v.strip()]
+        grid[key] = [FlagText(v.strip()) for v in values.split(",") if v.strip()]
     if not grid:
         raise UserError("a sweep needs at least one --grid KEY=VALUE,VALUE,….")
     return grid
@@ -50,6 +52,17 @@ def plan_sweep(config_path: str | None, grid: dict[str, list[FlagText]], overrid
     return root, points
 
 
+def check_same_settings(folder: Path, config: TrainConfig) -> None:
+    """A run folder left by an earlier sweep is reused only if it was started with `config`'s settings."""
+    if not (folder / "config.yaml").exists():
+        return
+    started = load_config(folder / "config.yaml")
+    changed = changed_settings(started, config, ignore=("output_dir", "resume_from_checkpoint"))
+    if changed:
+        raise UserError(f"'{folder}' holds a run with other settings ({', '.join(changed[:3])}); remove it or "
+                        f"choose another output_dir to sweep with the new settings.")
+
+
 def run_sweep(config_path: str | None, grid_specs: list[str], overrides: dict) -> Path:
     """Train every grid point not yet finished, then write the compare report; returns its path."""
     from smolalign.report import compare_runs
@@ -60,10 +73,11 @@ def run_sweep(config_path: str | None, grid_specs: list[str], overrides: dict) -
     grid = parse_grid(grid_specs)
     root, points = plan_sweep(config_path, grid, overrides)
     for number, (folder, point) in enumerate(points, start=1):
+        settings = {**overrides, **point, "output_dir": str(folder)}
+        check_same_settings(folder, load_config(config_path, settings))
         if (folder / "final").exists():
             log.info("[%d/%d] %s: finished earlier, skipped", number, len(points), folder.name)
             continue
-        settings = {**overrides, **point, "output_dir": str(folder)}
         if folder.is_dir() and list_checkpoints(folder):
             settings["resume_from_checkpoint"] = "latest"
             log.info("[%d/%d] %s: resuming from its last checkpoint", number, len(points), folder.name)

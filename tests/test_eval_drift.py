@@ -99,7 +99,9 @@ def test_reference_free_eval_uses_mean_log_probs(tmp_path, tiny_model, rows):
                for p in pairs]
     assert summary["rewards/margins"] == pytest.approx(sum(margins) / len(margins), abs=1e-5)
     assert summary["rewards/accuracies"] == pytest.approx(sum(m > 0 for m in margins) / len(margins))
-    assert "kl/chosen_per_token" not in summary and "perplexity/chosen" in summary  # no reference: no KL
+    assert "kl/chosen_per_token" not in summary  # no reference: no KL
+    nll = -sum(p["logps_chosen"] for p in pairs) / sum(p["n_tokens_chosen"] for p in pairs)
+    assert summary["perplexity/chosen"] == pytest.approx(math.exp(nll), rel=1e-5)
 
 
 def test_a_judge_needs_generations(tmp_path, tiny_model, rows, capsys):
@@ -134,12 +136,21 @@ def test_sweep_trains_the_grid_skips_finished_runs_and_compares(tmp_path, tiny_m
     assert (root / "beta=0.1" / "final" / "model.safetensors").stat().st_mtime_ns == first
     assert (root / "beta=0.5" / "final").exists()
 
+    # Finished runs trained with other settings are not mixed into the sweep.
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--max_steps", "3"])
+    assert exit_info.value.code == 2
+    assert "max_steps: 2 -> 3" in capsys.readouterr().err
+
 
 def test_sweep_rejects_a_bad_grid_before_training(tmp_path, tiny_model, capsys):
     with pytest.raises(SystemExit):
         main(["sweep", "--grid", "beta=0.1,-1", "--model", str(tiny_model(0)), "--output_dir", str(tmp_path / "s")])
     assert "'beta' must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+    with pytest.raises(SystemExit):
+        main(["sweep", "--grid", "learning-rate=1e-5", "--grid", "learning_rate=2e-5", "--output_dir", "s"])
+    assert "names 'learning_rate' twice" in capsys.readouterr().err
 
 
 def test_a_trained_reward_model_judges_generations(tmp_path, tiny_model, rows):
@@ -161,3 +172,23 @@ def test_a_trained_reward_model_judges_generations(tmp_path, tiny_model, rows):
     assert summary["judge/win_rate"] == pytest.approx((wins + ties / 2) / 3)
     assert summary["judge/ci_low"] <= summary["judge/win_rate"] <= summary["judge/ci_high"]
     assert all((g["policy_score"] > g["reference_score"]) == (g["verdict"] == "policy") for g in generations)
+
+
+def test_a_bad_judge_url_is_rejected_before_any_scoring(tmp_path, tiny_model, rows, capsys, monkeypatch):
+    import smolalign.evaluate_command
+
+    monkeypatch.setattr(smolalign.evaluate_command, "score_pairs", lambda *a, **k: pytest.fail("scored first"))
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", str(tiny_model(0)), "--dataset", str(data), "--ref_model", str(tiny_model(1)),
+              "--generate", "2", "--judge_url", "127.0.0.1:8000/v1", "--judge_model", "m"])
+    assert exit_info.value.code == 2
+    assert "http(s) URL" in capsys.readouterr().err
+
+
+def test_generate_rejects_a_negative_count(tmp_path, tiny_model, rows, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", str(tiny_model(0)), "--dataset", str(data), "--generate", "-1"])
+    assert exit_info.value.code == 2
+    assert "--generate" in capsys.readouterr().err
