@@ -112,19 +112,23 @@ EXPECTED_PER_PAIR = {
 }
 
 
-def expected_dpo_metrics(beta: float = BETA) -> dict[str, float]:
-    # TRL: rewards = beta * (policy - reference) summed log-probs; accuracy = mean(r_w > r_l), strict
-    chosen_rewards = [beta * c for c in CHOSEN_LOGRATIOS]
-    rejected_rewards = [beta * r for r in REJECTED_LOGRATIOS]
+def reward_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict[str, float]:
+    # TRL's metric names; accuracy = mean(r_w > r_l), strict
     pairs = list(zip(chosen_rewards, rejected_rewards, strict=True))
     return {
         "rewards/chosen": mean(chosen_rewards),
         "rewards/rejected": mean(rejected_rewards),
         "rewards/accuracies": mean(1.0 if c > r else 0.0 for c, r in pairs),
         "rewards/margins": mean(c - r for c, r in pairs),
-        "logps/chosen": mean(POLICY["chosen"]),
-        "logps/rejected": mean(POLICY["rejected"]),
+        "logps/chosen": mean(chosen_logps),
+        "logps/rejected": mean(rejected_logps),
     }
+
+
+def expected_dpo_metrics(beta: float = BETA) -> dict[str, float]:
+    # TRL: rewards = beta * (policy - reference) summed log-probs
+    return reward_metrics([beta * c for c in CHOSEN_LOGRATIOS], [beta * r for r in REJECTED_LOGRATIOS],
+                          POLICY["chosen"], POLICY["rejected"])
 
 
 def test_dpo_losses_registry_matches_config_choices():
@@ -248,18 +252,8 @@ def test_log1mexp_is_finite_with_finite_gradient():
 
 
 def mean_logp_reward_metrics(chosen_mean: list[float], rejected_mean: list[float], beta: float) -> dict[str, float]:
-    # ORPO and SimPO (TRL's ORPO/CPO trainers): rewards = beta * mean answer log-prob; strict accuracy
-    chosen_rewards = [beta * c for c in chosen_mean]
-    rejected_rewards = [beta * r for r in rejected_mean]
-    pairs = list(zip(chosen_rewards, rejected_rewards, strict=True))
-    return {
-        "rewards/chosen": mean(chosen_rewards),
-        "rewards/rejected": mean(rejected_rewards),
-        "rewards/accuracies": mean(float(c > r) for c, r in pairs),
-        "rewards/margins": mean(c - r for c, r in pairs),
-        "logps/chosen": mean(chosen_mean),
-        "logps/rejected": mean(rejected_mean),
-    }
+    # ORPO and SimPO (TRL's ORPO/CPO trainers): rewards = beta * mean answer log-prob
+    return reward_metrics([beta * c for c in chosen_mean], [beta * r for r in rejected_mean], chosen_mean, rejected_mean)
 
 
 def expected_orpo(values: dict[str, list[float]], beta: float) -> tuple[float, dict[str, float]]:
