@@ -220,8 +220,8 @@ def open_run_folder(accelerator: Accelerator, config: TrainConfig, output_dir: P
     metrics_file = MetricsFile(output_dir / "metrics.jsonl")
     start_step = num_tokens = 0
     if config.resume_from_checkpoint:
-        start_step, num_tokens = load_checkpoint(accelerator, resolve_checkpoint(config.resume_from_checkpoint, output_dir),
-                                     config)
+        checkpoint = resolve_checkpoint(config.resume_from_checkpoint, output_dir)
+        start_step, num_tokens = load_checkpoint(accelerator, checkpoint, config)
         log.info("resumed from step %d", start_step)
     if start_step:
         metrics_file.truncate_after(start_step)
