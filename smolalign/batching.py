@@ -102,8 +102,13 @@ def build_batch(
             if p.rejected_ids is not None
         ]
     rows = [[block] for block in blocks] if layout == "padded" else _pack(blocks)
-    num_tokens = sum(len(p.prompt_ids) * len(p.answers) + sum(len(a) for a in p.answers) for p in pairs)
+    num_tokens = sum(padded_tokens(p) for p in pairs)
     return _assemble(rows, pad_token_id, four_d_mask=layout != "padded", num_pairs=len(pairs), num_tokens=num_tokens)
+
+
+def padded_tokens(pair: TokenizedPair) -> int:
+    """Tokens of a pair as TRL's padded layout feeds them (the prompt once per answer): what throughput counts."""
+    return len(pair.prompt_ids) * len(pair.answers) + sum(len(a) for a in pair.answers)
 
 
 def _end_score(tokens: list[int], sequence: list[int], pad_token_id: int, owner: int) -> tuple[int, int, int]:

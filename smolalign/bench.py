@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from smolalign.batching import padded_tokens
 from smolalign.data.prepare import read_pairs, tokenize_and_fit
 from smolalign.data.tokenize import TokenizedPair
 from smolalign.errors import UserError
@@ -165,7 +166,7 @@ def bench(args) -> dict:
         data = workdir / "pairs.jsonl"  # the same normalised pairs for every framework
         data.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
                                 for p in read.pairs))
-        tokens = sum(len(p.prompt_ids) * len(p.answers) + sum(map(len, p.answers)) for p in pairs)
+        tokens = sum(padded_tokens(p) for p in pairs)
         for algorithm in algorithms:
             for framework in frameworks:
                 spec = {"framework": framework, "algorithm": algorithm, "model": model, "dataset": str(data),

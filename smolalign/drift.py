@@ -11,24 +11,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from smolalign.batching import CHOSEN, PARTS_PER_PAIR, build_batch, split_by_tokens
 from smolalign.data.tokenize import TokenizedPair
-from smolalign.logprobs import SequenceScorer, chunk_logits, token_logprobs
+from smolalign.logprobs import chunk_logits, token_logprobs
+from smolalign.reference import ModelReference
 
 CHUNK = 256
-
-
-@dataclass
-class ScoringModel:
-    """A scorer and the context that puts its model in the wanted state (e.g. adapters disabled)."""
-
-    scorer: SequenceScorer
-    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 def token_kl(policy_hidden, policy_head, reference_hidden, reference_head, chunk: int = CHUNK) -> torch.Tensor:
@@ -44,8 +36,8 @@ def token_kl(policy_hidden, policy_head, reference_hidden, reference_head, chunk
 
 @torch.no_grad()
 def answer_statistics(
-    policy: ScoringModel,
-    reference: ScoringModel | None,
+    policy: ModelReference,
+    reference: ModelReference | None,
     answers: list[TokenizedPair],
     *,
     name: str,

@@ -20,12 +20,12 @@ from peft import PeftModel
 
 from smolalign.data.prepare import read_pairs, tokenize_and_fit
 from smolalign.data.tokenize import TokenizedPair
-from smolalign.drift import ScoringModel, answer_statistics, generate_answers
+from smolalign.drift import answer_statistics, generate_answers
 from smolalign.errors import UserError
 from smolalign.evaluate import format_summary_table, preference_summary, score_pairs, write_pair_rows
 from smolalign.logprobs import PairLogps, SequenceScorer, choose_layout
 from smolalign.models import load_for_scoring, load_tokenizer, model_source, resolve_device, resolve_dtype
-from smolalign.reference import ReferenceCache, weights_key
+from smolalign.reference import ModelReference, ReferenceCache, weights_key
 
 log = logging.getLogger("smolalign")
 
@@ -89,12 +89,12 @@ def run_eval(args) -> dict:
     reference_view = None
     reference = None
     if reference_model is not None:
-        reference_view = ScoringModel(SequenceScorer(reference_model), reference_context)
+        reference_view = ModelReference(SequenceScorer(reference_model), reference_context)
         with reference_context():
             reference = cached_reference_logps(reference_model, reference_view.scorer, pairs, score)
 
     summary = preference_summary(policy, reference, beta=args.beta)
-    policy_view = ScoringModel(policy_scorer)
+    policy_view = ModelReference(policy_scorer)
     drift = {"layout": layout, "pad_token_id": tokenizer.pad_token_id, "device": device}
     if reference_view is not None:
         summary.update(answer_statistics(policy_view, reference_view, pairs, name="chosen", **drift))

@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM
 from smolalign.cli import main
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
-from smolalign.drift import ScoringModel, answer_statistics
+from smolalign.drift import answer_statistics
 from smolalign.logprobs import SequenceScorer
+from smolalign.reference import ModelReference
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +54,14 @@ def test_kl_and_perplexity_match_a_full_logits_computation(tiny_model, tokenizer
     policy = AutoModelForCausalLM.from_pretrained(tiny_model(0))
     reference = AutoModelForCausalLM.from_pretrained(tiny_model(1))
     pairs = tokenize_pairs([to_pair(r, i, "hh_rlhf") for i, r in enumerate(rows)], tokenizer)
-    ours = answer_statistics(ScoringModel(SequenceScorer(policy)), ScoringModel(SequenceScorer(reference)), pairs,
+    ours = answer_statistics(ModelReference(SequenceScorer(policy)), ModelReference(SequenceScorer(reference)), pairs,
                              name="chosen", layout="prefix_shared", pad_token_id=tokenizer.pad_token_id,
                              device=torch.device("cpu"), max_tokens=300)
     expected = full_logits_statistics(policy, reference, pairs)
     assert ours.keys() == expected.keys()
     for key, value in expected.items():
         assert ours[key] == pytest.approx(value, rel=1e-4), key
-    same = answer_statistics(ScoringModel(SequenceScorer(policy)), ScoringModel(SequenceScorer(policy)), pairs,
+    same = answer_statistics(ModelReference(SequenceScorer(policy)), ModelReference(SequenceScorer(policy)), pairs,
                              name="chosen", layout="padded", pad_token_id=tokenizer.pad_token_id,
                              device=torch.device("cpu"))
     assert same["kl/chosen_per_token"] == pytest.approx(0.0, abs=1e-6)  # a model does not drift from itself
