@@ -18,6 +18,7 @@ import torch
 import yaml
 from peft import PeftModel
 
+from smolalign.cpu_memory import keep_freed_memory
 from smolalign.data.prepare import read_pairs, tokenize_and_fit
 from smolalign.data.tokenize import TokenizedPair
 from smolalign.drift import answer_statistics, generate_answers
@@ -65,6 +66,8 @@ def run_eval(args) -> dict:
     ref_model = args.ref_model or starting_model_of_run(args.model)
     check_judge_args(args, has_reference=bool(ref_model) or is_adapter(args.model))
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     dtype = resolve_dtype(args.dtype, device)
     tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
     read = read_pairs(args.dataset, split=args.split, system_prompt=args.system_prompt, limit=args.max_pairs)

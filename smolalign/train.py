@@ -23,6 +23,7 @@ from transformers import get_scheduler
 from smolalign.batching import block_tokens
 from smolalign.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from smolalign.config import TrainConfig, flatten, save_config
+from smolalign.cpu_memory import keep_freed_memory
 from smolalign.data.prepare import prepare_data
 from smolalign.errors import UserError
 from smolalign.evaluate import evaluate_objective
@@ -52,6 +53,8 @@ def train(config: TrainConfig) -> Path:
     objective = OBJECTIVES[config.algorithm]
     settings = LossSettings.from_config(config)
     device = resolve_device(config.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     require_trackers(config.report_to)
     dtype, mixed_precision = resolve_precision(config.dtype, device, lora=config.lora is not None)
     # Accelerate keeps one state per process: without a reset, a trainer made earlier in the same process

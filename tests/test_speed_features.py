@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
+import resource
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +21,7 @@ from smolalign.batching import block_tokens
 from smolalign.bench import bench
 from smolalign.cli import main
 from smolalign.config import load_config
+from smolalign.cpu_memory import keep_freed_memory
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
 from smolalign.forward import PairRunner
@@ -230,3 +233,16 @@ def test_eval_of_a_full_fine_tuning_run_uses_its_starting_model_as_reference(tmp
     assert "kl/chosen_per_token" in summary and summary["reward"].startswith("beta * (logps - ref_logps)")
     rows = read_jsonl(tmp_path / "run" / "eval" / "eval_pairs.jsonl")
     assert len(rows) == 4 and all("ref_logps_chosen" in row for row in rows)
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="a glibc setting")
+def test_freed_tensor_memory_is_reused_without_page_faults():
+    assert keep_freed_memory()
+    elements = 16 * 2**20  # 64 MB: above glibc's default mmap threshold, like a 49k x 576 embedding gradient
+    for _ in range(20):  # the heap grows to its working size (which takes glibc a few blocks)
+        torch.ones(elements)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        torch.ones(elements)
+    pages_per_block = elements * 4 // 4096
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < pages_per_block
