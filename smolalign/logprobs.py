@@ -165,25 +165,9 @@ class SequenceScorer(nn.Module):
             additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
             attention_mask = additive.masked_fill_(~attention_mask, torch.finfo(dtype).min)
         hidden = backbone(
-            **self._token_inputs(causal_lm, input_ids), position_ids=position_ids, attention_mask=attention_mask,
-            use_cache=False,
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_positions)
-
-    def _token_inputs(self, causal_lm: nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The backbone's input: token ids, or, when the trained input embedding is the output head's weight,
-        embeddings whose gradient is sparse.
-
-        Autograd then adds the embedding's rows into the head's dense gradient of the shared weight
-        instead of filling a vocabulary x hidden gradient with zeros for every chunk (6% of a CPU step
-        of SmolLM2-135M). The summed gradient is dense, as optimizers and gradient clipping expect.
-        """
-        embedding = causal_lm.get_input_embeddings()
-        tied = type(embedding) is nn.Embedding and embedding.weight is self.head.weight
-        if not (tied and embedding.weight.requires_grad and torch.is_grad_enabled() and embedding.max_norm is None):
-            return {"input_ids": input_ids}
-        embeds = nn.functional.embedding(input_ids, embedding.weight, embedding.padding_idx, sparse=True)
-        return {"inputs_embeds": embeds}
 
     @property
     def head(self) -> nn.Module:

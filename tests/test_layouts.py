@@ -131,25 +131,3 @@ def test_reward_scores_sit_on_the_last_non_padding_token():
         batch = build_batch([pair], layout, pad_token_id=pad, score_ends=True)
         tokens = batch.input_ids.flatten()[batch.score_positions].tolist()
         assert tokens == [7, 10], layout  # transformers reads a sequence's score at its last non-padding token
-
-
-def test_tied_embedding_gradient_equals_plain_transformers(tiny_model, awkward_pairs):
-    """The input embedding, tied to the output head, is fed with a sparse gradient (no vocabulary-sized
-    zero fill per chunk); the summed gradient of the shared weight is still dense and exactly transformers'."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model(), dtype=torch.float32)
-    scorer = SequenceScorer(model, chunk_size=16)
-    assert model.get_input_embeddings().weight is scorer.head.weight
-    batch = build_batch(awkward_pairs[:3], "padded", pad_token_id=0)
-    assert "inputs_embeds" in scorer._token_inputs(model, batch.input_ids)
-
-    scorer(batch.input_ids, batch.position_ids, batch.attention_mask, batch.score_positions,
-           batch.score_targets).sum().backward()
-    ours = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad()
-    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                   attention_mask=batch.attention_mask).logits
-    logprobs = logits.log_softmax(-1).reshape(-1, logits.shape[-1])[batch.score_positions]
-    logprobs.gather(1, batch.score_targets[:, None]).sum().backward()
-    for name, p in model.named_parameters():
-        assert ours[name].layout == torch.strided, name
-        torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
