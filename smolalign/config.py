@@ -387,6 +387,10 @@ def validate(config: TrainConfig) -> None:
             config.ref_model is None,
             f"{name} is reference-free; remove 'ref_model' (it would be loaded and never used).",
         )
+        require(
+            not config.precompute_ref_log_probs,
+            f"{name} is reference-free, so there is nothing to precompute; remove 'precompute_ref_log_probs'.",
+        )
         require(config.label_smoothing == 0 or name == "simpo", f"'label_smoothing' does not apply to {name}.")
     require(config.cpo_alpha == 0 or config.algorithm == "simpo", "'cpo_alpha' applies to simpo only.")
     require(

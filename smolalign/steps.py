@@ -4,7 +4,9 @@ Each epoch visits the pairs in a fresh permutation drawn from (seed, epoch). The
 micro-batches of `batch_size` pairs (the last may be shorter), or, with token-budget batching, of
 as many pairs as fit in `max_tokens` (never more than `batch_size`), and those into optimizer steps
 of `accumulation` micro-batches (the last step of an epoch may hold fewer), like transformers'
-Trainer. With several processes each takes every n-th pair of a micro-batch.
+Trainer. With several processes each takes every n-th pair of a micro-batch; a micro-batch that does
+not divide evenly repeats its first pairs, so that every process has the same number of pairs (as
+Accelerate's `even_batches` does) and none is left with nothing to back-propagate.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ class StepPlan:
         epoch, step_in_epoch = self.locate(step)
         batches = self.epoch_micro_batches(epoch)
         first = step_in_epoch * self.accumulation
-        return [b[process_index::num_processes] for b in batches[first : first + self.accumulation]]
+        step_batches = batches[first : first + self.accumulation]
+        return [_even(b, num_processes)[process_index::num_processes] for b in step_batches]
 
     def epoch_at(self, step: int) -> float:
         """Fractional epoch after `step` optimizer steps, as transformers logs it."""
@@ -97,3 +100,9 @@ class StepPlan:
         if self.total_steps >= self.steps_in_epoch(0):
             return list(range(self.num_pairs))
         return sorted(i for step in range(self.total_steps) for batch in self.micro_batches(step) for i in batch)
+
+
+def _even(batch: list[int], num_processes: int) -> list[int]:
+    """`batch` cycled up to a multiple of `num_processes` pairs."""
+    size = math.ceil(len(batch) / num_processes) * num_processes
+    return [batch[i % len(batch)] for i in range(size)]

@@ -1,8 +1,8 @@
 """The training loop, read top to bottom: config -> data -> models -> optimizer -> steps -> final model.
 
-Built on Accelerate, so the same code runs on a CPU or one GPU and is written for several processes
-through `accelerate launch` (DDP). Multi-process runs are not tested yet, and FSDP / ZeRO-3 would need a
-sharded save of final/. There is no Trainer class: one function owns the loop.
+Built on Accelerate, so the same code runs on a CPU, one GPU, or several processes through
+`accelerate launch` (DDP; tested with two CPU processes). FSDP / ZeRO-3 would need a sharded save of
+final/. There is no Trainer class: one function owns the loop.
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import is_tensorboard_available, is_wandb_available, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    is_tensorboard_available,
+    is_wandb_available,
+    set_seed,
+)
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -62,9 +67,12 @@ def train(config: TrainConfig) -> Path:
     AcceleratorState._reset_state()
     # The schedule counts optimizer steps of the whole job, so the scheduler steps once per optimizer step
     # (Accelerate would otherwise step it once per process).
+    # Processes may run different numbers of forward passes per step (chunks of their own pairs), so DDP
+    # must not broadcast buffers at every forward pass (the rotary tables are constant anyway).
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision,
                               log_with=config.report_to or None, project_dir=str(output_dir),
-                              step_scheduler_with_optimizer=False)
+                              step_scheduler_with_optimizer=False,
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     set_seed(config.seed)  # before LoRA: PEFT initialises the adapters randomly
 
     # Data comes first, so that a bad file fails before any weights are loaded.
@@ -149,7 +157,7 @@ def train(config: TrainConfig) -> Path:
     for step in range(start_step, plan.total_steps):
         micro_batches = plan.micro_batches(step, process_index=accelerator.process_index,
                                            num_processes=accelerator.num_processes)
-        step_loss = 0.0
+        step_loss, step_tokens = 0.0, 0
         for index, pair_ids in enumerate(micro_batches):
             result = runner.run(
                 [data.train[i] for i in pair_ids],
@@ -163,9 +171,11 @@ def train(config: TrainConfig) -> Path:
             )
             step_loss += result.output.loss.item() / len(micro_batches)
             window.add(result.output.metrics)
-            window_tokens += result.tokens
-            total_tokens += result.tokens
+            step_tokens += result.tokens
         window.add({"loss": step_loss})
+        step_tokens = int(across_processes(accelerator, {"tokens": step_tokens}, "sum")["tokens"])
+        window_tokens += step_tokens
+        total_tokens += step_tokens
         # The norm is measured before clipping and logged as TRL logs it; max_grad_norm=0 only measures.
         grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), config.max_grad_norm or math.inf)
         learning_rate = scheduler.get_last_lr()[0]  # the rate this step used
@@ -177,8 +187,9 @@ def train(config: TrainConfig) -> Path:
         progress.update(1)
         if done % config.logging_steps == 0 or done == plan.total_steps:
             elapsed = time.perf_counter() - window_start
-            values = {**window.mean(), "learning_rate": learning_rate, "grad_norm": float(grad_norm),
-                      "tokens_per_second": window_tokens / elapsed, "num_tokens": total_tokens}
+            values = {**across_processes(accelerator, window.mean(), "mean"), "learning_rate": learning_rate,
+                      "grad_norm": float(grad_norm), "tokens_per_second": window_tokens / elapsed,
+                      "num_tokens": total_tokens}
             log_record(done, values)
             accuracy = values.get("rewards/accuracies", values.get("accuracy", 0.0))
             progress.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{accuracy:.2f}",
@@ -203,6 +214,15 @@ def train(config: TrainConfig) -> Path:
     accelerator.end_training()
     AcceleratorState._reset_state()  # leave the process as we found it, for whatever trains next
     return final
+
+
+def across_processes(accelerator: Accelerator, values: dict[str, float], reduction: str) -> dict[str, float]:
+    """Each value summed or averaged over the processes (every process must call this at the same point)."""
+    if accelerator.num_processes == 1:
+        return values
+    reduced = accelerator.reduce(torch.tensor(list(values.values()), dtype=torch.float64,
+                                              device=accelerator.device), reduction=reduction)
+    return dict(zip(values, reduced.tolist(), strict=True))
 
 
 def build_policy(config: TrainConfig, objective, tokenizer, *, dtype, device) -> tuple[torch.nn.Module, str]:

@@ -41,6 +41,8 @@ CASES = {
     "bad choice": (lambda t, m, d: train_args(t, m, d, "--loss_type", "sigmod"), "did you mean 'sigmoid'"),
     "incompatible options": (lambda t, m, d: train_args(t, m, d, "--algorithm", "orpo", "--ref_model", str(m)),
                              "reference-free"),
+    "nothing to precompute": (lambda t, m, d: train_args(t, m, d, "--algorithm", "simpo",
+                                                         "--precompute_ref_log_probs", "true"), "nothing to precompute"),
     "missing model folder": (lambda t, m, d: train_args(t, t / "models" / "missing" / "final", d),
                              "model folder"),
     "hub id without network": (lambda t, m, d: train_args(t, "someone/not-a-model", d), "embedded"),

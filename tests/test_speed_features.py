@@ -165,6 +165,17 @@ def test_a_long_run_draws_each_epoch_once(monkeypatch, max_tokens):
     assert draws == list(range(10))  # walking the steps never redraws an earlier epoch's order
 
 
+@pytest.mark.parametrize("max_tokens", [None, 150])
+def test_every_process_gets_pairs_even_from_a_short_micro_batch(max_tokens):
+    plan = StepPlan(num_pairs=7, batch_size=4, accumulation=1, num_train_epochs=1.0, max_steps=-1, seed=0,
+                    pair_tokens=(100,) * 7, max_tokens=max_tokens)
+    for step in range(plan.total_steps):
+        whole = plan.micro_batches(step)[0]
+        shares = [plan.micro_batches(step, process_index=p, num_processes=3)[0] for p in range(3)]
+        assert len({len(share) for share in shares}) == 1 and shares[0]  # same count, never empty
+        assert set(whole) == {i for share in shares for i in share}  # repeats only pairs of this micro-batch
+
+
 def test_training_with_a_token_budget(tmp_path, tiny_model, pairs_file):
     final = train(load_config(None, {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_steps": 2,
                                      "max_tokens_per_batch": 300, "per_device_train_batch_size": 8,

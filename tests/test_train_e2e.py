@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -145,6 +149,33 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path, tiny_model, pairs
     accumulated, _ = run(tmp_path, "acc", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common)
     a, b = weights(big), weights(accumulated)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_two_processes_train_like_one_process_with_their_whole_batch(tmp_path, tiny_model, pairs_file):
+    """torchrun, two CPU processes (DDP over gloo) with 2 pairs each per step, in chunks of one pair: the
+    weights and logged numbers of one process with 4 pairs per step."""
+    common = {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_train_pairs": 8, "max_steps": 2,
+              "max_tokens_per_forward": 1}
+    one, _ = run(tmp_path, "one", per_device_train_batch_size=4, **common)
+    flags = [f"--{key}={value}" for key, value in {**common, "per_device_train_batch_size": 2, "max_length": 256,
+                                                     "learning_rate": 1e-3, "logging_steps": 1,
+                                                     "output_dir": tmp_path / "two"}.items()]
+    with socket.socket() as probe:  # a free port for the processes to meet on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+              "-m", "smolalign", "train", *flags]
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    a, b = weights(one), weights(tmp_path / "two" / "final")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    logged = [read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("one", "two")]
+    for single, double in zip(*logged, strict=True):
+        assert single["num_tokens"] == double["num_tokens"]
+        for name in TRL_NAMES + ("grad_norm",):
+            assert single[name] == pytest.approx(double[name], rel=1e-5, abs=1e-6), name
 
 
 @pytest.mark.parametrize("algorithm", ["orpo", "simpo"])
