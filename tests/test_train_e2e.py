@@ -15,9 +15,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import smolalign.forward
-from smolalign.batching import build_batch
+from smolalign.batching import block_tokens, build_batch
 from smolalign.config import load_config
+from smolalign.data.prepare import prepare_data
 from smolalign.errors import UserError
+from smolalign.steps import StepPlan
 from smolalign.train import train
 
 TRL_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -152,10 +154,17 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path, tiny_model, pairs
 
 
 def test_two_processes_train_like_one_process_with_their_whole_batch(tmp_path, tiny_model, pairs_file):
-    """torchrun, two CPU processes (DDP over gloo) with 2 pairs each per step, in chunks of one pair: the
-    weights and logged numbers of one process with 4 pairs per step."""
-    common = {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_train_pairs": 8, "max_steps": 2,
-              "max_tokens_per_forward": 1}
+    """torchrun, two CPU processes (DDP over gloo) with 2 pairs each per step, one of them in one forward
+    pass and the other in two: the weights and logged numbers of one process with 4 pairs per step."""
+    common = {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_train_pairs": 8, "max_steps": 2}
+    config = load_config(None, {**common, "max_length": 256})
+    data = prepare_data(config, AutoTokenizer.from_pretrained(tiny_model(0)), needs_rejected=True)
+    plan = StepPlan(num_pairs=len(data.train), batch_size=4, accumulation=1, num_train_epochs=config.num_train_epochs,
+                    max_steps=2, seed=config.seed)
+    shares = [sum(block_tokens(data.train[i]) for i in plan.micro_batches(0, process_index=p, num_processes=2)[0])
+              for p in range(2)]
+    assert shares[0] != shares[1]
+    common["max_tokens_per_forward"] = min(shares)  # so the processes run different numbers of forward passes
     one, _ = run(tmp_path, "one", per_device_train_batch_size=4, **common)
     flags = [f"--{key}={value}" for key, value in {**common, "per_device_train_batch_size": 2, "max_length": 256,
                                                      "learning_rate": 1e-3, "logging_steps": 1,
@@ -165,7 +174,7 @@ def test_two_processes_train_like_one_process_with_their_whole_batch(tmp_path, t
         port = probe.getsockname()[1]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
               "-m", "smolalign", "train", *flags]
-    done = subprocess.run(launch, capture_output=True, text=True, timeout=600,
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
 
