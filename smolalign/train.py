@@ -1,8 +1,8 @@
 """The training loop, read top to bottom: config -> data -> models -> optimizer -> steps -> final model.
 
-Built on Accelerate, so the same code runs on a CPU, one GPU, or several processes through
-`accelerate launch` (DDP; tested with two CPU processes). FSDP / ZeRO-3 would need a sharded save of
-final/. There is no Trainer class: one function owns the loop.
+Built on Accelerate, so the same code runs on a CPU, one GPU, or several processes (DDP, started by
+torchrun or `accelerate launch`; tested with two CPU processes under torchrun). FSDP / ZeRO-3 would
+need a sharded save of final/. There is no Trainer class: one function owns the loop.
 """
 
 from __future__ import annotations
