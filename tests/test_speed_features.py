@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import resource
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -21,7 +22,6 @@ from smolalign.batching import block_tokens
 from smolalign.bench import bench
 from smolalign.cli import main
 from smolalign.config import load_config
-from smolalign.cpu_memory import keep_freed_memory
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
 from smolalign.forward import PairRunner
@@ -246,14 +246,26 @@ def test_eval_of_a_full_fine_tuning_run_uses_its_starting_model_as_reference(tmp
     assert len(rows) == 4 and all("ref_logps_chosen" in row for row in rows)
 
 
+PAGE_FAULTS_OF_REUSE = """
+import resource, sys, torch
+from smolalign.cpu_memory import keep_freed_memory
+assert sys.argv[1] == "default" or keep_freed_memory()
+for _ in range(40):  # the heap grows to its working size (glibc took up to 10 blocks here)
+    torch.ones(16 * 2**20)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    torch.ones(16 * 2**20)  # 64 MB: above glibc's largest default mmap threshold (32 MB)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="a glibc setting")
 def test_freed_tensor_memory_is_reused_without_page_faults():
-    assert keep_freed_memory()
-    elements = 16 * 2**20  # 64 MB: above glibc's default mmap threshold, like a 49k x 576 embedding gradient
-    for _ in range(20):  # the heap grows to its working size (which takes glibc a few blocks)
-        torch.ones(elements)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
-        torch.ones(elements)
-    pages_per_block = elements * 4 // 4096
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < pages_per_block
+    def page_faults(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_REUSE, mode], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout)
+
+    pages_per_block = 16 * 2**20 * 4 // 4096
+    assert page_faults("default") > 5 * pages_per_block  # glibc gives each freed block back to the kernel
+    assert page_faults("keep") < pages_per_block
