@@ -42,6 +42,7 @@ class BenchResult:
     tokens: int
     peak_bytes: int
     flops: float
+    kept_freed_memory: bool
 
     @property
     def seconds_per_step(self) -> float:
@@ -171,7 +172,8 @@ def bench(args) -> dict:
             for framework in frameworks:
                 spec = {"framework": framework, "algorithm": algorithm, "model": model, "dataset": str(data),
                         "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-                        "device": device.type}
+                        "device": device.type,
+                        "keep_freed_memory": framework == "smolalign" or args.trl_keep_freed_memory}
                 flops = training_flops(model_config, pairs, algorithm=algorithm, framework=framework)
                 runs = []
                 for repeat in range(args.repeats):
@@ -179,7 +181,8 @@ def bench(args) -> dict:
                     peaks.append(matmul_peak_flops(device, matmul_dtype))
                     result, seconds, peak_rss = run_framework(spec, workdir / f"{algorithm}-{framework}-{repeat}")
                     runs.append(BenchResult(framework, algorithm, seconds, result["step_seconds"], tokens,
-                                            result.get("cuda_peak_bytes", peak_rss), flops))
+                                            result.get("cuda_peak_bytes", peak_rss), flops,
+                                            result["kept_freed_memory"]))
                 # The fastest repeat is the least disturbed by the machine's neighbours; memory is the highest seen.
                 best = min(runs, key=lambda r: r.process_seconds)
                 best.peak_bytes = max(r.peak_bytes for r in runs)
@@ -193,11 +196,15 @@ def bench(args) -> dict:
 
 def summarise(results: list[BenchResult], peak: float, args, device: torch.device) -> dict:
     memory = "peak CUDA memory" if device.type == "cuda" else "peak RSS"
+    trl_malloc = ""
+    if device.type == "cpu" and any(r.framework == "trl" for r in results):
+        trl_malloc = ("; TRL also keeps freed memory (--trl_keep_freed_memory)" if args.trl_keep_freed_memory
+                      else "; TRL with glibc's default malloc settings")
     rows = []
     lines = [
         f"{args.steps} steps of {args.batch_size} pairs, max_length {args.max_length}, full fine-tuning, "
         f"{device.type}, {torch.get_num_threads()} threads, best of {args.repeats} process runs; "
-        f"measured matmul peak {peak / 1e9:.0f} GFLOP/s",
+        f"measured matmul peak {peak / 1e9:.0f} GFLOP/s{trl_malloc}",
         "",
         f"| algorithm | framework | whole process (s) | s/step | tokens/s | {memory} (GB) | MFU |",
         "|---|---|---|---|---|---|---|",
@@ -206,7 +213,8 @@ def summarise(results: list[BenchResult], peak: float, args, device: torch.devic
         mfu = r.flops / sum(r.step_seconds) / peak
         rows.append({"algorithm": r.algorithm, "framework": r.framework, "process_seconds": r.process_seconds,
                      "seconds_per_step": r.seconds_per_step, "step_seconds": r.step_seconds,
-                     "tokens_per_second": r.tokens_per_second, "peak_bytes": r.peak_bytes, "mfu": mfu})
+                     "tokens_per_second": r.tokens_per_second, "peak_bytes": r.peak_bytes, "mfu": mfu,
+                     "kept_freed_memory": r.kept_freed_memory})
         lines.append(f"| {r.algorithm} | {r.framework} | {r.process_seconds:.1f} | {r.seconds_per_step:.2f} | "
                      f"{r.tokens_per_second:.0f} | {r.peak_bytes / 1e9:.2f} | {mfu:.0%} |")
     ratios = []
@@ -224,5 +232,5 @@ def summarise(results: list[BenchResult], peak: float, args, device: torch.devic
     markdown = "\n".join(lines) + "\n"
     return {"matmul_peak_flops": peak, "rows": rows, "ratios": ratios, "markdown": markdown,
             "settings": {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-                         "repeats": args.repeats,
+                         "repeats": args.repeats, "trl_keep_freed_memory": args.trl_keep_freed_memory,
                          "model": args.model or "embedded", "dataset": args.dataset, "device": device.type}}

@@ -1,7 +1,7 @@
 """One benchmark run in its own process: `python -m smolalign.bench_worker SPEC.json RESULT.json`.
 
 SPEC names the framework (`smolalign` or `trl`), algorithm, model folder, pairs file, steps, batch
-size and max_length. RESULT receives the seconds of every optimizer step.
+size, max_length, and whether the process keeps freed memory (cpu_memory.py). RESULT receives the seconds of every optimizer step.
 Peak memory and the whole process's time are measured from outside, by `smolalign bench`.
 """
 
@@ -12,6 +12,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from smolalign.cpu_memory import keep_freed_memory
 
 
 def run_smolalign(spec: dict, output_dir: Path) -> dict:
@@ -73,9 +75,12 @@ def run_trl(spec: dict, output_dir: Path) -> dict:
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
+    # smolalign's train() keeps freed memory on CPU anyway; TRL runs get it only when the spec asks.
+    kept = spec["device"] == "cpu" and spec["keep_freed_memory"] and keep_freed_memory()
     with tempfile.TemporaryDirectory(prefix="smolalign-bench-") as scratch:
         runner = run_smolalign if spec["framework"] == "smolalign" else run_trl
         result = runner(spec, Path(scratch))
+    result["kept_freed_memory"] = kept
     if spec["device"] == "cuda":
         import torch
 

@@ -123,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--max_length", type=positive_int, default=512)
     bench.add_argument("--frameworks", default="smolalign,trl")
     bench.add_argument("--repeats", type=positive_int, default=1, help="runs per framework; the fastest is kept")
+    bench.add_argument("--trl_keep_freed_memory", action="store_true",
+                       help="give the TRL runs smolalign's glibc setting that keeps freed memory (CPU)")
     bench.add_argument("--output_dir", default="runs/bench")
     bench.set_defaults(run=_run_bench)
 

@@ -183,12 +183,16 @@ def test_training_with_a_token_budget(tmp_path, tiny_model, pairs_file):
     assert final.exists()
 
 
-def test_bench_runs_both_frameworks_and_reports_ratios(tmp_path, tiny_model, pairs_file):
+@pytest.mark.parametrize("trl_keeps", [False, True], ids=["trl-default-malloc", "trl-keeps-freed-memory"])
+def test_bench_runs_both_frameworks_and_reports_ratios(tmp_path, tiny_model, pairs_file, trl_keeps):
     args = SimpleNamespace(algorithm="dpo", model=str(tiny_model(0)), dataset=str(pairs_file), steps=1, batch_size=2,
-                           max_length=256, frameworks="smolalign,trl", repeats=1, output_dir=str(tmp_path / "bench"))
+                           max_length=256, frameworks="smolalign,trl", repeats=1, output_dir=str(tmp_path / "bench"),
+                           trl_keep_freed_memory=trl_keeps)
     report = bench(args)
     saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert [row["framework"] for row in saved["rows"]] == ["smolalign", "trl"]
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert [row["kept_freed_memory"] for row in saved["rows"]] == [True, trl_keeps]
     for row in saved["rows"]:
         assert row["process_seconds"] > 0 and row["peak_bytes"] > 100e6 and 0 < row["mfu"] < 1
         assert len(row["step_seconds"]) == 1
@@ -211,7 +215,8 @@ def test_bench_repeats_each_pay_for_their_own_reference(tmp_path, tiny_model, pa
 
     monkeypatch.setattr(smolalign.bench, "run_framework", recording)
     args = SimpleNamespace(algorithm="dpo", model=str(tiny_model(0)), dataset=str(pairs_file), steps=1, batch_size=2,
-                           max_length=256, frameworks="smolalign", repeats=2, output_dir=str(tmp_path / "bench"))
+                           max_length=256, frameworks="smolalign", repeats=2, output_dir=str(tmp_path / "bench"),
+                           trl_keep_freed_memory=False)
     bench(args)
     assert len(caches) == 2 and all(len(files) == 1 for files in caches)  # each run computed and cached its own
 
