@@ -196,9 +196,10 @@ def bench(args) -> dict:
 
 def summarise(results: list[BenchResult], peak: float, args, device: torch.device) -> dict:
     memory = "peak CUDA memory" if device.type == "cuda" else "peak RSS"
+    trl_kept = [r.kept_freed_memory for r in results if r.framework == "trl"]  # what the TRL processes did
     trl_malloc = ""
-    if device.type == "cpu" and any(r.framework == "trl" for r in results):
-        trl_malloc = ("; TRL also keeps freed memory (--trl_keep_freed_memory)" if args.trl_keep_freed_memory
+    if device.type == "cpu" and trl_kept:
+        trl_malloc = ("; TRL also keeps freed memory (--trl_keep_freed_memory)" if all(trl_kept)
                       else "; TRL with glibc's default malloc settings")
     rows = []
     lines = [

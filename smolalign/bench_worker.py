@@ -1,7 +1,8 @@
 """One benchmark run in its own process: `python -m smolalign.bench_worker SPEC.json RESULT.json`.
 
 SPEC names the framework (`smolalign` or `trl`), algorithm, model folder, pairs file, steps, batch
-size, max_length, and whether the process keeps freed memory (cpu_memory.py). RESULT receives the seconds of every optimizer step.
+size, max_length, and whether the process keeps freed memory (cpu_memory.py). RESULT receives the
+seconds of every optimizer step and whether freed memory was kept.
 Peak memory and the whole process's time are measured from outside, by `smolalign bench`.
 """
 

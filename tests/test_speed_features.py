@@ -193,6 +193,7 @@ def test_bench_runs_both_frameworks_and_reports_ratios(tmp_path, tiny_model, pai
     assert [row["framework"] for row in saved["rows"]] == ["smolalign", "trl"]
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert [row["kept_freed_memory"] for row in saved["rows"]] == [True, trl_keeps]
+        assert ("TRL also keeps freed memory" in saved["markdown"]) == trl_keeps
     for row in saved["rows"]:
         assert row["process_seconds"] > 0 and row["peak_bytes"] > 100e6 and 0 < row["mfu"] < 1
         assert len(row["step_seconds"]) == 1
