@@ -164,19 +164,25 @@ class RewardModelJudge:
 
     @torch.no_grad()
     def scores(self, prompts: list[Prompt], answers: list[str]) -> list[float]:
-        """One reward per (prompt, answer), in batches of `batch_size` padded texts."""
+        """One reward per (prompt, answer), in batches of `batch_size` padded texts.
+
+        Each distinct text is scored once: the same text scored in two differently padded batches can
+        differ in the last bits, and identical answers must tie exactly.
+        """
         texts = [self.text(prompt, answer) for prompt, answer in zip(prompts, answers, strict=True)]
+        distinct = list(dict.fromkeys(texts))
         scores: list[float] = []
-        starts = range(0, len(texts), self.batch_size)
+        starts = range(0, len(distinct), self.batch_size)
         for start in tqdm(starts, desc=f"judging with {self.name}", unit="batch"):
             batch = self.tokenizer(
-                texts[start : start + self.batch_size],
+                distinct[start : start + self.batch_size],
                 padding=True,
                 return_tensors="pt",
                 add_special_tokens=not self.tokenizer.chat_template,  # a template writes its own BOS
             ).to(self.device)
             scores += self.model(**batch).logits[:, 0].float().tolist()
-        return scores
+        score_of = dict(zip(distinct, scores, strict=True))
+        return [score_of[text] for text in texts]
 
     def judge(
         self, prompts: list[Prompt], policy_answers: list[str], reference_answers: list[str]

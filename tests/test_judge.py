@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import threading
-import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -64,7 +63,7 @@ def test_reward_model_verdicts_follow_independent_scores(reward_model, tokenizer
     judge = build_judge(
         reward_model=str(reward_model), url=None, model=None, api_key_env="UNUSED", device=CPU
     )
-    judge.batch_size = 4  # six texts: one full batch and one padded partial batch
+    judge.batch_size = 2  # five distinct texts: two full padded batches and a partial one
     verdicts = judge.judge(PROMPTS, POLICY, REFERENCE)
 
     def chat(prompt, answer):
@@ -81,12 +80,12 @@ def test_reward_model_verdicts_follow_independent_scores(reward_model, tokenizer
     )
     assert [v.policy_score for v in verdicts] == pytest.approx(policy, abs=1e-5)
     assert [v.reference_score for v in verdicts] == pytest.approx(reference, abs=1e-5)
-    expected = [
-        "policy" if p > r else "reference" if p < r else "tie" for p, r in zip(policy, reference, strict=True)
-    ]
-    assert [v.winner for v in verdicts] == expected
-    assert verdicts[2].winner == "tie"  # identical answers score exactly the same
-    assert {v.winner for v in verdicts[:2]} <= {"policy", "reference"}
+    # The distinct answers differ by far more than padding noise, so their order is not a float tie.
+    assert all(abs(p - r) > 1e-3 for p, r in zip(policy[:2], reference[:2], strict=True))
+    assert [v.winner for v in verdicts[:2]] == ["policy" if p > r else "reference" for p, r in zip(policy[:2], reference[:2], strict=True)]
+    # Identical answers are a tie by definition, whatever batch or padding either was scored in.
+    assert verdicts[2].winner == "tie"
+    assert verdicts[2].policy_score == verdicts[2].reference_score
     assert judge.name == str(reward_model)
 
 
@@ -296,16 +295,25 @@ def test_server_errors_are_retried(serve):
 
 
 def test_a_server_slower_than_the_read_timeout_fails_after_the_retries(serve):
-    def slow(body):
-        time.sleep(1.0)
+    released = threading.Event()
+
+    def stalled(body):  # answers only once the test is over: only the read timeout can end each request
+        released.wait(timeout=60)
         return completion("A")
 
-    server = serve(slow)
-    start = time.monotonic()
-    with pytest.raises(UserError, match=r"/v1/chat/completions failed 3 times.*ReadTimeout"):
-        fast_judge(server.url, read_timeout=0.2).judge(PROMPTS[:1], POLICY[:1], REFERENCE[:1])
-    assert time.monotonic() - start < 2.0
-    assert len(server.requests) == 3
+    server = serve(stalled)
+    try:
+        with pytest.raises(UserError, match=r"/v1/chat/completions failed 3 times.*ReadTimeout"):
+            fast_judge(server.url, read_timeout=0.2).judge(PROMPTS[:1], POLICY[:1], REFERENCE[:1])
+        # The server records a request when its handler thread reads it, which may trail the client's timeout.
+        deadline = threading.Event()
+        for _ in range(200):
+            if len(server.requests) == 3:
+                break
+            deadline.wait(0.05)
+        assert len(server.requests) == 3
+    finally:
+        released.set()
 
 
 def test_an_unreachable_endpoint_fails_with_one_sentence(serve):

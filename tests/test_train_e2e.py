@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -169,10 +168,9 @@ def test_two_processes_train_like_one_process_with_their_whole_batch(tmp_path, t
     flags = [f"--{key}={value}" for key, value in {**common, "per_device_train_batch_size": 2, "max_length": 256,
                                                      "learning_rate": 1e-3, "logging_steps": 1,
                                                      "output_dir": tmp_path / "two"}.items()]
-    with socket.socket() as probe:  # a free port for the processes to meet on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    # --standalone: torchrun binds its own free port for the processes to meet on (a port probed here and
+    # released could be taken by another process before torchrun binds it).
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
               "-m", "smolalign", "train", *flags]
     done = subprocess.run(launch, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
