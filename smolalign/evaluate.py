@@ -14,30 +14,46 @@ from smolalign.data.tokenize import TokenizedPair
 from smolalign.forward import PairRunner
 from smolalign.logprobs import PairLogps, concat_pair_logps, score_batch
 from smolalign.metrics import MetricWindow
+from smolalign.stats import ACCURACY_METRICS, Proportion, interval_fields, interval_keys
 
 log = logging.getLogger("smolalign")
 
 
-def mean_logps_accuracy(policy: PairLogps) -> torch.Tensor:
-    """Share of pairs whose chosen answer has the higher mean token log-prob under the policy alone.
+def mean_logps_wins(policy: PairLogps) -> torch.Tensor:
+    """Per pair, whether the chosen answer has the higher mean token log-prob under the policy alone.
 
-    Unlike `rewards/accuracies` of DPO (zero before training, when policy = reference), this is
-    meaningful before and after training and for every algorithm.
+    Its share, `logps/mean_accuracy`, unlike `rewards/accuracies` of DPO (zero before training, when
+    policy = reference), is meaningful before and after training and for every algorithm.
     """
-    return (policy.chosen_mean > policy.rejected_mean).float().mean()
+    return policy.chosen_mean > policy.rejected_mean
 
 
 @torch.no_grad()
 def evaluate_objective(runner: PairRunner, pairs: list[TokenizedPair], *, batch_size: int) -> dict[str, float]:
-    """The objective's loss and metrics on held-out pairs, averaged over batches as TRL's evaluate does."""
+    """The objective's loss and metrics on held-out pairs, averaged over batches as TRL's evaluate does;
+    for each accuracy also its 95% interval (`eval_<name>_ci_low`, `eval_<name>_ci_high`), and the
+    number of pairs (`eval_pairs`).
+
+    The interval is Wilson's for the pairs the accuracy got right out of all pairs. The logged accuracy
+    is TRL's mean of batch means, which is that same share when every batch is full; a smaller last
+    batch weighs as much as a full one in TRL's number, so the two may then differ a little.
+    """
     window = MetricWindow()
+    wins: dict[str, int] = dict.fromkeys(ACCURACY_METRICS, 0)
     for start in tqdm(range(0, len(pairs), batch_size), desc="evaluating", leave=False, unit="batch"):
-        result = runner.run(pairs[start : start + batch_size])
+        batch = pairs[start : start + batch_size]
+        result = runner.run(batch)
         metrics = {"loss": result.output.loss, **result.output.metrics}
         if runner.objective.needs_rejected and not runner.objective.reward_model:
-            metrics["logps/mean_accuracy"] = mean_logps_accuracy(result.policy)
+            metrics["logps/mean_accuracy"] = mean_logps_wins(result.policy).float().mean()
         window.add(metrics)
-    return {f"eval_{name}": value for name, value in window.mean().items()}
+        for name in wins.keys() & metrics.keys():  # an accuracy is a share of the batch: back to a count
+            wins[name] += round(float(metrics[name]) * len(batch))
+    summary = window.mean()
+    for name in [name for name in ACCURACY_METRICS if name in summary]:
+        summary |= interval_fields(name, wins[name], len(pairs))
+    summary["pairs"] = len(pairs)
+    return {f"eval_{name}": value for name, value in summary.items()}
 
 
 @torch.no_grad()
@@ -55,7 +71,8 @@ def score_pairs(
 
 def preference_summary(policy: PairLogps, reference: PairLogps | None, *, beta: float) -> dict[str, float]:
     """eval.json: DPO implicit rewards beta * (policy - reference) when a reference is given, otherwise
-    length-normalised rewards beta * mean token log-prob (as ORPO and SimPO define them)."""
+    length-normalised rewards beta * mean token log-prob (as ORPO and SimPO define them). Each accuracy
+    comes with its 95% Wilson interval (`<name>_ci_low`, `<name>_ci_high`) over the `pairs` pairs."""
     if reference is not None:
         chosen_rewards = beta * (policy.chosen - reference.chosen)
         rejected_rewards = beta * (policy.rejected - reference.rejected)
@@ -63,15 +80,20 @@ def preference_summary(policy: PairLogps, reference: PairLogps | None, *, beta: 
     else:
         chosen_rewards, rejected_rewards = beta * policy.chosen_mean, beta * policy.rejected_mean
         reward_kind = "beta * mean answer-token logps (no reference)"
+    reward_wins = chosen_rewards > rejected_rewards
+    logps_wins = mean_logps_wins(policy)
+    pairs = len(policy.chosen)
     summary = {
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "rewards/accuracies": reward_wins.float().mean().item(),
+        **interval_fields("rewards/accuracies", int(reward_wins.sum()), pairs),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
         "rewards/chosen": chosen_rewards.mean().item(),
         "rewards/rejected": rejected_rewards.mean().item(),
         "logps/chosen": policy.chosen.mean().item(),
         "logps/rejected": policy.rejected.mean().item(),
-        "logps/mean_accuracy": mean_logps_accuracy(policy).item(),
-        "pairs": len(policy.chosen),
+        "logps/mean_accuracy": logps_wins.float().mean().item(),
+        **interval_fields("logps/mean_accuracy", int(logps_wins.sum()), pairs),
+        "pairs": pairs,
         "beta": beta,
         "reward": reward_kind,
     }
@@ -99,6 +121,16 @@ def write_pair_rows(path: Path, pairs: list[TokenizedPair], policy: PairLogps, r
 
 
 def format_summary_table(summary: dict) -> str:
-    rows = [(key, f"{value:.4f}" if isinstance(value, float) else str(value)) for key, value in summary.items()]
+    """The summary as aligned `name  value` lines; an accuracy shows its interval and pair count on its own
+    line (`0.61 [0.53, 0.68], n=150`) rather than as separate `_ci_low` and `_ci_high` lines."""
+    folded = {key for name in ACCURACY_METRICS for key in interval_keys(name) if name in summary}
+    rows = []
+    for key, value in summary.items():
+        if key in folded:
+            continue
+        if key in ACCURACY_METRICS:
+            rows.append((key, str(Proportion.read(summary, key, n_key="pairs"))))
+        else:
+            rows.append((key, f"{value:.4f}" if isinstance(value, float) else str(value)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {key:<{width}}  {value}" for key, value in rows)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -34,6 +33,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from smolalign.errors import UserError, first_line
 from smolalign.hub import hub_reachable
 from smolalign.models import model_source, resolve_dtype
+from smolalign.stats import wilson_interval
 
 log = logging.getLogger("smolalign")
 
@@ -363,8 +363,6 @@ def _server_message(response: requests.Response) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # Summary
 
-Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal
-
 
 def win_rate_summary(verdicts: list[Verdict], name: str) -> dict:
     """Wins, losses, ties and the policy's win rate (a tie counts as half a win) with a 95% interval.
@@ -372,16 +370,14 @@ def win_rate_summary(verdicts: list[Verdict], name: str) -> dict:
     The interval is the Wilson score interval for a proportion, applied to the win rate
     p = (wins + ties / 2) / n over n verdicts: ties enter as half a success, as in the win rate itself.
     A tie varies less than a win-or-loss, so with many ties the interval is slightly wider than it
-    must be (conservative). Wilson's interval stays inside [0, 1] and behaves at p = 0 or 1 and small n.
+    must be (conservative).
     """
     n = len(verdicts)
     wins = sum(v.winner == "policy" for v in verdicts)
     losses = sum(v.winner == "reference" for v in verdicts)
     ties = n - wins - losses
     win_rate = (wins + ties / 2) / n
-    z2 = Z_95**2
-    centre = (win_rate + z2 / (2 * n)) / (1 + z2 / n)
-    half_width = Z_95 / (1 + z2 / n) * math.sqrt(win_rate * (1 - win_rate) / n + z2 / (4 * n * n))
+    low, high = wilson_interval(wins + ties / 2, n)
     return {
         "judge/name": name,
         "judge/n": n,
@@ -389,6 +385,6 @@ def win_rate_summary(verdicts: list[Verdict], name: str) -> dict:
         "judge/losses": losses,
         "judge/ties": ties,
         "judge/win_rate": win_rate,
-        "judge/ci_low": max(0.0, centre - half_width),
-        "judge/ci_high": min(1.0, centre + half_width),
+        "judge/ci_low": low,
+        "judge/ci_high": high,
     }

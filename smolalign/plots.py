@@ -2,13 +2,14 @@
 
 Every figure gives a run the same color (its place in the report), so a reader who learns that the
 ORPO run is orange can follow it from figure to figure; training values are solid lines, held-out
-(`eval_…`) values dashed.
+(`eval_…`) values dashed, a held-out accuracy's 95% interval shaded around it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -16,11 +17,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from smolalign.stats import CHANCE, Proportion, interval_keys  # noqa: E402
+
 # file name -> (figure title, one panel per metric; a panel overlays the metric and its `eval_` twin)
 CURVES = {
     "loss": ("Loss", ["loss"]),
     "accuracy": ("Preference accuracy (share of pairs where the chosen answer wins)",
-                 ["rewards/accuracies", "logps/mean_accuracy"]),
+                 ["rewards/accuracies", "logps/mean_accuracy", "accuracy"]),
     "margins": ("Reward margin (chosen − rejected)", ["rewards/margins"]),
     "rewards": ("Implicit rewards", ["rewards/chosen", "rewards/rejected"]),
     "logps": ("Log-probs of the answers", ["logps/chosen", "logps/rejected"]),
@@ -29,7 +32,28 @@ CURVES = {
     "learning_rate": ("Learning rate", ["learning_rate"]),
     "grad_norm": ("Gradient norm (before clipping)", ["grad_norm"]),
 }
+# Figures whose log-prob values are sums over an answer's tokens for some algorithms and per-token means
+# for others: runs of each scale get panels of their own, with the unit on the axis.
+SCALED_FIGURES = {"logps"}
+LOGPS_UNITS = {"sum": "nats, summed over answer tokens", "mean": "nats per token, mean over answer tokens"}
+UNKNOWN_SCALE = "scale unknown: no algorithm in config.yaml"
 PANEL_SIZE = (5.2, 3.6)  # inches; figures grow with their panels so text keeps its size
+
+
+@dataclass
+class Curve:
+    run: str
+    held_out: bool  # an `eval_…` metric: drawn dashed
+    steps: list[int]
+    values: list[float]
+    band: tuple[list[float], list[float]] | None = None  # a held-out accuracy's 95% interval at each step
+
+
+@dataclass
+class Panel:
+    metric: str
+    unit: str | None  # what the values measure, where that depends on the run (log-prob sums or means)
+    curves: list[Curve]
 
 
 def run_colors(names: Sequence[str]) -> dict[str, tuple]:
@@ -39,24 +63,51 @@ def run_colors(names: Sequence[str]) -> dict[str, tuple]:
     return {name: plt.cm.viridis(i / (len(names) - 1)) for i, name in enumerate(names)}
 
 
-def plot_curves(runs: dict[str, list[dict]], out_dir: Path) -> list[Path]:
-    """Every figure of CURVES for which some run logged data, runs overlaid; returns the files written."""
+def curve_panels(runs: dict[str, list[dict]], logps_scales: dict[str, str | None]) -> dict[str, list[Panel]]:
+    """The panels of every figure of CURVES for which some run logged data, keyed by the figure's file name.
+
+    A panel overlays a metric and its `eval_` twin for every run, except in SCALED_FIGURES, where runs
+    are grouped by `logps_scales` ("sum", "mean" or None per run): a log-prob sum of a 100-token answer
+    and a per-token mean differ a hundredfold, and one axis for both would flatten one of them and
+    invite comparing what is not comparable.
+    """
+    figures = {}
+    for name, (_, metrics) in CURVES.items():
+        groups = _scale_groups(runs, logps_scales) if name in SCALED_FIGURES else {None: runs}
+        panels = [Panel(metric, unit, curves) for unit, group in groups.items() for metric in metrics
+                  if (curves := _curves(group, metric))]
+        if panels:
+            figures[name] = panels
+    return figures
+
+
+def plot_curves(runs: dict[str, list[dict]], out_dir: Path, logps_scales: dict[str, str | None]) -> list[Path]:
+    """Every figure of `curve_panels`, runs overlaid; returns the files written.
+
+    A held-out accuracy logged with its interval is drawn with the interval as a shaded band, and
+    accuracy panels mark chance (0.5) with a dotted line.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     colors = run_colors(list(runs))
     written = []
-    for name, (title, metrics) in CURVES.items():
-        panels = {metric: _curves(runs, metric) for metric in metrics}
-        panels = {metric: curves for metric, curves in panels.items() if curves}
-        if not panels:
-            continue
-        figure, axes = _panels(len(panels), title)
-        for ax, (metric, curves) in zip(axes, panels.items(), strict=False):
-            for run, held_out, steps, values in curves:
-                label = ("held-out" if held_out else "train") if len(runs) == 1 else (
-                    f"{run} (held-out)" if held_out else run)
-                ax.plot(steps, values, "--" if held_out else "-", color=colors[run], label=label,
-                        marker="o" if len(steps) < 30 else None, markersize=3)
-            _label(ax, metric, "optimizer step")
+    for name, panels in curve_panels(runs, logps_scales).items():
+        split = len({panel.unit for panel in panels}) > 1  # runs of different scales: a row of panels per scale
+        columns = len({panel.metric for panel in panels}) if split else 3
+        figure, axes = _panels(len(panels), CURVES[name][0], columns=columns)
+        for ax, panel in zip(axes, panels, strict=False):
+            for curve in panel.curves:
+                label = ("held-out" if curve.held_out else "train") if len(runs) == 1 else (
+                    f"{curve.run} (held-out)" if curve.held_out else curve.run)
+                ax.plot(curve.steps, curve.values, "--" if curve.held_out else "-", color=colors[curve.run],
+                        label=label, marker="o" if len(curve.steps) < 30 else None, markersize=3)
+                if curve.band is not None:
+                    ax.fill_between(curve.steps, *curve.band, color=colors[curve.run], alpha=0.15, linewidth=0)
+            if name == "accuracy":
+                ax.axhline(CHANCE, color="gray", linestyle=":", linewidth=1)  # a coin flip
+            _label(ax, panel.metric if panel.unit is None else f"{panel.metric}\n({panel.unit})", "optimizer step")
+            if split:
+                runs_here = dict.fromkeys(curve.run for curve in panel.curves)
+                ax.set_title(", ".join(runs_here), fontsize=9)
         written.append(_save(figure, out_dir / f"{name}.png"))
     return written
 
@@ -84,10 +135,11 @@ def plot_win_rates(
     return _save(figure, path)
 
 
-def plot_sweep(points: list[tuple[object, str, dict[str, float]]], x_label: str, path: Path) -> Path | None:
+def plot_sweep(points: list[tuple[object, str, dict[str, float | Proportion]]], x_label: str, path: Path) -> Path | None:
     """Final metrics against a swept setting: one panel per metric, one line per `line` label.
 
-    `points` holds (x value, line label, {metric: value}) per run. Numbers give a numeric axis
+    `points` holds (x value, line label, {metric: value}) per run; a value that is a `Proportion` with
+    an interval (held-out accuracy, win rate) gets it as an error bar. Numbers give a numeric axis
     (logarithmic when they span more than a factor of 20, as learning rates do); anything else is
     placed in order of first appearance.
     """
@@ -101,11 +153,18 @@ def plot_sweep(points: list[tuple[object, str, dict[str, float]]], x_label: str,
     figure, axes = _panels(len(metrics), f"Final metrics against {x_label}")
     for ax, metric in zip(axes, metrics, strict=False):
         for line in lines:
-            xy = [(x if numeric else categories.index(str(x)), finals[metric])
-                  for x, label, finals in points if label == line and metric in finals]
+            xy = sorted(((x if numeric else categories.index(str(x)), finals[metric])
+                         for x, label, finals in points if label == line and metric in finals), key=lambda p: p[0])
             if xy:
-                xs, ys = zip(*sorted(xy), strict=True)
-                ax.plot(xs, ys, "-o", color=colors[line], markersize=4, label=line or None)
+                xs = [x for x, _ in xy]
+                ys = [value.value if isinstance(value, Proportion) else value for _, value in xy]
+                intervals = [value if isinstance(value, Proportion) and value.has_interval else None for _, value in xy]
+                errors = None
+                if any(intervals):
+                    errors = [[0.0 if p is None else p.value - p.low for p in intervals],
+                              [0.0 if p is None else p.high - p.value for p in intervals]]
+                ax.errorbar(xs, ys, yerr=errors, fmt="-o", color=colors[line], markersize=4, capsize=3,
+                            label=line or None)
         _label(ax, metric, x_label)
         if numeric and min(x for x, _, _ in points) > 0 and _spread(points) > 20:
             ax.set_xscale("log")
@@ -115,16 +174,38 @@ def plot_sweep(points: list[tuple[object, str, dict[str, float]]], x_label: str,
     return _save(figure, path)
 
 
-def _curves(runs: dict[str, list[dict]], metric: str) -> list[tuple[str, bool, list, list]]:
-    """(run, held out?, steps, values) of `metric` and of `eval_<metric>`, for the runs that logged them."""
+def _curves(runs: dict[str, list[dict]], metric: str) -> list[Curve]:
+    """The curves of `metric` and of `eval_<metric>`, for the runs that logged them; a held-out curve gets
+    its interval band when every point of it has one (`eval_<metric>_ci_low`, `eval_<metric>_ci_high`)."""
     curves = []
     for run, records in runs.items():
         for held_out, key in ((False, metric), (True, f"eval_{metric}")):
-            points = [(r["step"], r[key]) for r in records if "step" in r and _is_number(r.get(key))]
-            if points:
-                steps, values = zip(*points, strict=True)
-                curves.append((run, held_out, list(steps), list(values)))
+            points = [r for r in records if "step" in r and _is_number(r.get(key))]
+            if not points:
+                continue
+            curve = Curve(run, held_out, [r["step"] for r in points], [r[key] for r in points])
+            low, high = interval_keys(key)
+            if held_out and all(_is_number(r.get(low)) and _is_number(r.get(high)) for r in points):
+                curve.band = ([r[low] for r in points], [r[high] for r in points])
+            curves.append(curve)
     return curves
+
+
+def logps_unit(scale: str | None) -> str:
+    """What log-probs of the scale "sum" or "mean" measure, in words for axes and notes."""
+    return LOGPS_UNITS.get(scale, UNKNOWN_SCALE)
+
+
+def _scale_groups(runs: dict[str, list[dict]], logps_scales: dict[str, str | None]) -> dict[str | None, dict]:
+    """Runs grouped by the unit of their log-probs, in the order the runs come; one group of runs of an
+    unknown scale needs no unit."""
+    units = {run: logps_unit(logps_scales.get(run)) for run in runs}
+    if set(units.values()) == {UNKNOWN_SCALE}:
+        return {None: runs}
+    groups: dict[str | None, dict] = {}
+    for run, records in runs.items():
+        groups.setdefault(units[run], {})[run] = records
+    return groups
 
 
 def _is_number(value) -> bool:

@@ -23,7 +23,8 @@ import yaml
 from smolalign.config import flatten
 from smolalign.errors import UserError
 from smolalign.metrics import last_values, read_metrics
-from smolalign.plots import CURVES, plot_curves, plot_sweep, plot_win_rates, run_colors
+from smolalign.plots import CURVES, logps_unit, plot_curves, plot_sweep, plot_win_rates, run_colors
+from smolalign.stats import ACCURACY_METRICS, CHANCE, Proportion, interval_keys
 
 MAX_SAMPLES = 8  # prompts shown side by side: enough to get a feel for the answers, few enough to read
 ABSENT = "–"
@@ -43,6 +44,8 @@ EVAL_ORDER = (
     "generation/reference_mean_tokens", "pairs", "beta", "reward",
 )
 HELD_OUT_ORDER = ("step", "epoch", *(f"eval_{name}" for name in ("loss", *EVAL_ORDER, "nll_loss")))
+# Algorithms whose `logps/*` metrics are mean token log-probs of an answer (losses.py); the others log sums.
+AVERAGED_LOGPS = ("orpo", "simpo")
 VERDICTS = {"policy": ("judge: policy wins", "win"), "reference": ("judge: reference wins", "loss"),
             "tie": ("judge: tie", "tie")}
 
@@ -94,6 +97,14 @@ class Run:
     def eval_records(self) -> list[dict]:
         return [r for r in self.records if _is_held_out(r)]
 
+    @property
+    def logps_scale(self) -> str | None:
+        """"mean" or "sum": how the run's `logps/*` metrics are scaled; None without an algorithm in config.yaml."""
+        algorithm = self.config.get("algorithm")
+        if algorithm is None:
+            return None
+        return "mean" if algorithm in AVERAGED_LOGPS else "sum"
+
 
 def compare_runs(run_dirs: list[Path], out_dir: Path, sweep_keys: list[str] | None = None) -> Path:
     """Write report.md, report.html and plots/*.png about `run_dirs` into `out_dir`; returns the HTML path.
@@ -112,7 +123,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, sweep_keys: list[str] | No
         curves_section(runs, out_dir),
         final_metrics_section("Final training metrics", runs, lambda run: run.train_records, TRAIN_ORDER),
         final_metrics_section("Final held-out metrics (evaluation during training)", runs,
-                              lambda run: run.eval_records, HELD_OUT_ORDER),
+                              lambda run: run.eval_records, HELD_OUT_ORDER, pairs_key="eval_pairs"),
         evaluation_section(runs),
         judge_section(runs, out_dir),
         samples_section(runs),
@@ -198,33 +209,94 @@ def _check_sweep_keys(runs: list[Run], sweep_keys: list[str]) -> None:
 
 def _held_out_key(runs: list[Run]) -> str:
     """The held-out accuracy the headline compares: the mean log-prob one when logged, because it means
-    something at step 0 and for every algorithm (DPO's reward accuracy is 0 while policy = reference)."""
-    logged = any("eval_logps/mean_accuracy" in r for run in runs for r in run.eval_records)
-    return "eval_logps/mean_accuracy" if logged else "eval_rewards/accuracies"
+    something at step 0 and for every algorithm (DPO's reward accuracy is 0 while policy = reference);
+    else the reward accuracy (a reward model's is `eval_accuracy`)."""
+    logged = {key for run in runs for record in run.eval_records for key in record}
+    candidates = [f"eval_{name}" for name in ("logps/mean_accuracy", "rewards/accuracies", "accuracy")]
+    return next((key for key in candidates if key in logged), candidates[0])
 
 
-def _held_out_before_after(run: Run, key: str) -> tuple[float | None, float | None]:
-    """`key` at the step-0 evaluation (before training) and at the last later one."""
-    values = [(record.get("step"), record[key]) for record in run.eval_records if key in record]
-    before = next((value for step, value in values if step == 0), None)
-    after = next((value for step, value in reversed(values) if step != 0), None)
-    return before, after
+def held_out_before_after(run: Run, key: str) -> tuple[Proportion | None, Proportion | None]:
+    """`key` with its interval at the step-0 evaluation (before training) and at the last later one."""
+    records = [record for record in run.eval_records if key in record]
+    before = next((record for record in records if record.get("step") == 0), None)
+    after = next((record for record in reversed(records) if record.get("step") != 0), None)
+    return tuple(None if record is None else Proportion.read(record, key, n_key="eval_pairs")
+                 for record in (before, after))
 
 
-def outcomes(run: Run, held_out_key: str) -> dict[str, float]:
-    """The numbers that say whether a run worked, by name; those the run cannot tell are left out."""
+def outcomes(run: Run, held_out_key: str) -> dict[str, float | Proportion]:
+    """The numbers that say whether a run worked, by name, accuracies and the win rate with their
+    intervals; those the run cannot tell are left out."""
     train = last_values(run.train_records)
-    before, after = _held_out_before_after(run, held_out_key)
+    before, after = held_out_before_after(run, held_out_key)
     values = {
         "final train loss": train.get("loss"),
         "train reward accuracy": train.get("rewards/accuracies"),
         "train reward margin": train.get("rewards/margins"),
         "held-out accuracy before": before,
         "held-out accuracy": after,
-        "eval.json reward accuracy": run.evaluation.get("rewards/accuracies"),
-        "judge win rate": run.evaluation.get("judge/win_rate"),
+        "eval.json reward accuracy": Proportion.read(run.evaluation, "rewards/accuracies", n_key="pairs"),
+        "judge win rate": _win_rate(run.evaluation),
     }
     return {name: value for name, value in values.items() if value is not None}
+
+
+def effect_verdict(run: Run, held_out_key: str) -> str:
+    """In words, whether the run's effect on held-out accuracy is larger than its uncertainty.
+
+    Held out during training, the effect is the change from step 0 to the last evaluation: measurable
+    when the two 95% intervals do not overlap (a conservative test: they rest on the same pairs).
+    Without a step-0 evaluation, or from `smolalign eval` alone, it is the distance from chance:
+    measurable when the interval excludes 0.5.
+    """
+    done = outcomes(run, held_out_key)
+    before, after = done.get("held-out accuracy before"), done.get("held-out accuracy")
+    evaluation = done.get("eval.json reward accuracy")
+    parts = []
+    if after is not None:
+        parts.append(_change_verdict(held_out_key, before, after))
+    if evaluation is not None:
+        parts.append(_chance_verdict("`smolalign eval`'s `rewards/accuracies`", evaluation))
+    if not parts:
+        return (f"{run.name}: not measured: no held-out accuracy (give the run an eval_dataset or a "
+                "test_split_size, or run `smolalign eval` on its final model).")
+    (label, reason), *others = parts  # the first part names the verdict; the others add their reasons
+    return f"{run.name}: {label} — {reason}." + "".join(f" {other_reason}." for _, other_reason in others)
+
+
+def _change_verdict(key: str, before: Proportion | None, after: Proportion) -> tuple[str, str]:
+    """(label, reason) for the held-out accuracy before and after training."""
+    if not after.has_interval:
+        return ("cannot tell whether the effect is measurable",
+                f"held-out `{key}` is {after}: metrics.jsonl does not record how many pairs it rests on "
+                "(an older smolalign wrote it)")
+    if before is None or not before.has_interval:
+        return _chance_verdict(f"held-out `{key}` after training", after)
+    if after.overlaps(before):
+        label, change = "not measurable", f"went from {before} to {after}, but the before/after 95% intervals overlap"
+    else:
+        label = "measurable" if after.value > before.value else "measurable, for the worse"
+        direction = "rose" if after.value > before.value else "fell"
+        change = f"{direction} from {before} to {after}, and the before/after 95% intervals do not overlap"
+    return label, f"held-out `{key}` {change}; after training its interval {_against_chance(after)}"
+
+
+def _chance_verdict(what: str, accuracy: Proportion) -> tuple[str, str]:
+    """(label, reason) for one accuracy on its own: is it distinguishable from a coin flip?"""
+    if not accuracy.has_interval:
+        return "cannot tell whether the effect is measurable", f"{what} is {accuracy}"
+    label = ("measurable" if accuracy.low > CHANCE else "measurable, for the worse" if accuracy.high < CHANCE
+             else "not measurable")
+    return label, f"{what} is {accuracy}, whose 95% interval {_against_chance(accuracy)}"
+
+
+def _against_chance(accuracy: Proportion) -> str:
+    if accuracy.low > CHANCE:
+        return f"excludes chance ({CHANCE})"
+    if accuracy.high < CHANCE:
+        return f"lies below chance ({CHANCE})"
+    return f"includes chance ({CHANCE})"
 
 
 # ---------------------------------------------------------------- sections
@@ -233,17 +305,16 @@ def outcomes(run: Run, held_out_key: str) -> dict[str, float]:
 def headline_section(runs: list[Run], sweep_keys: list[str]) -> Section:
     key = _held_out_key(runs)
     header = ["run", *sweep_keys, "final train loss", "reward accuracy", "reward margin",
-              "held-out accuracy before → after", "eval.json accuracy", "judge win rate [95% interval]"]
+              "held-out accuracy before", "held-out accuracy after", "eval.json accuracy", "judge win rate"]
     rows = []
     for run in runs:
         done = outcomes(run, key)
         rows.append([
             run.name,
             *(_setting(run.config.get(k, _MISSING)) for k in sweep_keys),
-            *(_number(done.get(name)) for name in ("final train loss", "train reward accuracy", "train reward margin")),
-            _before_after(done.get("held-out accuracy before"), done.get("held-out accuracy")),
-            _number(done.get("eval.json reward accuracy")),
-            _win_rate(run.evaluation),
+            *(_number(done.get(name)) for name in ("final train loss", "train reward accuracy", "train reward margin",
+                                                   "held-out accuracy before", "held-out accuracy",
+                                                   "eval.json reward accuracy", "judge win rate")),
         ])
     note = (
         "Training values are those of the last logged window. Reward accuracy is the share of pairs whose "
@@ -251,9 +322,11 @@ def headline_section(runs: list[Run], sweep_keys: list[str]) -> Section:
         f"`{key}` on the evaluation pairs at step 0 and at the last evaluation during training; "
         "eval.json accuracy is `rewards/accuracies` of `smolalign eval`; the judge's win rate is the share "
         "of prompts where it preferred the policy's answer to the reference's (a tie counts half). "
-        "A dash: not measured."
+        "Each held-out number is shown with its 95% interval (Wilson's) and the number of pairs or prompts it "
+        "rests on: 0.61 [0.53, 0.68], n=150. A dash: not measured."
     )
-    return Section("Did it work?", [Table(header, rows), Paragraph(note)])
+    verdicts = [Paragraph(effect_verdict(run, key)) for run in runs]
+    return Section("Did it work?", [Table(header, rows), *verdicts, Paragraph(note)])
 
 
 def settings_section(runs: list[Run]) -> Section:
@@ -291,23 +364,55 @@ def sweep_section(runs: list[Run], sweep_keys: list[str], out_dir: Path) -> Sect
 
 
 def curves_section(runs: list[Run], out_dir: Path) -> Section:
-    images = plot_curves({run.name: run.records for run in runs}, out_dir / "plots")
+    images = plot_curves({run.name: run.records for run in runs}, out_dir / "plots",
+                         {run.name: run.logps_scale for run in runs})
     if not images:
         return Section("Training curves", [Paragraph("No run has logged metrics yet.")])
-    legend = Paragraph("Solid lines: training, one point per logging window; dashed: held-out evaluation.")
-    return Section("Training curves", [legend, Figures([(_relative(p, out_dir), CURVES[p.stem][0]) for p in images])])
+    legend = Paragraph("Solid lines: training, one point per logging window; dashed: held-out evaluation, "
+                       "shaded: its 95% interval; dotted in accuracy panels: chance (0.5).")
+    figures = Figures([(_relative(p, out_dir), CURVES[p.stem][0]) for p in images])
+    return Section("Training curves", [legend, *_logps_scale_note(runs), figures])
+
+
+def _logps_scale_note(runs: list[Run]) -> list[Paragraph]:
+    """A warning, when the runs' log-probs are on different scales (DPO sums, ORPO/SimPO means)."""
+    groups: dict[str | None, list[str]] = {}
+    for run in runs:
+        groups.setdefault(run.logps_scale, []).append(run.name)
+    if len(groups) < 2:
+        return []
+    scales = "; ".join(f"{', '.join(names)}: {logps_unit(scale)}" for scale, names in groups.items())
+    return [Paragraph(f"The runs' `logps/…` values are on different scales and cannot be compared across them "
+                      f"({scales}); the log-prob figure gives each scale panels of its own.")]
 
 
 def final_metrics_section(
-    title: str, runs: list[Run], records_of: Callable[[Run], list[dict]], order: tuple[str, ...]
+    title: str, runs: list[Run], records_of: Callable[[Run], list[dict]], order: tuple[str, ...],
+    pairs_key: str | None = None,
 ) -> Section | None:
-    """The last value of every metric per run, known metrics first; None when no run logged any."""
+    """The last value of every metric per run, known metrics first; None when no run logged any.
+
+    With `pairs_key` (held-out lines), accuracies show their interval and pair count in their cell.
+    """
     finals = [last_values(records_of(run)) for run in runs]
     names = _ordered([name for final in finals for name in final], order)
     if not names:
         return None
-    rows = [[name, *(_number(final.get(name)) for final in finals)] for name in names]
-    return Section(title, [Table(["metric", *(run.name for run in runs)], rows)])
+    rows = _metric_rows(names, finals, pairs_key)
+    notes = _logps_scale_note(runs) if any(name.removeprefix("eval_").startswith("logps/") for name in names) else []
+    return Section(title, [Table(["metric", *(run.name for run in runs)], rows), *notes])
+
+
+def _metric_rows(names: list[str], columns: list[dict], pairs_key: str | None) -> list[list[str]]:
+    """One row per metric, one cell per column of values. With `pairs_key`, an accuracy's cell reads
+    `0.61 [0.53, 0.68], n=150` and its `_ci_low` and `_ci_high` lines are not shown apart."""
+    accuracies = set()
+    if pairs_key is not None:
+        accuracies = {name for name in names if name.removeprefix("eval_") in ACCURACY_METRICS}
+    folded = {key for name in accuracies for key in interval_keys(name)}
+    return [[name, *(_number(Proportion.read(values, name, n_key=pairs_key) if name in accuracies else values.get(name))
+                     for values in columns)]
+            for name in names if name not in folded]
 
 
 def evaluation_section(runs: list[Run]) -> Section:
@@ -316,7 +421,7 @@ def evaluation_section(runs: list[Run]) -> Section:
     evaluated = [run for run in runs if run.evaluation]
     names = _ordered([k for run in evaluated for k in run.evaluation if not k.startswith("judge/")], EVAL_ORDER)
     if names:
-        rows = [[name, *(_number(run.evaluation.get(name)) for run in evaluated)] for name in names]
+        rows = _metric_rows(names, [run.evaluation for run in evaluated], "pairs")
         blocks.append(Table(["metric", *(run.name for run in evaluated)], rows))
     missing = [run.name for run in runs if not run.evaluation]
     if missing:
@@ -332,7 +437,7 @@ def judge_section(runs: list[Run], out_dir: Path) -> Section | None:
         return None
     header = ["run", "judge", "prompts", "wins", "ties", "losses", "win rate [95% interval]"]
     rows = [[run.name, *(_number(run.evaluation.get(f"judge/{k}")) for k in ("name", "n", "wins", "ties", "losses")),
-             _win_rate(run.evaluation)] for run in judged]
+             _number(_win_rate(run.evaluation))] for run in judged]
     rates = {run.name: (run.evaluation["judge/win_rate"], run.evaluation.get("judge/ci_low"),
                         run.evaluation.get("judge/ci_high")) for run in judged}
     chart = plot_win_rates(rates, out_dir / "plots" / "win_rates.png", run_colors([run.name for run in runs]))
@@ -388,9 +493,12 @@ def _policy_answer(name: str, row: dict) -> Answer:
 
 
 def _number(value) -> str:
-    """Metric values: four decimals, small ones (learning rates) in e-notation, large ones whole."""
+    """Metric values: four decimals, small ones (learning rates) in e-notation, large ones whole; a
+    proportion with its interval and count (`0.61 [0.53, 0.68], n=150`)."""
     if value is None:
         return ABSENT
+    if isinstance(value, Proportion):
+        return str(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     if isinstance(value, int):
@@ -411,18 +519,12 @@ def _setting(value) -> str:
     return str(value)
 
 
-def _win_rate(evaluation: dict) -> str:
+def _win_rate(evaluation: dict) -> Proportion | None:
+    """The judge's win rate with its interval (`judge/ci_low`, `judge/ci_high`) over `judge/n` prompts."""
     rate = evaluation.get("judge/win_rate")
     if rate is None:
-        return ABSENT
-    low, high = evaluation.get("judge/ci_low"), evaluation.get("judge/ci_high")
-    interval = f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
-    count = evaluation.get("judge/n")
-    return f"{rate:.2f}{interval}" + (f" (n={count})" if count is not None else "")
-
-
-def _before_after(before: float | None, after: float | None) -> str:
-    return ABSENT if before is None and after is None else f"{_number(before)} → {_number(after)}"
+        return None
+    return Proportion(rate, evaluation.get("judge/ci_low"), evaluation.get("judge/ci_high"), evaluation.get("judge/n"))
 
 
 def _tokens(count) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from smolalign.cli import main
 from smolalign.data.formats import _parse_hh
 from smolalign.embedded import embedded_model_dir
+from smolalign.stats import wilson_interval
 
 
 def plain_answer_logps(model, tokenizer, messages: list[dict]) -> tuple[float, int]:
@@ -54,6 +56,15 @@ def test_eval_writes_summary_and_pairs(tmp_path, tiny_model, hh_rows, capsys):
     margins = [0.5 * ((p["logps_chosen"] - p["ref_logps_chosen"]) - (p["logps_rejected"] - p["ref_logps_rejected"]))
                for p in pairs]
     assert summary["rewards/accuracies"] == pytest.approx(sum(m > 0 for m in margins) / len(margins))
+    # each accuracy with its 95% Wilson interval over the 8 pairs, printed on one line with the count
+    mean_wins = sum(p["logps_chosen"] / p["n_tokens_chosen"] > p["logps_rejected"] / p["n_tokens_rejected"]
+                    for p in pairs)
+    for name, wins in (("rewards/accuracies", sum(m > 0 for m in margins)), ("logps/mean_accuracy", mean_wins)):
+        low, high = wilson_interval(wins, 8)
+        assert (summary[f"{name}_ci_low"], summary[f"{name}_ci_high"]) == pytest.approx((low, high))
+        line = f"{wins / 8:.2f} [{low:.2f}, {high:.2f}], n=8"
+        assert re.search(rf"^  {re.escape(name)} +{re.escape(line)}$", printed, re.MULTILINE), line
+    assert "_ci_low" not in printed
     assert summary["rewards/margins"] == pytest.approx(sum(margins) / len(margins), abs=1e-5)
     assert summary["logps/chosen"] == pytest.approx(sum(p["logps_chosen"] for p in pairs) / len(pairs), abs=1e-4)
     check_against_plain_transformers(tiny_model(0), rows, pairs, tolerance=1e-3)

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import read_jsonl
 
 from smolalign.errors import UserError
-from smolalign.report import MAX_SAMPLES, compare_runs, write_report
+from smolalign.plots import curve_panels
+from smolalign.report import MAX_SAMPLES, compare_runs, read_runs, write_report
+from smolalign.stats import interval_fields
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 STEPS = 10
@@ -22,38 +25,50 @@ STEPS = 10
 
 def make_run(
     root: Path, name: str, *, algorithm: str = "dpo", beta: float = 0.1, lora: dict | None = None,
-    final_loss: float = 0.4123, evaluation: bool = True, prompts: int = 3,
+    final_loss: float = 0.4123, evaluation: bool = True, prompts: int = 3, eval_pairs: int | None = 100,
 ) -> Path:
-    """A run folder as `smolalign train` and `smolalign eval` leave it, with made-up but plausible numbers."""
+    """A run folder as `smolalign train` and `smolalign eval` leave it, with made-up but plausible numbers.
+
+    Held-out accuracy (`eval_logps/mean_accuracy`) goes 0.52 → 0.67 over `eval_pairs` pairs; None writes
+    the held-out lines of older versions, without intervals or pair count.
+    """
     run = root / name
     (run / "eval").mkdir(parents=True)
     config = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "algorithm": algorithm, "loss_type": "sigmoid",
               "beta": beta, "learning_rate": 5e-6, "lora": lora, "dataset": "data/train.jsonl", "seed": 42,
               "output_dir": str(run)}
     (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    records = [eval_record(0, accuracy=0.5)]
+    logps = -1.2 if algorithm in ("orpo", "simpo") else -120.0  # per-token means, or sums over ~100 tokens
+    records = [eval_record(0, accuracy=0.5, pairs=eval_pairs, logps=logps)]
     for step in range(1, STEPS + 1):
         progress = step / STEPS
         record = {"step": step, "epoch": progress, "loss": 0.6931 + (final_loss - 0.6931) * progress,
                   "learning_rate": 5e-6 * (1 - progress), "grad_norm": 2.0 - progress, "tokens_per_second": 850.0,
                   "num_tokens": 4096 * step, "rewards/chosen": 0.2 * progress, "rewards/rejected": -0.3 * progress,
                   "rewards/accuracies": 0.5 + 0.25 * progress, "rewards/margins": 0.5 * progress,
-                  "logps/chosen": -120.0 + progress, "logps/rejected": -130.0 - 4 * progress}
+                  "logps/chosen": logps * (1 - 0.01 * progress), "logps/rejected": logps * (1 + 0.05 * progress)}
         if algorithm == "orpo":
             record |= {"nll_loss": 2.5 - progress, "log_odds_ratio": -0.8 + progress, "log_odds_chosen": progress}
         records.append(record)
         if step % 5 == 0:
-            records.append(eval_record(step, accuracy=0.5 + 0.15 * progress))
+            records.append(eval_record(step, accuracy=0.5 + 0.15 * progress, pairs=eval_pairs, logps=logps))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if evaluation:
         write_evaluation(run / "eval", prompts)
     return run
 
 
-def eval_record(step: int, *, accuracy: float) -> dict:
-    return {"step": step, "epoch": step / STEPS, "eval_loss": 0.69 - 0.01 * step, "eval_rewards/accuracies": accuracy,
-            "eval_rewards/margins": 0.03 * step, "eval_logps/chosen": -100.0, "eval_logps/rejected": -110.0,
-            "eval_logps/mean_accuracy": accuracy + 0.02}
+def eval_record(step: int, *, accuracy: float, pairs: int | None, logps: float) -> dict:
+    """A held-out line as evaluate_objective writes it: accuracies with their intervals over `pairs` pairs."""
+    record = {"step": step, "epoch": step / STEPS, "eval_loss": 0.69 - 0.01 * step,
+              "eval_rewards/accuracies": accuracy, "eval_rewards/margins": 0.03 * step,
+              "eval_logps/chosen": 0.9 * logps, "eval_logps/rejected": 1.1 * logps,
+              "eval_logps/mean_accuracy": accuracy + 0.02}
+    if pairs is not None:
+        for name in ("eval_rewards/accuracies", "eval_logps/mean_accuracy"):
+            record |= interval_fields(name, round(record[name] * pairs), pairs)
+        record["eval_pairs"] = pairs
+    return record
 
 
 def write_evaluation(folder: Path, prompts: int) -> None:
@@ -86,6 +101,11 @@ def markdown_row(markdown: str, first_cell: str) -> list[str]:
     raise AssertionError(f"no table row starts with {first_cell!r}")
 
 
+def section_of(markdown: str, title: str) -> str:
+    """The Markdown of the report's section `title`, up to the next section."""
+    return markdown.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
 def referenced_images(report: Path) -> list[str]:
     text = report.read_text()
     return re.findall(r'<img src="([^"]+)"', text) if report.suffix == ".html" else re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
@@ -99,9 +119,12 @@ def test_report_compares_runs_side_by_side(tmp_path, two_runs):
     for name in ("dpo", "orpo"):
         assert name in markdown and f"<th>{name}</th>" in page
 
-    # headline: final train loss, reward accuracy/margin, held-out before → after, eval.json, judge
-    assert markdown_row(markdown, "orpo")[1:] == ["1.2345", "0.7500", "0.5000", "0.5200 → 0.6700", "0.6875",
-                                                  "0.67 [0.21, 0.94] (n=3)"]
+    # headline: final train loss, reward accuracy/margin, held-out before and after, eval.json, judge; every
+    # held-out number with its 95% Wilson interval and count (eval.json of 22/32 pairs: interval from the count)
+    assert markdown_row(markdown, "orpo")[1:] == ["1.2345", "0.7500", "0.5000", "0.52 [0.42, 0.62], n=100",
+                                                  "0.67 [0.57, 0.75], n=100", "0.69 [0.51, 0.82], n=32",
+                                                  "0.67 [0.21, 0.94], n=3"]
+    assert "| dpo | tiny-rm | 3 | 2 | 0 | 1 | 0.67 [0.21, 0.94], n=3 |" in markdown  # the judge's table
 
     # settings that differ are highlighted (HTML row class, Markdown bold), identical ones are not
     for key in ("algorithm", "beta", "lora.r", "output_dir"):
@@ -117,7 +140,13 @@ def test_report_compares_runs_side_by_side(tmp_path, two_runs):
     assert markdown_row(markdown, "loss")[1:] == ["0.4123", "1.2345"]
     assert markdown_row(markdown, "nll_loss")[1:] == ["–", "1.5000"]  # ORPO only
     assert markdown_row(markdown, "num_tokens")[1:] == ["40,960", "40,960"]
-    assert markdown_row(markdown, "eval_logps/mean_accuracy")[1:] == ["0.6700", "0.6700"]
+    assert markdown_row(markdown, "eval_logps/mean_accuracy")[1:] == ["0.67 [0.57, 0.75], n=100"] * 2
+    assert markdown_row(markdown, "eval_rewards/accuracies")[1:] == ["0.65 [0.55, 0.74], n=100"] * 2
+    assert markdown_row(markdown, "eval_pairs")[1:] == ["100", "100"]
+    assert "_ci_low" not in markdown and "_ci_high" not in markdown  # folded into the accuracies' cells
+    evaluation = section_of(markdown, "Held-out evaluation (smolalign eval)")  # eval.json, 22 and 20 of 32 pairs
+    assert markdown_row(evaluation, "rewards/accuracies")[1:] == ["0.69 [0.51, 0.82], n=32"] * 2
+    assert markdown_row(evaluation, "logps/mean_accuracy")[1:] == ["0.62 [0.45, 0.77], n=32"] * 2
     assert markdown_row(markdown, "kl/chosen_per_token")[1:] == ["0.0123", "0.0123"]
 
     # curves (one figure per group, ORPO's nll included), the judge chart, every image in place
@@ -128,6 +157,93 @@ def test_report_compares_runs_side_by_side(tmp_path, two_runs):
         images = referenced_images(report)
         assert len(images) == len(plots)
         assert all((tmp_path / "out" / image).stat().st_size > 5000 for image in images)
+
+
+def held_out_run(root: Path, name: str, *, before: tuple[int, int] | None, after: tuple[int, int]) -> Path:
+    """A run folder with only held-out lines: (pairs right, pairs) at step 0 (None: no step-0 evaluation)
+    and at step 10."""
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"algorithm": "dpo"}))
+    records = []
+    for step, counts in ((0, before), (10, after)):
+        if counts is not None:
+            right, pairs = counts
+            records.append({"step": step, "eval_logps/mean_accuracy": right / pairs, "eval_pairs": pairs,
+                            **interval_fields("eval_logps/mean_accuracy", right, pairs)})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run
+
+
+def test_the_headline_says_whether_the_effect_is_measurable(tmp_path):
+    """The before/after intervals (Wilson, hand-checked numbers) decide; without a step-0 evaluation, or from
+    eval.json alone, chance (0.5) does; without a pair count the report says it cannot tell."""
+    key = "held-out `eval_logps/mean_accuracy`"
+    runs = [
+        make_run(tmp_path, "many-pairs", evaluation=False, eval_pairs=400),  # 208/400 → 268/400
+        make_run(tmp_path, "few-pairs", evaluation=False, eval_pairs=100),  # 52/100 → 67/100
+        held_out_run(tmp_path, "worse", before=(80, 100), after=(50, 100)),
+        held_out_run(tmp_path, "no-step-0", before=None, after=(55, 100)),
+        make_run(tmp_path, "old-version", evaluation=False, eval_pairs=None),
+        make_run(tmp_path, "eval-only"),  # eval.json: 22 of 32 pairs
+        make_run(tmp_path, "unevaluated", evaluation=False),
+    ]
+    no_held_out = [r for r in read_jsonl(runs[5] / "metrics.jsonl") if "eval_loss" not in r]
+    (runs[5] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in no_held_out))
+    shutil.rmtree(runs[6] / "eval")
+    (runs[6] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in no_held_out))
+    html_path = compare_runs(runs, tmp_path / "out")
+    headline = section_of((tmp_path / "out" / "report.md").read_text(), "Did it work?")
+    expected = [
+        f"many-pairs: measurable — {key} rose from 0.52 [0.47, 0.57], n=400 to 0.67 [0.62, 0.71], n=400, and the "
+        "before/after 95% intervals do not overlap; after training its interval excludes chance (0.5).",
+        f"few-pairs: not measurable — {key} went from 0.52 [0.42, 0.62], n=100 to 0.67 [0.57, 0.75], n=100, but "
+        "the before/after 95% intervals overlap; after training its interval excludes chance (0.5).",
+        f"worse: measurable, for the worse — {key} fell from 0.80 [0.71, 0.87], n=100 to 0.50 [0.40, 0.60], "
+        "n=100, and the before/after 95% intervals do not overlap; after training its interval includes chance (0.5).",
+        f"no-step-0: not measurable — {key} after training is 0.55 [0.45, 0.64], n=100, whose 95% interval "
+        "includes chance (0.5).",
+        f"old-version: cannot tell whether the effect is measurable — {key} is 0.67 (n not recorded): "
+        "metrics.jsonl does not record how many pairs it rests on (an older smolalign wrote it).",
+        "eval-only: measurable — `smolalign eval`'s `rewards/accuracies` is 0.69 [0.51, 0.82], n=32, whose 95% "
+        "interval excludes chance (0.5).",
+        "unevaluated: not measured: no held-out accuracy (give the run an eval_dataset or a test_split_size, or "
+        "run `smolalign eval` on its final model).",
+    ]
+    for sentence in expected:
+        assert f"\n{sentence}\n" in headline, sentence
+    assert markdown_row(headline, "many-pairs")[4:6] == ["0.52 [0.47, 0.57], n=400", "0.67 [0.62, 0.71], n=400"]
+    assert markdown_row(headline, "old-version")[4:6] == ["0.52 (n not recorded)", "0.67 (n not recorded)"]
+    assert markdown_row(headline, "no-step-0")[4:6] == ["–", "0.55 [0.45, 0.64], n=100"]
+    assert ("<p>many-pairs: measurable — held-out <code>eval_logps/mean_accuracy</code> rose from "
+            "0.52 [0.47, 0.57], n=400") in html_path.read_text()
+
+
+def test_dpo_and_orpo_log_probs_are_never_drawn_on_one_axis(tmp_path, two_runs):
+    """DPO logs sums over answer tokens, ORPO per-token means: each scale gets its own panels, with the unit."""
+    runs = read_runs(two_runs)
+    records = {run.name: run.records for run in runs}
+    panels = curve_panels(records, {run.name: run.logps_scale for run in runs})
+    summed, averaged = "nats, summed over answer tokens", "nats per token, mean over answer tokens"
+    assert [(p.metric, p.unit, [(c.run, c.held_out) for c in p.curves]) for p in panels["logps"]] == [
+        ("logps/chosen", summed, [("dpo", False), ("dpo", True)]),
+        ("logps/rejected", summed, [("dpo", False), ("dpo", True)]),
+        ("logps/chosen", averaged, [("orpo", False), ("orpo", True)]),
+        ("logps/rejected", averaged, [("orpo", False), ("orpo", True)]),
+    ]
+    # figures on one scale for all runs keep the runs overlaid on one axis
+    assert [{c.run for c in p.curves} for p in panels["loss"]] == [{"dpo", "orpo"}]
+    # two DPO runs: one panel per metric, both runs on it, still labelled with the unit
+    same = curve_panels(records, {"dpo": "sum", "orpo": "sum"})["logps"]
+    assert [(p.metric, p.unit, {c.run for c in p.curves}) for p in same] == [
+        ("logps/chosen", summed, {"dpo", "orpo"}), ("logps/rejected", summed, {"dpo", "orpo"})]
+    # the held-out accuracy carries its interval band, from the logged eval_…_ci_low/_ci_high
+    held_out = next(c for c in panels["accuracy"][1].curves if c.run == "dpo" and c.held_out)
+    assert held_out.steps == [0, 5, 10] and held_out.band[0][-1] == pytest.approx(0.5731, abs=1e-4)
+
+    markdown = (compare_runs(two_runs, tmp_path / "out").parent / "report.md").read_text()
+    assert (f"cannot be compared across them (dpo: {summed}; orpo: {averaged}); the log-prob figure gives each "
+            "scale panels of its own.") in section_of(markdown, "Training curves")
 
 
 def test_generations_are_shown_side_by_side_escaped_and_bounded(tmp_path):
@@ -149,7 +265,8 @@ def test_single_run_and_missing_eval_files_are_fine(tmp_path):
     page = write_report([fresh], fresh).read_text()
     markdown = (fresh / "report.md").read_text()
     assert "fresh" in page and "No eval/eval.json in fresh" in markdown
-    assert markdown_row(markdown, "fresh")[1:] == ["0.4123", "0.7500", "0.5000", "0.5200 → 0.6700", "–", "–"]
+    assert markdown_row(markdown, "fresh")[1:] == ["0.4123", "0.7500", "0.5000", "0.52 [0.42, 0.62], n=100",
+                                                   "0.67 [0.57, 0.75], n=100", "–", "–"]
     assert "Generations side by side" not in markdown and "Judge" not in markdown
     assert all((fresh / image).exists() for image in referenced_images(fresh / "report.html"))
 
