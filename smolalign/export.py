@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from smolalign.config import TrainConfig
 from smolalign.embedded import EMBEDDED_NAME, WEIGHTS_NOTE, is_embedded
+from smolalign.stats import ACCURACY_METRICS, Proportion
 
 ALGORITHM_NAMES = {
     "dpo": "Direct Preference Optimization (Rafailov et al. 2023)",
@@ -36,6 +37,18 @@ def save_final_model(
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
     return final
+
+
+def result_rows(summary: dict[str, float]) -> list[str]:
+    """Markdown rows of the final metrics; a held-out accuracy with its 95% interval and pair count."""
+    held_out = {f"eval_{name}" for name in ACCURACY_METRICS}
+    rows = []
+    for name, value in summary.items():
+        if not isinstance(value, float) or name.endswith(("_ci_low", "_ci_high")):
+            continue
+        shown = Proportion.read(summary, name, n_key="eval_pairs") if name in held_out else f"{value:.4f}"
+        rows.append(f"| {name} | {shown} |")
+    return rows
 
 
 def model_card(config: TrainConfig, summary: dict[str, float], *, is_adapter: bool) -> str:
@@ -68,7 +81,7 @@ def model_card(config: TrainConfig, summary: dict[str, float], *, is_adapter: bo
         "",
         "| metric | value |",
         "|---|---|",
-        *[f"| {name} | {value:.4f} |" for name, value in summary.items() if isinstance(value, float)],
+        *result_rows(summary),
         "",
         "## Use",
         "",

@@ -76,6 +76,11 @@ def test_full_dpo_run_writes_a_complete_run_folder(tmp_path, tiny_model, pairs_f
     assert len(generate(model, tokenizer)) > 0
     card = (final / "README.md").read_text()
     assert "Direct Preference Optimization" in card and "rewards/accuracies" in card
+    held_out = eval_records[-1]
+    low, high = held_out["eval_rewards/accuracies_ci_low"], held_out["eval_rewards/accuracies_ci_high"]
+    accuracy = f"{held_out['eval_rewards/accuracies']:.2f} [{low:.2f}, {high:.2f}], n={held_out['eval_pairs']}"
+    assert f"| eval_rewards/accuracies | {accuracy} |" in card  # a held-out accuracy with its interval
+    assert "_ci_low" not in card
 
 
 def test_lora_run_saves_an_adapter_that_peft_loads(tmp_path, tiny_model, pairs_file):
