@@ -21,10 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 # DPO and ORPO (LoRA) on the same bundled HH-RLHF pairs from the embedded SmolLM2-135M-Instruct, a short
 # held-out evaluation with generations for each, and the report that compares them (about 4 minutes on
 # 2 CPU cores; the first run also converts the embedded model once).
-DEMO_EVAL := --dataset data/hh-rlhf-harmless/test.jsonl --max_pairs 8 --generate 2 --max_new_tokens 32
+DEMO_EVAL := --dataset hh-rlhf-harmless --split test --max_pairs 8 --generate 2 --max_new_tokens 32
 demo: setup
-	$(BIN)/smolalign train --config recipes/demo.yaml
-	$(BIN)/smolalign train --config recipes/demo-orpo.yaml
+	$(BIN)/smolalign train --config demo
+	$(BIN)/smolalign train --config demo-orpo
 	$(BIN)/smolalign eval --model runs/demo/dpo/final $(DEMO_EVAL)
 	$(BIN)/smolalign eval --model runs/demo/orpo/final $(DEMO_EVAL)
 	$(BIN)/smolalign compare runs/demo/dpo runs/demo/orpo --output_dir runs/demo/compare

@@ -6,35 +6,53 @@ while saving never leaves a checkpoint that looks whole. Only the newest `save_t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
 
 from smolalign.config import TrainConfig, changed_settings, load_config, save_config
-from smolalign.errors import UserError
+from smolalign.errors import RunError, UserError, writes_reported
 
 STATE_FILE = "smolalign_state.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
+@dataclass
+class RunProgress:
+    """Counters that a resumed run continues from, saved with each checkpoint."""
+
+    num_tokens: int = 0
+    skipped_steps: int = 0  # steps without an update because a number was not finite
+    nonfinite_in_a_row: int = 0
+
+
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: Path, step: int, num_tokens: int, config: TrainConfig, limit: int | None
+    accelerator: Accelerator, output_dir: Path, step: int, progress: RunProgress, config: TrainConfig,
+    limit: int | None,
 ) -> Path:
+    """Write checkpoint-`step`; if the disk is full or the folder unwritable, the earlier ones stay whole."""
     target = output_dir / f"checkpoint-{step}"
     staging = output_dir / f".checkpoint-{step}.partial"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging), safe_serialization=False)  # tied embeddings: torch.save keeps the tie
-    if accelerator.is_main_process:
-        (staging / STATE_FILE).write_text(json.dumps({"step": step, "num_tokens": num_tokens}))
-        save_config(config, staging / "config.yaml")
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
-        _rotate(output_dir, limit)
+    try:
+        with writes_reported(staging):
+            accelerator.save_state(str(staging), safe_serialization=False)  # tied embeddings: torch.save keeps the tie
+            if accelerator.is_main_process:
+                (staging / STATE_FILE).write_text(json.dumps({"step": step, **dataclasses.asdict(progress)}))
+                save_config(config, staging / "config.yaml")
+                shutil.rmtree(target, ignore_errors=True)
+                staging.rename(target)
+                _rotate(output_dir, limit)
+    except RunError:
+        shutil.rmtree(staging, ignore_errors=True)  # give the space back; `latest` never picks a staging folder
+        raise
     accelerator.wait_for_everyone()
     return target
 
@@ -69,15 +87,17 @@ def resolve_checkpoint(requested: str, output_dir: Path) -> Path:
 RESUMABLE_CHANGES = (
     "output_dir", "resume_from_checkpoint", "run_name", "report_to", "logging_steps", "eval_steps", "eval_on_start",
     "save_steps", "save_total_limit", "max_tokens_per_forward", "logprob_chunk_size", "per_device_eval_batch_size",
+    "max_nonfinite_steps",
 )
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, config: TrainConfig) -> tuple[int, int]:
-    """Restore everything Accelerate prepared; returns the optimizer steps and tokens already done."""
+def load_checkpoint(accelerator: Accelerator, path: Path, config: TrainConfig) -> tuple[int, RunProgress]:
+    """Restore everything Accelerate prepared; returns the optimizer steps done and the progress counters."""
     changed = changed_settings(load_config(path / "config.yaml"), config, ignore=RESUMABLE_CHANGES)
     if changed:
         raise UserError(f"cannot resume from '{path}' with other settings ({', '.join(changed[:3])}): later steps "
                         "would see other pairs or another schedule. Resume with the checkpoint's settings.")
     accelerator.load_state(str(path))
     state = json.loads((path / STATE_FILE).read_text())
-    return state["step"], state["num_tokens"]
+    step = state.pop("step")
+    return step, RunProgress(**state)

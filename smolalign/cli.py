@@ -1,6 +1,7 @@
 """`smolalign` command line: train, eval, compare, sweep, bench, data inspect.
 
-User mistakes end with one sentence on stderr and exit status 2, never a traceback.
+User mistakes end with one sentence on stderr and exit status 2, a run that had to stop (non-finite
+losses, a failed save) with one sentence and exit status 1; never a traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from smolalign.errors import UserError
+from smolalign.errors import RunError, UserError
 
 log = logging.getLogger("smolalign")
 
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:
         print(f"smolalign: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except RunError as error:
+        print(f"smolalign: error: {error}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("smolalign: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -107,6 +107,10 @@ class TrainConfig:
     adam_beta2: float = _opt(0.999, "AdamW beta2.")
     adam_epsilon: float = _opt(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _opt(1.0, "Clip the global gradient norm to this value; 0 = no clipping.")
+    max_nonfinite_steps: int = _opt(
+        3, "A step whose loss or gradient norm is NaN or infinite is skipped (no update); after this many in a "
+        "row the run stops, keeping its last checkpoint."
+    )
     seed: int = _opt(42, "Seed for data order, LoRA initialisation and dropout.")
 
     # --- performance ---
@@ -159,10 +163,24 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return config
 
 
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def recipe_path(name: str | Path) -> Path:
+    """A config file: `name` itself when it exists, else the packaged recipe of that name (`demo`,
+    `recipes/demo.yaml`), so the recipes work from any folder after `pip install smolalign`."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = RECIPES_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+    if packaged.is_file():
+        return packaged
+    known = ", ".join(sorted(recipe.stem for recipe in RECIPES_DIR.glob("*.yaml")))
+    raise UserError(f"config file '{name}' does not exist, and no packaged recipe has that name ({known}).")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file '{path}' does not exist.")
+    path = recipe_path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
@@ -333,7 +351,7 @@ def validate(config: TrainConfig) -> None:
     require(config.learning_rate >= 0, f"'learning_rate' must be >= 0, not {config.learning_rate}.")
     require(0 <= config.label_smoothing < 0.5, f"'label_smoothing' must lie in [0, 0.5), not {config.label_smoothing}.")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "logging_steps", "save_steps", "logprob_chunk_size"):
+                "logging_steps", "save_steps", "logprob_chunk_size", "max_nonfinite_steps"):
         require(getattr(config, key) >= 1, f"'{key}' must be >= 1, not {getattr(config, key)}.")
     require(config.max_length >= 2, f"'max_length' must be >= 2, not {config.max_length}.")
     if config.max_prompt_length is not None:

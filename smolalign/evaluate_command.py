@@ -26,7 +26,7 @@ from smolalign.errors import UserError
 from smolalign.evaluate import format_summary_table, preference_summary, score_pairs, write_pair_rows
 from smolalign.logprobs import PairLogps, SequenceScorer, choose_layout
 from smolalign.models import load_for_scoring, load_tokenizer, model_source, resolve_device, resolve_dtype
-from smolalign.reference import ModelReference, ReferenceCache, weights_key
+from smolalign.reference import ModelReference, ReferenceCache
 
 log = logging.getLogger("smolalign")
 
@@ -55,7 +55,7 @@ def starting_model_of_run(model: str) -> str | None:
 
 def cached_reference_logps(weights, scorer, pairs: list[TokenizedPair], score: dict) -> PairLogps:
     """Reference sums per pair, reusing (and filling) the cache that training runs share."""
-    reference = ReferenceCache(weights_key(weights)).fill(
+    reference = ReferenceCache(weights).fill(
         pairs, lambda missing: score_pairs(scorer, missing, desc="scoring reference", **score)
     )
     return reference.of_pairs(pairs)

@@ -77,7 +77,13 @@ def model_source(name: str | None) -> str:
     if path.is_dir():
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise UserError(f"'{name}' is a folder but not a model folder (no config.json).")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise UserError(f"model folder '{name}' is incomplete: it has no weights "
+                            "(model.safetensors or adapter_model.safetensors).")
         return str(path)
+    if path.name == "final" and (path.parent / "config.yaml").is_file():
+        raise UserError(f"'{name}' does not exist: the run in '{path.parent}' has not finished; resume it with "
+                        "--resume_from_checkpoint latest.")
     if looks_like_path(name) or path.exists():
         raise UserError(f"model folder '{name}' does not exist.")
     prefer_local_cache()

@@ -2,10 +2,13 @@
 
 Sources, all giving the same numbers: the policy with its LoRA adapters disabled (no second copy of
 the model), a separate frozen model (`ref_model`), or values computed once before training and kept
-in a disk cache. The cache is keyed by the reference weights (a hash of every tensor) and by each
-pair's token ids, so later runs and `smolalign eval` reuse it whatever their batch layout. Full
-fine-tuning without a `ref_model` precomputes with the initial policy itself, so the reference never
-costs a second copy of the model in memory.
+in a disk cache. The cache is keyed by everything that changes the numbers: the reference weights (a
+hash of every tensor, with its dtype), the precision the reference runs in (autocast or not, and to
+which dtype), and each pair's token ids. Batch layout and chunk sizes change no number beyond float
+noise, so later runs and `smolalign eval` reuse the cache whatever theirs. Full fine-tuning without a
+`ref_model` precomputes with the initial policy itself, so the reference never costs a second copy of
+the model in memory. Concurrent runs share the cache safely: writers take turns under a file lock and
+merge, and a file is replaced atomically, so a reader never sees half of one.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +30,7 @@ from tqdm.auto import tqdm
 from smolalign.batching import Batch, build_batch, split_by_tokens
 from smolalign.data.tokenize import TokenizedPair
 from smolalign.embedded import cache_root
+from smolalign.locks import exclusive_file_lock
 from smolalign.logprobs import PairLogps, SequenceScorer, concat_pair_logps, score_batch
 from smolalign.models import frozen_copy, load_frozen
 
@@ -120,12 +125,24 @@ def weights_key(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-class ReferenceCache:
-    """Per-pair reference log-prob sums of one reference model, in a safetensors file."""
+def precision_key(model: nn.Module) -> str:
+    """The precision a reference pass runs in here: autocast to a dtype, or the weights' own dtype."""
+    device_type = next(model.parameters()).device.type
+    if torch.is_autocast_enabled(device_type):
+        return f"autocast-{str(torch.get_autocast_dtype(device_type)).removeprefix('torch.')}"
+    return "no-autocast"
 
-    def __init__(self, model_key: str, folder: Path | None = None):
+
+class ReferenceCache:
+    """Per-pair reference log-prob sums of one reference model in one precision, in a safetensors file.
+
+    Create it where the reference pass will run (inside the same autocast context, if any): the file
+    name holds the weights' hash and that precision.
+    """
+
+    def __init__(self, reference_weights: nn.Module, folder: Path | None = None):
         folder = folder or Path(os.environ.get("SMOLALIGN_REFERENCE_CACHE", cache_root() / "reference-logps"))
-        self.path = folder / f"{model_key}.safetensors"
+        self.path = folder / f"{weights_key(reference_weights)}-{precision_key(reference_weights)}.safetensors"
 
     def load(self) -> dict[int, tuple[float, float]]:
         if not self.path.exists():
@@ -137,18 +154,25 @@ class ReferenceCache:
         }
 
     def save(self, values: dict[int, tuple[float, float]]) -> None:
+        """Add `values` to the file; pairs another run saved meanwhile are kept."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        keys = sorted(values)
-        staging = self.path.with_suffix(".partial")
-        save_file(
-            {
-                "pair_keys": torch.tensor(keys, dtype=torch.int64),
-                "chosen": torch.tensor([values[k][0] for k in keys], dtype=torch.float32),
-                "rejected": torch.tensor([values[k][1] for k in keys], dtype=torch.float32),
-            },
-            str(staging),
-        )
-        staging.replace(self.path)  # atomic: readers see the old or the new file, never half of one
+        with exclusive_file_lock(self.path.with_suffix(".lock")):
+            values = {**self.load(), **values}
+            keys = sorted(values)
+            handle, staging = tempfile.mkstemp(prefix=self.path.stem + ".", suffix=".partial", dir=self.path.parent)
+            os.close(handle)
+            try:
+                save_file(
+                    {
+                        "pair_keys": torch.tensor(keys, dtype=torch.int64),
+                        "chosen": torch.tensor([values[k][0] for k in keys], dtype=torch.float32),
+                        "rejected": torch.tensor([values[k][1] for k in keys], dtype=torch.float32),
+                    },
+                    staging,
+                )
+                os.replace(staging, self.path)  # atomic: readers see the old or the new file, never half of one
+            finally:
+                Path(staging).unlink(missing_ok=True)
 
     def fill(self, pairs: list[TokenizedPair], score: Callable[[list[TokenizedPair]], PairLogps]) -> PrecomputedReference:
         """Reference log-probs for `pairs`: cached ones are reused, the others scored and added to the cache."""
@@ -184,4 +208,4 @@ def precompute_reference(
             parts.append(reference.logps(batch, chunk))
         return concat_pair_logps(parts)
 
-    return ReferenceCache(weights_key(reference_weights), cache_folder).fill(pairs, score)
+    return ReferenceCache(reference_weights, cache_folder).fill(pairs, score)

@@ -7,10 +7,13 @@ need a sharded save of final/. There is no Trainer class: one function owns the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,14 +29,22 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from smolalign.batching import block_tokens
-from smolalign.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from smolalign.checkpoint import (
+    RunProgress,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from smolalign.config import TrainConfig, flatten, save_config
 from smolalign.cpu_memory import keep_freed_memory
 from smolalign.data.prepare import prepare_data
-from smolalign.errors import UserError
+from smolalign.data.tokenize import TokenizedPair
+from smolalign.errors import RunError, UserError, writes_reported
 from smolalign.evaluate import evaluate_objective
 from smolalign.export import save_final_model
 from smolalign.forward import PairRunner
+from smolalign.locks import run_folder_lock
 from smolalign.logprobs import RewardScorer, SequenceScorer, base_model_of, choose_layout
 from smolalign.losses import OBJECTIVES, LossSettings
 from smolalign.metrics import MetricsFile, MetricWindow, last_values, read_metrics
@@ -53,8 +64,32 @@ log = logging.getLogger("smolalign")
 
 
 def train(config: TrainConfig) -> Path:
-    """Run one alignment job end to end; returns the folder of the final model."""
+    """Run one alignment job end to end; returns the folder of the final model.
+
+    The run owns its output_dir meanwhile: another run pointed at it fails at once (UserError). Under
+    several processes the main one holds that lock for all.
+    """
     output_dir = Path(config.output_dir)
+    make_output_dir(output_dir)
+    is_main_process = int(os.environ.get("RANK", "0")) == 0  # set by torchrun and accelerate launch
+    with run_folder_lock(output_dir) if is_main_process else contextlib.nullcontext():
+        return _train(config, output_dir)
+
+
+def make_output_dir(output_dir: Path) -> None:
+    """Create the run folder, or say in one sentence why it cannot be."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"cannot create output_dir '{output_dir}': it or a folder above it is a file.") from None
+    except OSError as error:
+        raise UserError(f"cannot write to output_dir '{output_dir}': {error.strerror or error}.") from None
+
+
+def _train(config: TrainConfig, output_dir: Path) -> Path:
     objective = OBJECTIVES[config.algorithm]
     settings = LossSettings.from_config(config)
     device = resolve_device(config.device)
@@ -129,7 +164,7 @@ def train(config: TrainConfig) -> Path:
     runner = PairRunner(scorer, reference if objective.needs_reference else None, objective, settings, layout,
                         tokenizer.pad_token_id, accelerator.device, max_tokens, autocast=accelerator.autocast)
 
-    metrics_file, start_step, total_tokens = open_run_folder(accelerator, config, output_dir)
+    metrics_file, start_step, progress_state = open_run_folder(accelerator, config, output_dir)
     tracked = {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)  # lists become text
                for k, v in flatten(config.to_dict()).items()}
     accelerator.init_trackers("smolalign", config=tracked,
@@ -144,7 +179,8 @@ def train(config: TrainConfig) -> Path:
     def log_record(step: int, values: dict[str, float]) -> None:
         record = {"step": step, "epoch": round(plan.epoch_at(step), 4), **values}
         if accelerator.is_main_process:
-            metrics_file.write(record)
+            with writes_reported(metrics_file.path):
+                metrics_file.write(record)
         accelerator.log(values, step=step)
 
     if data.eval and start_step == 0 and config.eval_on_start:
@@ -152,68 +188,136 @@ def train(config: TrainConfig) -> Path:
 
     scorer.train()
     window, window_tokens, window_start = MetricWindow(), 0, time.perf_counter()
-    progress = tqdm(total=plan.total_steps, initial=start_step, desc=config.algorithm, unit="step",
-                    disable=not accelerator.is_main_process)
-    for step in range(start_step, plan.total_steps):
-        micro_batches = plan.micro_batches(step, process_index=accelerator.process_index,
-                                           num_processes=accelerator.num_processes)
-        step_loss, step_tokens = 0.0, 0
-        for index, pair_ids in enumerate(micro_batches):
-            result = runner.run(
-                [data.train[i] for i in pair_ids],
-                backward=accelerator.backward,
-                # Each micro-batch loss is a mean over its pairs; dividing by the number of micro-batches
-                # makes the accumulated gradient the mean over the step (TRL's scaling).
-                loss_scale=1 / len(micro_batches),
-                # Processes exchange gradients once per step, after the last chunk of the last micro-batch.
-                no_sync=lambda: accelerator.no_sync(scorer),
-                sync_after_last_chunk=index == len(micro_batches) - 1,
-            )
-            step_loss += result.output.loss.item() / len(micro_batches)
-            window.add(result.output.metrics)
-            step_tokens += result.tokens
-        window.add({"loss": step_loss})
-        step_tokens = int(across_processes(accelerator, {"tokens": step_tokens}, "sum")["tokens"])
-        window_tokens += step_tokens
-        total_tokens += step_tokens
-        # The norm is measured before clipping and logged as TRL logs it; max_grad_norm=0 only measures.
-        grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), config.max_grad_norm or math.inf)
-        learning_rate = scheduler.get_last_lr()[0]  # the rate this step used
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    with tqdm(total=plan.total_steps, initial=start_step, desc=config.algorithm, unit="step",
+              disable=not accelerator.is_main_process) as progress:  # closed on errors too
+        for step in range(start_step, plan.total_steps):
+            micro_batches = plan.micro_batches(step, process_index=accelerator.process_index,
+                                               num_processes=accelerator.num_processes)
+            step_pairs = [[data.train[i] for i in ids] for ids in micro_batches]
+            outcome = training_step(accelerator, runner, step_pairs, optimizer=optimizer, scheduler=scheduler,
+                                    max_grad_norm=config.max_grad_norm)
+            window_tokens += outcome.tokens
+            progress_state.num_tokens += outcome.tokens
+            if outcome.finite:
+                progress_state.nonfinite_in_a_row = 0
+                for metrics in outcome.metrics:
+                    window.add(metrics)
+                window.add({"loss": outcome.loss})
+            else:
+                skip_nonfinite_step(progress_state, step + 1, outcome, step_pairs, config, output_dir)
 
-        done = step + 1
-        progress.update(1)
-        if done % config.logging_steps == 0 or done == plan.total_steps:
-            elapsed = time.perf_counter() - window_start
-            values = {**across_processes(accelerator, window.mean(), "mean"), "learning_rate": learning_rate,
-                      "grad_norm": float(grad_norm), "tokens_per_second": window_tokens / elapsed,
-                      "num_tokens": total_tokens}
-            log_record(done, values)
-            accuracy = values.get("rewards/accuracies", values.get("accuracy", 0.0))
-            progress.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{accuracy:.2f}",
-                                 tok_s=f"{values['tokens_per_second']:.0f}")
-            window.clear()
-            window_tokens, window_start = 0, time.perf_counter()
-        paused = time.perf_counter()
-        if data.eval and (done == plan.total_steps or (config.eval_steps and done % config.eval_steps == 0)):
-            log_record(done, evaluate())
-        if done % config.save_steps == 0 and done < plan.total_steps:
-            save_checkpoint(accelerator, output_dir, done, total_tokens, config, config.save_total_limit)
-        window_start += time.perf_counter() - paused  # evaluating and saving do not count as training time
-    progress.close()
+            done = step + 1
+            progress.update(1)
+            if done % config.logging_steps == 0 or done == plan.total_steps:
+                elapsed = time.perf_counter() - window_start
+                values = {**across_processes(accelerator, window.mean(), "mean"),
+                          "learning_rate": outcome.learning_rate,
+                          "grad_norm": outcome.grad_norm if outcome.finite else None,
+                          "tokens_per_second": window_tokens / elapsed,
+                          "num_tokens": progress_state.num_tokens, "skipped_steps": progress_state.skipped_steps}
+                log_record(done, values)
+                if "loss" in values:  # a window whose steps were all skipped has no loss
+                    accuracy = values.get("rewards/accuracies", values.get("accuracy", 0.0))
+                    progress.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{accuracy:.2f}",
+                                         tok_s=f"{values['tokens_per_second']:.0f}")
+                window.clear()
+                window_tokens, window_start = 0, time.perf_counter()
+            paused = time.perf_counter()
+            if data.eval and (done == plan.total_steps or (config.eval_steps and done % config.eval_steps == 0)):
+                log_record(done, evaluate())
+            if done % config.save_steps == 0 and done < plan.total_steps:
+                require_finite_weights(scorer, f"checkpoint-{done}", output_dir)
+                save_checkpoint(accelerator, output_dir, done, progress_state, config, config.save_total_limit)
+            window_start += time.perf_counter() - paused  # evaluating and saving do not count as training time
 
     final = None
     if accelerator.is_main_process:
         summary = {k: v for k, v in last_values(read_metrics(metrics_file.path)).items() if k not in ("step", "epoch")}
-        final = save_final_model(accelerator.unwrap_model(scorer).model, tokenizer, config, output_dir, summary)
-        report = write_report([output_dir], output_dir)
+        model = accelerator.unwrap_model(scorer).model
+        require_finite_weights(model, "final/", output_dir)
+        with writes_reported(output_dir / "final"):
+            final = save_final_model(model, tokenizer, config, output_dir, summary)
+        with writes_reported(output_dir / "report.html"):
+            report = write_report([output_dir], output_dir)
         log.info("final model: %s", final)
         log.info("report: %s", report)
     accelerator.end_training()
     AcceleratorState._reset_state()  # leave the process as we found it, for whatever trains next
     return final
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step did; `tokens` is summed over processes, `finite` agreed by all of them."""
+
+    loss: float  # mean over the micro-batches of this process
+    metrics: list[dict[str, torch.Tensor]]  # the objective's metrics, one dict per micro-batch
+    tokens: int
+    grad_norm: float  # before clipping
+    learning_rate: float  # the rate this step used
+    finite: bool  # False: a loss or the gradient norm was NaN or infinite, and the weights were not updated
+
+
+def training_step(
+    accelerator: Accelerator, runner: PairRunner, micro_batches: list[list[TokenizedPair]], *,
+    optimizer: torch.optim.Optimizer, scheduler, max_grad_norm: float,
+) -> StepOutcome:
+    """One optimizer step over the micro-batches (gradient accumulation), skipped if a number is not finite."""
+    loss, metrics, tokens = 0.0, [], 0
+    for index, pairs in enumerate(micro_batches):
+        result = runner.run(
+            pairs,
+            backward=accelerator.backward,
+            # Each micro-batch loss is a mean over its pairs; dividing by the number of micro-batches
+            # makes the accumulated gradient the mean over the step (TRL's scaling).
+            loss_scale=1 / len(micro_batches),
+            # Processes exchange gradients once per step, after the last chunk of the last micro-batch.
+            no_sync=lambda: accelerator.no_sync(runner.scorer),
+            sync_after_last_chunk=index == len(micro_batches) - 1,
+        )
+        loss += result.output.loss.item() / len(micro_batches)
+        metrics.append(result.output.metrics)
+        tokens += result.tokens
+    # The norm is measured before clipping and logged as TRL logs it; max_grad_norm=0 only measures.
+    grad_norm = float(accelerator.clip_grad_norm_(runner.scorer.parameters(), max_grad_norm or math.inf))
+    nonfinite = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    reduced = across_processes(accelerator, {"tokens": tokens, "nonfinite": float(nonfinite)}, "sum")
+    learning_rate = scheduler.get_last_lr()[0]
+    finite = reduced["nonfinite"] == 0  # every process decides alike, so their weights stay equal
+    if finite:
+        optimizer.step()
+    scheduler.step()  # a skipped step has still used its pairs and its place in the schedule
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(loss, metrics, int(reduced["tokens"]), grad_norm, learning_rate, finite)
+
+
+def skip_nonfinite_step(
+    progress: RunProgress, step: int, outcome: StepOutcome, step_pairs: list[list[TokenizedPair]],
+    config: TrainConfig, output_dir: Path,
+) -> None:
+    """Count a skipped step and warn; stop the run (RunError) after `max_nonfinite_steps` in a row."""
+    progress.skipped_steps += 1
+    progress.nonfinite_in_a_row += 1
+    rows = sorted(pair.index for pairs in step_pairs for pair in pairs)
+    log.warning("step %d skipped (no update, weights unchanged): loss %s, gradient norm %s on the pairs of rows %s "
+                "(%d in a row)", step, outcome.loss, outcome.grad_norm, rows, progress.nonfinite_in_a_row)
+    if progress.nonfinite_in_a_row >= config.max_nonfinite_steps:
+        checkpoints = list_checkpoints(output_dir)
+        kept = (f"the last good checkpoint, '{checkpoints[-1]}', is kept" if checkpoints
+                else "no checkpoint had been written yet")
+        raise RunError(f"stopped at step {step}: the loss or gradient norm was not finite in "
+                       f"{progress.nonfinite_in_a_row} steps in a row (max_nonfinite_steps); lower the learning_rate "
+                       f"or check the data; {kept}, and nothing was saved from the diverged weights.")
+
+
+def require_finite_weights(model: torch.nn.Module, target: str, output_dir: Path) -> None:
+    """Weights that stopped being finite (a finite but huge update can overflow) are never saved."""
+    if all(bool(torch.isfinite(parameter).all()) for parameter in model.parameters()):
+        return
+    checkpoints = list_checkpoints(output_dir)
+    kept = f"the last good checkpoint is '{checkpoints[-1]}'" if checkpoints else "no checkpoint had been written yet"
+    raise RunError(f"the weights are no longer finite, so {target} was not saved in '{output_dir}'; lower the "
+                   f"learning_rate; {kept}.")
 
 
 def across_processes(accelerator: Accelerator, values: dict[str, float], reduction: str) -> dict[str, float]:
@@ -236,15 +340,16 @@ def build_policy(config: TrainConfig, objective, tokenizer, *, dtype, device) ->
     return policy, choose_layout(config.batch_layout, policy)
 
 
-def open_run_folder(accelerator: Accelerator, config: TrainConfig, output_dir: Path) -> tuple[MetricsFile, int, int]:
+def open_run_folder(
+    accelerator: Accelerator, config: TrainConfig, output_dir: Path
+) -> tuple[MetricsFile, int, RunProgress]:
     """Create or reopen the run folder: restore a checkpoint if asked, keep metrics only up to it, save
-    the resolved config. Returns the metrics file and the steps and tokens already done."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    the resolved config. Returns the metrics file, the steps already done and the progress counters."""
     metrics_file = MetricsFile(output_dir / "metrics.jsonl")
-    start_step = num_tokens = 0
+    start_step, progress = 0, RunProgress()
     if config.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(config.resume_from_checkpoint, output_dir)
-        start_step, num_tokens = load_checkpoint(accelerator, checkpoint, config)
+        start_step, progress = load_checkpoint(accelerator, checkpoint, config)
         log.info("resumed from step %d", start_step)
     if start_step:
         metrics_file.truncate_after(start_step)
@@ -254,8 +359,9 @@ def open_run_folder(accelerator: Accelerator, config: TrainConfig, output_dir: P
             log.warning("starting afresh: removing %s of an earlier run in this folder", stale.name)
             shutil.rmtree(stale)
     if accelerator.is_main_process:
-        save_config(config, output_dir / "config.yaml")
-    return metrics_file, start_step, num_tokens
+        with writes_reported(output_dir / "config.yaml"):
+            save_config(config, output_dir / "config.yaml")
+    return metrics_file, start_step, progress
 
 
 def require_trackers(names: list[str]) -> None:

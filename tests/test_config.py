@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from smolalign.config import (
+    RECIPES_DIR,
     LoraSettings,
     TrainConfig,
     load_config,
@@ -394,14 +395,9 @@ def test_save_then_load_round_trips_defaults(tmp_path):
 # -- recipes --------------------------------------------------------------------------------------
 
 
-def recipe_files() -> list[Path]:
-    return sorted((REPO_ROOT / "recipes").glob("**/*.yaml"))
-
-
 def test_every_recipe_loads_and_validates():
-    recipes = recipe_files()
-    if not recipes:
-        pytest.skip("no recipes/**/*.yaml yet")
+    recipes = sorted(RECIPES_DIR.glob("**/*.yaml"))
+    assert recipes
     for recipe in recipes:
         try:
             config = load_config(recipe)

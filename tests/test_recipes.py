@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from conftest import read_jsonl, write_jsonl
 
-from smolalign.config import load_config
+from smolalign.config import RECIPES_DIR, load_config
 from smolalign.train import train
 
-RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("**/*.yaml"))
+RECIPES = sorted(RECIPES_DIR.glob("**/*.yaml"))
 
 
 def test_the_documented_recipes_exist():

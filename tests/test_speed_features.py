@@ -25,7 +25,7 @@ from smolalign.config import load_config
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
 from smolalign.forward import PairRunner
-from smolalign.logprobs import SequenceScorer, base_model_of, choose_layout
+from smolalign.logprobs import PairLogps, SequenceScorer, base_model_of, choose_layout
 from smolalign.losses import OBJECTIVES, LossSettings
 from smolalign.reference import model_reference
 from smolalign.steps import StepPlan
@@ -112,6 +112,39 @@ def test_precomputed_reference_matches_a_frozen_copy_and_is_cached(tmp_path, tin
     monkeypatch.setattr(smolalign.reference, "build_batch", no_scoring)
     _, again = run("again")
     assert again[0]["loss"] == pytest.approx(precomputed_metrics[0]["loss"], abs=1e-7)
+
+
+def test_reference_cache_is_kept_apart_per_precision_and_merges_concurrent_writers(tmp_path, tiny_model, pairs):
+    """A cache filled under bf16 autocast is never served to a float32 run (its numbers differ), and two
+    writers of one cache file keep each other's pairs."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model(0))
+    scored: list[int] = []
+
+    def score(missing):  # stands for the reference pass: the numbers matter less than who gets scored
+        scored.append(len(missing))
+        values, zeros = torch.arange(len(missing), dtype=torch.float32), torch.zeros(len(missing))
+        return PairLogps(values, -values, zeros, zeros, zeros, zeros)
+
+    fp32 = smolalign.reference.ReferenceCache(model, tmp_path)
+    fp32.fill(pairs, score)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = smolalign.reference.ReferenceCache(model, tmp_path)
+        bf16.fill(pairs, score)
+    assert fp32.path != bf16.path and fp32.path.name.endswith("-no-autocast.safetensors")
+    assert bf16.path.name.endswith("-autocast-bfloat16.safetensors")
+    assert scored == [len(pairs), len(pairs)]  # the bf16 run scored every pair itself
+    smolalign.reference.ReferenceCache(model, tmp_path).fill(pairs, score)
+    assert scored == [len(pairs), len(pairs)]  # a float32 run again: all from the cache
+
+    # Two runs that started with an empty cache, each scoring its own pairs, save one after the other.
+    fresh = tmp_path / "shared"
+    first, second = (smolalign.reference.ReferenceCache(model, fresh) for _ in range(2))
+    first_values = {smolalign.reference.pair_key(p): (1.0, 2.0) for p in pairs[:3]}
+    second_values = {smolalign.reference.pair_key(p): (3.0, 4.0) for p in pairs[3:]}
+    first.save(first_values)
+    second.save(second_values)
+    assert first.load() == {**first_values, **second_values}
+    assert [p.name for p in fresh.iterdir() if p.suffix == ".partial"] == []
 
 
 def test_eval_reuses_the_reference_cache_of_training(tmp_path, tiny_model, pairs_file, monkeypatch):

@@ -9,12 +9,15 @@ import datasets
 from smolalign.errors import UserError, first_line
 from smolalign.hub import prefer_local_cache
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent.parent / "data" / "hh-rlhf-harmless"
+# The bundled HH-RLHF harmless sample (MIT, Anthropic) ships inside the package: a folder with
+# train.jsonl, test.jsonl and LICENSE, named `hh-rlhf-harmless` wherever a dataset is expected.
+BUNDLED_NAME = "hh-rlhf-harmless"
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled" / BUNDLED_NAME
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def bundled_dataset(split: str = "train") -> str:
-    """Path of the bundled HH-RLHF harmless sample (MIT, Anthropic), used when no dataset is named."""
+    """Path of one split of the bundled HH-RLHF sample, used when no dataset is named."""
     return str(BUNDLED_DIR / f"{split}.jsonl")
 
 
@@ -29,8 +32,9 @@ def looks_like_path(name: str) -> bool:
 
 
 def load_rows(source: str, *, split: str = "train", config_name: str | None = None) -> datasets.Dataset:
-    """Rows of a JSONL / JSON / CSV / Parquet file, a saved dataset folder, or a Hub dataset split."""
-    path = Path(source).expanduser()
+    """Rows of a JSONL / JSON / CSV / Parquet file, a saved dataset folder, the bundled sample (its name,
+    `hh-rlhf-harmless`, reads `split`), or a Hub dataset split."""
+    path = BUNDLED_DIR if source == BUNDLED_NAME else Path(source).expanduser()
     datasets.disable_progress_bars()
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # parse errors become one UserError sentence
