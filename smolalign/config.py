@@ -128,8 +128,8 @@ class TrainConfig:
         "processes together. Changes which pairs share a step."
     )
     precompute_ref_log_probs: bool | None = _opt(
-        None, "Compute reference log-probs once before training and cache them on disk; auto = on for full "
-        "fine-tuning without ref_model (no second model copy in memory)."
+        None, "Compute reference log-probs once before training and cache them on disk (keyed by the reference "
+        "weights, so sweeps and eval reuse them); auto = on without ref_model, for full fine-tuning and LoRA."
     )
 
     # --- logging and saving ---

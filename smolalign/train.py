@@ -114,9 +114,10 @@ def _train(config: TrainConfig, output_dir: Path) -> Path:
     tokenizer = load_tokenizer(config.model, chat_template=config.chat_template)
     data = prepare_data(config, tokenizer, needs_rejected=objective.needs_rejected)
 
-    # Models. The reference is the initial policy (or `ref_model`): under LoRA the policy with its
-    # adapters disabled; for full fine-tuning its log-probs are computed once before the first step, so
-    # no second copy of the model is held (precompute_ref_log_probs: false keeps a frozen copy instead).
+    # Models. The reference is the initial policy (or `ref_model`): for full fine-tuning and LoRA alike its
+    # log-probs are computed once before the first step (under LoRA: the policy with its adapters disabled),
+    # so no second copy of the model is held and no step pays for a reference pass
+    # (precompute_ref_log_probs: false computes it in every step: adapters off, or a frozen copy).
     policy, layout = build_policy(config, objective, tokenizer, dtype=dtype, device=accelerator.device)
     max_tokens = config.max_tokens_per_forward or (16384 if accelerator.device.type == "cuda" else 256)
     trainable, total = count_parameters(policy)
@@ -138,7 +139,7 @@ def _train(config: TrainConfig, output_dir: Path) -> Path:
     precompute = objective.needs_reference and (
         config.precompute_ref_log_probs
         if config.precompute_ref_log_probs is not None
-        else config.lora is None and not config.ref_model
+        else not config.ref_model
     )
     reference_args = {"policy": policy, "tokenizer": tokenizer, "dtype": dtype, "device": accelerator.device}
     if precompute:

@@ -114,6 +114,37 @@ def test_precomputed_reference_matches_a_frozen_copy_and_is_cached(tmp_path, tin
     assert again[0]["loss"] == pytest.approx(precomputed_metrics[0]["loss"], abs=1e-7)
 
 
+def test_lora_precomputes_the_reference_of_its_base_model(tmp_path, tiny_model, pairs_file, monkeypatch):
+    """Under LoRA the reference (adapters disabled) is precomputed by default: the same numbers as the
+    adapters-off pass in every step, and a second run, or `smolalign eval`, scores no reference again."""
+    settings = {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_steps": 3, "learning_rate": 1e-3,
+                "per_device_train_batch_size": 4, "logging_steps": 1, "test_split_size": 4,
+                "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}}
+    monkeypatch.setenv("SMOLALIGN_REFERENCE_CACHE", str(tmp_path / "cache"))
+
+    def run(name, **extra):
+        final = train(load_config(None, {**settings, **extra, "output_dir": str(tmp_path / name)}))
+        return load_file(final / "adapter_model.safetensors"), read_jsonl(tmp_path / name / "metrics.jsonl")
+
+    per_step_weights, per_step_metrics = run("per-step", precompute_ref_log_probs=False)
+    assert not (tmp_path / "cache").exists()
+    precomputed_weights, precomputed_metrics = run("precomputed")
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    assert all(torch.allclose(per_step_weights[k], precomputed_weights[k], atol=1e-6) for k in per_step_weights)
+    for ours, theirs in zip(precomputed_metrics, per_step_metrics, strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen", "eval_loss", "eval_rewards/accuracies"):
+            if key in theirs:
+                assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
+
+    calls = []
+    original = smolalign.evaluate_command.score_pairs
+    monkeypatch.setattr(smolalign.evaluate_command, "score_pairs",
+                        lambda *a, **k: calls.append(k.get("desc")) or original(*a, **k))
+    main(["eval", "--model", str(tmp_path / "precomputed" / "final"), "--dataset", str(pairs_file),
+          "--max_pairs", "4", "--max_length", "1024"])
+    assert calls == ["scoring policy"]  # the base model's log-probs came from the training cache
+
+
 def test_reference_cache_is_kept_apart_per_precision_and_merges_concurrent_writers(tmp_path, tiny_model, pairs):
     """A cache filled under bf16 autocast is never served to a float32 run (its numbers differ), and two
     writers of one cache file keep each other's pairs."""
