@@ -125,6 +125,21 @@ def weights_key(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+# Reference log-probs of the demo's bundled pairs under the embedded model, shipped so that a fresh machine
+# skips that precompute. Same file names as the cache; found only for the same weights, precision and ids.
+SHIPPED_CACHE = Path(__file__).resolve().parent / "bundled" / "reference-logps"
+
+
+def _read_values(path: Path) -> dict[int, tuple[float, float]]:
+    if not path.exists():
+        return {}
+    tensors = load_file(path)
+    return {
+        int(key): (float(chosen), float(rejected))
+        for key, chosen, rejected in zip(tensors["pair_keys"], tensors["chosen"], tensors["rejected"], strict=True)
+    }
+
+
 def precision_key(model: nn.Module) -> str:
     """The precision a reference pass runs in here: autocast to a dtype, or the weights' own dtype."""
     device_type = next(model.parameters()).device.type
@@ -142,16 +157,13 @@ class ReferenceCache:
 
     def __init__(self, reference_weights: nn.Module, folder: Path | None = None):
         folder = folder or Path(os.environ.get("SMOLALIGN_REFERENCE_CACHE", cache_root() / "reference-logps"))
-        self.path = folder / f"{weights_key(reference_weights)}-{precision_key(reference_weights)}.safetensors"
+        name = f"{weights_key(reference_weights)}-{precision_key(reference_weights)}.safetensors"
+        self.path = folder / name
+        self.shipped = SHIPPED_CACHE / name  # read-only values that came with the package, if any
 
     def load(self) -> dict[int, tuple[float, float]]:
-        if not self.path.exists():
-            return {}
-        tensors = load_file(self.path)
-        return {
-            int(key): (float(chosen), float(rejected))
-            for key, chosen, rejected in zip(tensors["pair_keys"], tensors["chosen"], tensors["rejected"], strict=True)
-        }
+        """Every cached pair: those shipped with the package, then those of this machine's cache."""
+        return {**_read_values(self.shipped), **_read_values(self.path)}
 
     def save(self, values: dict[int, tuple[float, float]]) -> None:
         """Add `values` to the file; pairs another run saved meanwhile are kept."""

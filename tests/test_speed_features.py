@@ -145,9 +145,10 @@ def test_lora_precomputes_the_reference_of_its_base_model(tmp_path, tiny_model, 
     assert calls == ["scoring policy"]  # the base model's log-probs came from the training cache
 
 
-def test_reference_cache_is_kept_apart_per_precision_and_merges_concurrent_writers(tmp_path, tiny_model, pairs):
-    """A cache filled under bf16 autocast is never served to a float32 run (its numbers differ), and two
-    writers of one cache file keep each other's pairs."""
+def test_reference_cache_is_kept_apart_per_precision_and_merges_concurrent_writers(tmp_path, tiny_model, pairs,
+                                                                                   monkeypatch):
+    """A cache filled under bf16 autocast is never served to a float32 run (its numbers differ), two
+    writers of one cache file keep each other's pairs, and values shipped with the package are found."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model(0))
     scored: list[int] = []
 
@@ -176,6 +177,12 @@ def test_reference_cache_is_kept_apart_per_precision_and_merges_concurrent_write
     second.save(second_values)
     assert first.load() == {**first_values, **second_values}
     assert [p.name for p in fresh.iterdir() if p.suffix == ".partial"] == []
+
+    # Values shipped with the package serve a machine whose own cache is empty.
+    monkeypatch.setattr(smolalign.reference, "SHIPPED_CACHE", fresh)
+    shipped_only = smolalign.reference.ReferenceCache(model, tmp_path / "empty")
+    assert shipped_only.fill(pairs, score).of_pairs(pairs).chosen.tolist() == [1.0] * 3 + [3.0] * 3
+    assert scored == [len(pairs), len(pairs)]
 
 
 def test_eval_reuses_the_reference_cache_of_training(tmp_path, tiny_model, pairs_file, monkeypatch):
