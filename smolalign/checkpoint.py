@@ -87,7 +87,7 @@ def resolve_checkpoint(requested: str, output_dir: Path) -> Path:
 RESUMABLE_CHANGES = (
     "output_dir", "resume_from_checkpoint", "run_name", "report_to", "logging_steps", "eval_steps", "eval_on_start",
     "save_steps", "save_total_limit", "max_tokens_per_forward", "logprob_chunk_size", "per_device_eval_batch_size",
-    "max_nonfinite_steps",
+    "max_nonfinite_steps", "push_to_hub", "hub_model_id", "hub_private",
 )
 
 

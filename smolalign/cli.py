@@ -1,4 +1,4 @@
-"""`smolalign` command line: train, eval, compare, sweep, bench, data inspect.
+"""`smolalign` command line: train, eval, compare, sweep, bench, chat, data inspect.
 
 User mistakes end with one sentence on stderr and exit status 2, a run that had to stop (non-finite
 losses, a failed save) with one sentence and exit status 1; never a traceback.
@@ -143,6 +143,24 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", nargs="+", help="run folders (each with config.yaml and metrics.jsonl)")
     compare.add_argument("--output_dir", default="runs/compare", help="where report.html, report.md and plots go")
     compare.set_defaults(run=_run_compare)
+
+    chat = commands.add_parser("chat", help="talk with a model in the terminal; --compare answers with its reference too")
+    chat.add_argument("model", nargs="?", help="model folder (a run's final/, full or LoRA) or Hub id; "
+                                               "default: the embedded SmolLM2-135M-Instruct")
+    chat.add_argument("--compare", action="store_true",
+                      help="answer each message with the policy and its reference (a LoRA adapter's base model, "
+                           "the model a run started from, or --ref_model)")
+    chat.add_argument("--ref_model", help="reference model for --compare (folder or Hub id)")
+    chat.add_argument("--system_prompt")
+    chat.add_argument("--max_new_tokens", type=positive_int, default=256)
+    chat.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    chat.add_argument("--temperature", type=float, help="sampling temperature (implies --do_sample); 0 = greedy")
+    chat.add_argument("--top_p", type=float, default=1.0)
+    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--chat_template", help="'chatml' for a base model without a chat template")
+    chat.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    chat.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    chat.set_defaults(run=_run_chat)
 
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)

@@ -142,6 +142,18 @@ class TrainConfig:
     resume_from_checkpoint: str | None = _opt(None, "Checkpoint folder to continue from, or 'latest' in output_dir.")
     report_to: list[str] = field(default_factory=list, metadata={"help": "Trackers: tensorboard, wandb."})
     run_name: str | None = _opt(None, "Name shown in trackers and reports; default: the output_dir folder name.")
+    push_to_hub: bool = _opt(
+        False, "Upload final/ (with its model card) and the report to the Hugging Face Hub when the run ends; "
+        "needs a token (`hf auth login` or HF_TOKEN) and the network, both checked before training starts."
+    )
+    hub_model_id: str | None = _opt(
+        None, "Hub repository to push to, 'namespace/name' or 'name' (in your namespace); default: your "
+        "namespace / the output_dir folder name."
+    )
+    hub_private: bool | None = _opt(
+        None, "Create the Hub repository private; null = the Hub's default (public unless your organisation "
+        "says otherwise). An existing repository keeps its visibility."
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -153,6 +165,9 @@ class TrainConfig:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then the YAML file, then `overrides` (key -> value; `lora.r` reaches a nested key)."""
     values: dict[str, Any] = read_yaml(path) if path is not None else {}
+    from smolalign.trl_config import translate_trl_config  # a TRL DPOConfig / ORPOConfig / CPOConfig file
+
+    values = translate_trl_config(values)
     for key, value in _nest(overrides or {}).items():
         if isinstance(value, dict) and isinstance(values.get(key), dict):
             values[key] = {**values[key], **value}  # a flag changes one key of a YAML section, not all
@@ -243,12 +258,12 @@ def build_dataclass(cls: type, values: dict[str, Any], *, where: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in known:
-            raise UserError(_unknown_key_message(key, known, where))
+            raise UserError(unknown_key_message(key, known, where))
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where != "config" else key)
     return cls(**kwargs)
 
 
-def _unknown_key_message(key: str, known: list[str], where: str) -> str:
+def unknown_key_message(key: str, known: list[str], where: str) -> str:
     place = "" if where == "config" else f" in '{where}'"
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     hint = f"did you mean '{close[0]}'?" if close else "run `smolalign train --help` for the list of keys."
@@ -416,6 +431,14 @@ def validate(config: TrainConfig) -> None:
         "'center_rewards_coefficient' applies to algorithm: reward only.",
     )
     require(config.cpo_alpha >= 0, "'cpo_alpha' must be >= 0.")
+    if config.hub_model_id is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(config.hub_model_id)
+        except HFValidationError:
+            raise UserError(f"'hub_model_id' must be 'name' or 'namespace/name' with letters, digits, '-', '_' or "
+                            f"'.' (at most 96), not '{config.hub_model_id}'.") from None
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, Any]:

@@ -44,6 +44,7 @@ from smolalign.errors import RunError, UserError, writes_reported
 from smolalign.evaluate import evaluate_objective
 from smolalign.export import save_final_model
 from smolalign.forward import PairRunner
+from smolalign.hub import check_push_access, push_run
 from smolalign.locks import run_folder_lock
 from smolalign.logprobs import RewardScorer, SequenceScorer, base_model_of, choose_layout
 from smolalign.losses import OBJECTIVES, LossSettings
@@ -96,6 +97,7 @@ def _train(config: TrainConfig, output_dir: Path) -> Path:
     if device.type == "cpu":
         keep_freed_memory()
     require_trackers(config.report_to)
+    check_push_access(config)  # push_to_hub: token, network and repository id, before any work
     dtype, mixed_precision = resolve_precision(config.dtype, device, lora=config.lora is not None)
     # Accelerate keeps one state per process: without a reset, a trainer made earlier in the same process
     # (a notebook that ran TRL first) would impose its mixed precision on this run.
@@ -244,6 +246,8 @@ def _train(config: TrainConfig, output_dir: Path) -> Path:
         log.info("report: %s", report)
     accelerator.end_training()
     AcceleratorState._reset_state()  # leave the process as we found it, for whatever trains next
+    if final is not None and config.push_to_hub:  # the main process, once the run is complete on disk
+        log.info("pushed to the Hub: %s", push_run(output_dir, config))
     return final
 
 
