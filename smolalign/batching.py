@@ -13,11 +13,16 @@ loss code never looks at the layout, so every layout gives the same numbers as `
 
 Packed and prefix-shared rows are filled up to the longest block of the batch, never beyond, so the
 attention cost stays per block rather than growing with the square of the whole batch.
+
+The attention mask is kept as per-token ids (`AttentionMask`) and made, on the batch's device and only
+when a forward pass asks, into the form the model's attention takes: a 2-D padding mask, a dense 4-D
+boolean mask for SDPA (on CPU), or a FlexAttention `BlockMask` (on CUDA, where SDPA with an arbitrary
+4-D mask falls back to its slow math kernel and FlexAttention skips the fully masked tiles).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -30,6 +35,63 @@ PROMPT_BRANCH = 0  # a block's shared prompt; answers are branches 1 (chosen) an
 
 
 @dataclass
+class AttentionMask:
+    """Which tokens each token attends to, kept as two per-token ids rather than a [length x length] grid.
+
+    Query i sees key j when both lie in the same block, j <= i, and j is prompt or on i's own branch;
+    padding sees only itself, so no softmax row is empty. The forms a model takes are built from the
+    ids on their device when first asked for, and kept: a batch's policy and reference passes share them.
+    In the padded layout each row holds one sequence, and its 2-D padding mask says it all (the model
+    adds the causal part, as in TRL).
+    """
+
+    block_ids: torch.Tensor  # [rows, length] index of the token's block in its row; -1 for padding
+    branch_ids: torch.Tensor  # [rows, length] PROMPT_BRANCH, or the answer's branch (1 chosen, 2 rejected)
+    block_causal: bool  # False for the padded layout
+    _built: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def to(self, device: torch.device | str) -> AttentionMask:
+        return AttentionMask(self.block_ids.to(device), self.branch_ids.to(device), self.block_causal)
+
+    def padding(self) -> torch.Tensor:
+        """[rows, length] 1 for tokens, 0 for padding."""
+        return (self.block_ids >= 0).long()
+
+    def dense(self) -> torch.Tensor:
+        """[rows, 1, length, length] bool, True where the query (dim 2) may see the key (dim 3)."""
+        if "dense" not in self._built:
+            length = self.block_ids.shape[1]
+            query = torch.arange(length, device=self.block_ids.device)
+            self._built["dense"] = self._visible(
+                self.block_ids[:, :, None], self.block_ids[:, None, :], self.branch_ids[:, :, None],
+                self.branch_ids[:, None, :], query[:, None], query[None, :],
+            )[:, None]
+        return self._built["dense"]
+
+    def flex(self):
+        """The same mask as a FlexAttention BlockMask: tiles of 128 x 128 that no query may see are skipped,
+        tiles that every query may see skip the mask, only the rest evaluate it token by token."""
+        if "flex" not in self._built:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            block_ids, branch_ids = self.block_ids, self.branch_ids
+
+            def mask_mod(row, head, query, key):
+                return self._visible(block_ids[row, query], block_ids[row, key], branch_ids[row, query],
+                                     branch_ids[row, key], query, key)
+
+            rows, length = block_ids.shape
+            self._built["flex"] = create_block_mask(mask_mod, rows, None, length, length, device=block_ids.device)
+        return self._built["flex"]
+
+    @staticmethod
+    def _visible(query_block, key_block, query_branch, key_branch, query, key):
+        same_block = (query_block == key_block) & (query_block >= 0)
+        on_branch = (key_branch == PROMPT_BRANCH) | (key_branch == query_branch)
+        return (same_block & (key <= query) & on_branch) | (key == query)
+
+
+@dataclass
 class Batch:
     """Model input for a list of pairs, plus the tokens to score.
 
@@ -38,7 +100,9 @@ class Batch:
 
         input_ids       [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
         position_ids    [[0, 1, 2, 2, 3], [0, 1, 2, 1, 0]]
-        attention_mask  [2, 1, 5, 5] bool: token 4 sees 1, 2, 4 (not 3); padding sees only itself
+        attention_mask  block_ids  [[0, 0, 0, 0, 0], [0, 0, 0, 0, -1]]
+                        branch_ids [[0, 0, 1, 2, 2], [0, 1, 1, 2, 0]]
+                        dense(): [2, 1, 5, 5] bool: token 4 sees 1, 2, 4 (not 3); padding sees only itself
         score_positions [1, 1, 3, 5, 6, 5]            flat index (row * 5 + column) of the predicting token
         score_targets   [3, 4, 5, 7, 8, 9]
         score_owners    [0, 1, 1, 3, 3, 4]            pair * 3 + part (0 chosen, 1 rejected, 2 prompt)
@@ -49,7 +113,7 @@ class Batch:
 
     input_ids: torch.Tensor  # [rows, length]
     position_ids: torch.Tensor  # [rows, length]
-    attention_mask: torch.Tensor  # [rows, length] padding mask, or [rows, 1, length, length] bool
+    attention_mask: AttentionMask
     score_positions: torch.Tensor  # [scored tokens]
     score_targets: torch.Tensor  # [scored tokens]
     score_owners: torch.Tensor  # [scored tokens]
@@ -57,12 +121,9 @@ class Batch:
     num_tokens: int
 
     def to(self, device: torch.device | str) -> Batch:
-        moved = {
-            f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor)
-            else getattr(self, f.name)
-            for f in fields(self)
-        }
-        return Batch(**moved)
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{name: value.to(device) if isinstance(value, (torch.Tensor, AttentionMask)) else value
+                        for name, value in values.items()})
 
 
 @dataclass
@@ -103,7 +164,7 @@ def build_batch(
         ]
     rows = [[block] for block in blocks] if layout == "padded" else _pack(blocks)
     num_tokens = sum(padded_tokens(p) for p in pairs)
-    return _assemble(rows, pad_token_id, four_d_mask=layout != "padded", num_pairs=len(pairs), num_tokens=num_tokens)
+    return _assemble(rows, pad_token_id, block_causal=layout != "padded", num_pairs=len(pairs), num_tokens=num_tokens)
 
 
 def padded_tokens(pair: TokenizedPair) -> int:
@@ -174,7 +235,7 @@ def _pack(blocks: list[_Block]) -> list[list[_Block]]:
     return rows
 
 
-def _assemble(rows: list[list[_Block]], pad_token_id: int, *, four_d_mask: bool, num_pairs: int, num_tokens: int) -> Batch:
+def _assemble(rows: list[list[_Block]], pad_token_id: int, *, block_causal: bool, num_pairs: int, num_tokens: int) -> Batch:
     length = max(sum(len(b.token_ids) for b in row) for row in rows)
     shape = (len(rows), length)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
@@ -195,30 +256,16 @@ def _assemble(rows: list[list[_Block]], pad_token_id: int, *, four_d_mask: bool,
                 score_targets.append(target)
                 score_owners.append(owner)
             start = end
-    attention_mask = _block_mask(block_ids, branches) if four_d_mask else (block_ids >= 0).long()
     return Batch(
         input_ids=input_ids,
         position_ids=position_ids,
-        attention_mask=attention_mask,
+        attention_mask=AttentionMask(block_ids, branches, block_causal=block_causal),
         score_positions=torch.tensor(score_positions, dtype=torch.long),
         score_targets=torch.tensor(score_targets, dtype=torch.long),
         score_owners=torch.tensor(score_owners, dtype=torch.long),
         num_pairs=num_pairs,
         num_tokens=num_tokens,
     )
-
-
-def _block_mask(block_ids: torch.Tensor, branches: torch.Tensor) -> torch.Tensor:
-    """[rows, 1, L, L] bool: query i sees key j when both are in the same block, j <= i, and j is
-    prompt or on i's own branch. Padding sees only itself, so no softmax row is empty."""
-    length = block_ids.shape[1]
-    same_block = (block_ids[:, :, None] == block_ids[:, None, :]) & (block_ids[:, :, None] >= 0)
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    key_branch = branches[:, None, :]
-    visible_branch = (key_branch == PROMPT_BRANCH) | (key_branch == branches[:, :, None])
-    mask = same_block & causal & visible_branch
-    mask |= torch.eye(length, dtype=torch.bool)
-    return mask[:, None]
 
 
 def block_tokens(pair: TokenizedPair) -> int:

@@ -1,20 +1,24 @@
 """One benchmark run in its own process: `python -m smolalign.bench_worker SPEC.json RESULT.json`.
 
-SPEC names the framework (`smolalign` or `trl`), algorithm, model folder, pairs file, steps, batch
-size, max_length, and whether the process keeps freed memory (cpu_memory.py). RESULT receives the
-seconds of every optimizer step and whether freed memory was kept.
-Peak memory and the whole process's time are measured from outside, by `smolalign bench`.
+SPEC names the framework (`smolalign`, `trl`, or `trl_liger`: TRL with `use_liger_kernel=True`),
+algorithm, model folder, pairs file, steps, batch size, max_length, device, LoRA or not, and whether the
+process keeps freed memory (cpu_memory.py). RESULT receives the seconds of every optimizer step, whether
+freed memory was kept, and on CUDA the process's peak allocated memory. The whole process's time (and
+its peak RSS on a CPU) is measured from outside, by `smolalign bench`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from smolalign.cpu_memory import keep_freed_memory
+
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}  # the same for every framework
 
 
 def run_smolalign(spec: dict, output_dir: Path) -> dict:
@@ -26,31 +30,55 @@ def run_smolalign(spec: dict, output_dir: Path) -> dict:
         "model": spec["model"], "dataset": spec["dataset"], "algorithm": spec["algorithm"],
         "per_device_train_batch_size": spec["batch_size"], "max_steps": spec["steps"],
         "max_length": spec["max_length"], "logging_steps": 1, "save_steps": 10**9, "output_dir": str(output_dir),
+        "device": spec["device"], "lora": LORA if spec.get("lora") else None,
     })
-    train(config)
+    final = train(config)
     records = [r for r in read_metrics(output_dir / "metrics.jsonl") if "tokens_per_second" in r]
     tokens = [r["num_tokens"] for r in records]
     step_tokens = [t - previous for t, previous in zip(tokens, [0, *tokens[:-1]], strict=True)]
-    return {"step_seconds": [n / r["tokens_per_second"] for n, r in zip(step_tokens, records, strict=True)]}
+    return {"step_seconds": [n / r["tokens_per_second"] for n, r in zip(step_tokens, records, strict=True)],
+            "trainable_parameters": _saved_parameters(final, adapter=bool(spec.get("lora")))}
+
+
+def _saved_parameters(folder: Path, *, adapter: bool) -> int:
+    """Parameters in a saved model folder (the adapter's only, for LoRA): what was trained."""
+    from safetensors import safe_open
+
+    files = [folder / "adapter_model.safetensors"] if adapter else sorted(folder.glob("model*.safetensors"))
+    total = 0
+    for file in files:
+        with safe_open(file, "pt") as weights:
+            for name in weights.keys():
+                total += math.prod(weights.get_slice(name).get_shape())
+    return total
 
 
 def run_trl(spec: dict, output_dir: Path) -> dict:
+    import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     step_seconds: list[float] = []
+    cuda = spec["device"] == "cuda"
 
     class StepTimer(TrainerCallback):
+        """Step times with the GPU's queued work included (TRL reads the loss only after on_step_end)."""
+
         def on_step_begin(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
             step_seconds.append(time.perf_counter() - self.start)
 
     common = {
         "output_dir": str(output_dir), "per_device_train_batch_size": spec["batch_size"], "max_steps": spec["steps"],
         "max_length": spec["max_length"], "logging_steps": 1, "save_strategy": "no", "report_to": "none",
-        "gradient_checkpointing": False, "bf16": spec["device"] == "cuda", "use_cpu": spec["device"] == "cpu",
+        "gradient_checkpointing": False, "bf16": cuda, "use_cpu": not cuda,
+        "use_liger_kernel": spec["framework"] == "trl_liger",
     }
     if spec["algorithm"] == "dpo":
         from trl import DPOConfig as Config
@@ -63,15 +91,24 @@ def run_trl(spec: dict, output_dir: Path) -> dict:
         from trl.experimental.cpo import CPOTrainer as Trainer
 
         common.update(loss_type="simpo", cpo_alpha=0.0)
+    peft_config = None
+    dtype = torch.float32  # float32 master weights under bf16 autocast, as smolalign trains
+    if spec.get("lora"):
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **LORA)
+        dtype = torch.bfloat16 if cuda else torch.float32  # the frozen base in bf16, as smolalign keeps it
     trainer = Trainer(
-        model=AutoModelForCausalLM.from_pretrained(spec["model"]),
+        model=AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype),
         args=Config(**common),
         train_dataset=load_dataset("json", data_files=spec["dataset"], split="train"),
         processing_class=AutoTokenizer.from_pretrained(spec["model"]),
         callbacks=[StepTimer()],
+        peft_config=peft_config,
     )
     trainer.train()
-    return {"step_seconds": step_seconds}
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {"step_seconds": step_seconds, "trainable_parameters": trainable}
 
 
 def main() -> None:

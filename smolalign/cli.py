@@ -120,12 +120,20 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="time the same job with smolalign and TRL, side by side")
     bench.add_argument("--algorithm", default="dpo", help="dpo, orpo, simpo, or a comma list")
-    bench.add_argument("--model", help="model folder or Hub id (default: embedded SmolLM2-135M-Instruct)")
+    bench.add_argument("--model", help="model folder or Hub id (default: embedded SmolLM2-135M-Instruct); "
+                                       "with --model_config, only its tokenizer is used")
+    bench.add_argument("--model_config", help="random weights in a bundled architecture (smollm2-135m, "
+                                              "smollm2-1.7b) or that of a config.json file")
     bench.add_argument("--dataset", default=None, help="preference pairs (default: bundled HH-RLHF)")
     bench.add_argument("--steps", type=positive_int, default=6)
+    bench.add_argument("--warmup_steps", type=non_negative_int, default=0,
+                       help="first steps left out of step times, tokens/s and MFU (kernel compilation)")
     bench.add_argument("--batch_size", type=positive_int, default=4)
     bench.add_argument("--max_length", type=positive_int, default=512)
-    bench.add_argument("--frameworks", default="smolalign,trl")
+    bench.add_argument("--lora", action="store_true", help="LoRA (r 16, all linear layers) instead of full fine-tuning")
+    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    bench.add_argument("--frameworks", default="smolalign,trl", help="comma list of smolalign, trl, trl_liger "
+                                                                       "(TRL with use_liger_kernel=True, CUDA only)")
     bench.add_argument("--repeats", type=positive_int, default=1, help="runs per framework; the fastest is kept")
     bench.add_argument("--trl_keep_freed_memory", action="store_true",
                        help="give the TRL runs smolalign's glibc setting that keeps freed memory (CPU)")

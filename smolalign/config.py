@@ -120,7 +120,8 @@ class TrainConfig:
     logprob_chunk_size: int = _opt(256, "Tokens per chunk when projecting hidden states onto the vocabulary.")
     max_tokens_per_forward: int | None = _opt(
         None, "Run a batch through the model in chunks of whole pairs up to this many tokens (activation memory); "
-        "auto = 256 on CPU (about one pair), 16384 on GPU. Numbers do not change."
+        "auto = 256 on CPU (about one pair); on CUDA derived from free memory and the model's size (1024-32768). "
+        "Numbers do not change."
     )
     max_tokens_per_batch: int | None = _opt(
         None, "Token-budget batching: fill each micro-batch with pairs up to this many tokens instead of a fixed "

@@ -17,7 +17,8 @@ from peft import PeftModel
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from smolalign.batching import CHOSEN, PARTS_PER_PAIR, PROMPT, REJECTED, Batch
+from smolalign.attention import BLOCK_MASK_IMPLEMENTATIONS, model_mask
+from smolalign.batching import CHOSEN, PARTS_PER_PAIR, PROMPT, REJECTED, AttentionMask, Batch
 from smolalign.errors import UserError
 
 log = logging.getLogger("smolalign")
@@ -117,12 +118,12 @@ def base_model_of(model: nn.Module) -> nn.Module:
 
 
 def supports_block_masks(model: nn.Module) -> bool:
-    """Whether the model's attention takes the 4-D masks of the packed and prefix-shared layouts."""
-    return base_model_of(model).config._attn_implementation in ("sdpa", "eager")
+    """Whether the model's attention takes the masks of the packed and prefix-shared layouts."""
+    return base_model_of(model).config._attn_implementation in BLOCK_MASK_IMPLEMENTATIONS
 
 
 def choose_layout(requested: str, model: nn.Module) -> str:
-    """The batch layout to use: `auto` is prefix_shared where the attention takes 4-D masks."""
+    """The batch layout to use: `auto` is prefix_shared where the attention takes its masks."""
     if supports_block_masks(model):
         return "prefix_shared" if requested == "auto" else requested
     if requested != "padded":
@@ -153,20 +154,15 @@ class SequenceScorer(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: AttentionMask,
         score_positions: torch.Tensor,
     ) -> torch.Tensor:
         """Final hidden states at the scored positions ([scored tokens, hidden])."""
         causal_lm = base_model_of(self.model)
         backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-        if attention_mask.dim() == 4 and causal_lm.config._attn_implementation == "eager":
-            # eager attention adds the mask to the scores; SDPA takes the boolean mask as it is
-            dtype = self.head.weight.dtype
-            additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
-            attention_mask = additive.masked_fill_(~attention_mask, torch.finfo(dtype).min)
-        hidden = backbone(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
+        mask = model_mask(attention_mask, causal_lm.config._attn_implementation, self.head.weight.dtype)
+        hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False
+                          ).last_hidden_state
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_positions)
 
     @property
@@ -177,7 +173,7 @@ class SequenceScorer(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: AttentionMask,
         score_positions: torch.Tensor,
         score_targets: torch.Tensor,
     ) -> torch.Tensor:

@@ -16,10 +16,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from smolalign.attention import FLEX_IMPLEMENTATIONS, describe_attention, resolve_attention
 from smolalign.data.sources import looks_like_path
 from smolalign.embedded import EMBEDDED_NAME, embedded_model_dir, embedded_tokenizer_dir, is_embedded
 from smolalign.errors import UserError, first_line
 from smolalign.hub import hub_reachable, prefer_local_cache
+from smolalign.logprobs import KEEP_SOFTMAX_ELEMENTS, base_model_of
 
 log = logging.getLogger("smolalign")
 
@@ -37,29 +39,39 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def native_bf16() -> bool:
+    """Whether the CUDA GPU computes in bf16 natively (Ampere and later). A T4 reports bf16 as supported
+    when emulation counts, and emulated bf16 is slower than float32 there."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(requested: str, device: torch.device, *, lora: bool) -> tuple[torch.dtype, str]:
     """Weights dtype and Accelerate mixed precision for training.
 
-    On a CPU: float32 (bf16 is emulated there). On a CUDA GPU with bf16 (dtype auto or bfloat16): float32
-    master weights under bf16 autocast, as TRL trains, since AdamW on bf16 weights loses small updates;
-    under LoRA the frozen base weights are stored in bf16 and only the adapters are float32.
+    On a CPU: float32 (bf16 is emulated there). On a CUDA GPU: float32 master weights under autocast in
+    half precision, as TRL trains, since AdamW on half-precision weights loses small updates: bf16 where
+    the GPU has it natively, else fp16, for which Accelerate adds a gradient scaler (it scales the loss,
+    unscales before clipping and skips steps whose gradients overflow). Under LoRA the frozen base weights
+    are stored in that half precision and only the adapters are float32. `float16` forces the fp16 path
+    on any GPU (it is how older cards train); `float32` turns autocast off.
     """
     if device.type != "cuda":
         return resolve_dtype(requested, device), "no"
-    if requested == "float32" or (requested == "auto" and not torch.cuda.is_bf16_supported()):
+    if requested == "float32":
         return torch.float32, "no"
-    if requested == "float16":
-        return torch.float32, "fp16"
-    if not torch.cuda.is_bf16_supported():
-        raise UserError("dtype bfloat16 was asked for but this GPU does not support it; use float16 or float32.")
-    return (torch.bfloat16 if lora else torch.float32), "bf16"
+    if requested == "bfloat16" and not native_bf16():
+        raise UserError("dtype bfloat16 was asked for but this GPU has no native bf16 (it would be emulated); "
+                        "use float16 or auto.")
+    if requested == "bfloat16" or (requested == "auto" and native_bf16()):
+        return (torch.bfloat16 if lora else torch.float32), "bf16"
+    return (torch.float16 if lora else torch.float32), "fp16"
 
 
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     """Weights dtype for inference: float32 on CPU (bf16 is emulated and slow there); bf16 on CUDA GPUs
-    that support it."""
+    that have it natively, float32 on older ones (float16 when asked)."""
     if requested == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and native_bf16():
             return torch.bfloat16
         return torch.float32
     if requested == "float16" and device.type == "cpu":
@@ -67,6 +79,18 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested == "bfloat16" and device.type == "cpu":
         log.warning("bfloat16 on this CPU is emulated and usually slower than float32")
     return getattr(torch, requested)
+
+
+_logged_attention: set[str | None] = set()
+
+
+def attention_implementation(requested: str, device: torch.device) -> str | None:
+    """`resolve_attention`, logged the first time each choice is made in a process."""
+    implementation = resolve_attention(requested, device)
+    if implementation not in _logged_attention:
+        _logged_attention.add(implementation)
+        log.info("attention on %s: %s", device.type, describe_attention(implementation))
+    return implementation
 
 
 def model_source(name: str | None) -> str:
@@ -136,18 +160,22 @@ def load_model(
     device: torch.device,
     tokenizer: PreTrainedTokenizerBase | None = None,
     reward_head: bool = False,
+    attention: str = "auto",
 ) -> PreTrainedModel:
     """A causal LM in `dtype` on `device`, dropout off (as TRL), vocabulary grown to the tokenizer's.
 
     With `reward_head`, the same backbone with a one-output sequence-classification head (a new, randomly
     initialised head for a causal LM checkpoint), the format TRL's RewardTrainer saves and loads.
+    `attention` chooses the kernel of the packed and prefix-shared layouts (attention.resolve_attention).
     """
     source = model_source(name)
+    implementation = attention_implementation(attention, device)
     try:
         if reward_head:
-            model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype, num_labels=1)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, dtype=dtype, num_labels=1, attn_implementation=implementation)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=implementation)
     except Exception as error:
         if Path(source).is_dir():
             raise UserError(f"cannot load a causal language model from '{name}': {first_line(error)}") from None
@@ -173,7 +201,8 @@ def load_for_scoring(
     from peft import AutoPeftModelForCausalLM
 
     try:
-        model = AutoPeftModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoPeftModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=attention_implementation("auto", device))
     except Exception as error:
         raise UserError(
             f"cannot load the LoRA adapter in '{name}' on its base model ({first_line(error)}); "
@@ -214,11 +243,89 @@ def add_lora(model: PreTrainedModel, settings) -> torch.nn.Module:
         target_modules=settings.target_modules,
     )
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as error:
         raise UserError(f"invalid LoRA settings: {first_line(error)}") from None
+    # PEFT makes the adapters float32 over a half-precision base; a trained head copy (the reward model's
+    # score) must be float32 too: AdamW loses small updates on half weights, and fp16's gradient scaler
+    # refuses half-precision gradients.
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype in (torch.float16, torch.bfloat16):
+            parameter.data = parameter.data.float()
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+CPU_MAX_TOKENS_PER_FORWARD = 256  # about one HH-RLHF pair: a CPU gains nothing from larger forward passes
+GPU_MAX_TOKENS_PER_FORWARD = 32768  # a GPU is saturated well before; larger chunks would only cost memory
+GPU_MIN_TOKENS_PER_FORWARD = 1024
+GPU_MEMORY_HEADROOM = 0.8  # of the estimated room: allocator fragmentation, CUDA kernels' workspaces
+
+
+def activation_bytes_per_token(config, *, half: bool, dense_attention_length: int | None = None,
+                               checkpointing: bool = False) -> float:
+    """Bytes a training forward pass of a Llama-shaped decoder keeps for its backward pass, per token.
+
+    Per layer it keeps about ten hidden-sized tensors (the inputs and outputs of the two norms, q, k and
+    v before and after rotary embeddings, the attention output), four intermediate-sized ones (gate, up,
+    the activated gate, their product) and the key-value projections; under half-precision autocast the
+    norms' inputs stay float32 and matmul outputs are half, about 3.25 bytes per element on average
+    (measured on the CPU: 14 kB per token and layer for hidden 256, intermediate 688, where this gives
+    18 kB). One more layer's worth covers the transient gradients of the backward pass. SDPA with a dense
+    4-D mask runs the math kernel, which also keeps the attention probabilities: `dense_attention_length`
+    keys per head and token. Gradient checkpointing keeps only each layer's input, plus one layer at a time.
+    """
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_size = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    bytes_per_element = 3.25 if half else 4
+    per_layer = bytes_per_element * (10 * max(hidden, heads * head_dim) + 4 * config.intermediate_size + 4 * kv_size)
+    if dense_attention_length:
+        per_layer += heads * dense_attention_length * (2 if half else 4)
+    kept_layers = 1 + (layers if not checkpointing else 0)
+    return per_layer * kept_layers + 4 * hidden * (layers if checkpointing else 0) + 3 * 4 * hidden
+
+
+def default_max_tokens_per_forward(model: torch.nn.Module, device: torch.device, *, mixed_precision: str,
+                                   max_length: int, free_bytes: int | None = None) -> int:
+    """Tokens per forward pass (`max_tokens_per_forward` when the config leaves it unset).
+
+    On a CPU, 256 (about one pair). On CUDA, what fits in the memory that is free now (the driver's
+    free memory plus what PyTorch's allocator holds unused): minus what the first optimizer step will
+    add (a float32 gradient and AdamW's two moments per trainable parameter, and under autocast a half
+    copy of the float32 weights) and the log-prob head's kept softmax, with 20% headroom, divided by
+    `activation_bytes_per_token`; between 1024 and 32768 tokens. Call it after the model is on the
+    device and before the optimizer exists. A reference model loaded after it (a `ref_model` kept for
+    every step instead of precomputed) is not counted: set `max_tokens_per_forward` for such runs.
+    """
+    if device.type != "cuda":
+        return CPU_MAX_TOKENS_PER_FORWARD
+    if free_bytes is None:
+        driver_free, _ = torch.cuda.mem_get_info(device)
+        free_bytes = driver_free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    base = base_model_of(model)
+    half = mixed_precision in ("bf16", "fp16")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    float32_weights = sum(p.numel() for p in model.parameters() if p.dtype == torch.float32)
+    optimizer_bytes = 12 * trainable + (2 * float32_weights if half else 0)
+    head_bytes = 4 * KEEP_SOFTMAX_ELEMENTS
+    dense = base.config._attn_implementation not in FLEX_IMPLEMENTATIONS
+    per_token = activation_bytes_per_token(
+        base.config, half=half, dense_attention_length=max_length if dense else None,
+        checkpointing=any(getattr(module, "gradient_checkpointing", False) is True for module in base.modules()),
+    )
+    room = GPU_MEMORY_HEADROOM * (free_bytes - optimizer_bytes - head_bytes)
+    tokens = int(room // per_token)
+    if tokens < GPU_MIN_TOKENS_PER_FORWARD:
+        log.warning("little GPU memory is left for activations (%.1f GB free): forward passes of %d tokens "
+                    "may not fit; consider LoRA or gradient_checkpointing", free_bytes / 1e9,
+                    GPU_MIN_TOKENS_PER_FORWARD)
+    chosen = min(max(tokens, GPU_MIN_TOKENS_PER_FORWARD), GPU_MAX_TOKENS_PER_FORWARD)
+    log.info("max_tokens_per_forward %d (%.1f GB free on %s, about %.0f kB of activations per token)",
+             chosen, free_bytes / 1e9, device, per_token / 1e3)
+    return chosen

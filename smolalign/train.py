@@ -52,6 +52,7 @@ from smolalign.metrics import MetricsFile, MetricWindow, last_values, read_metri
 from smolalign.models import (
     add_lora,
     count_parameters,
+    default_max_tokens_per_forward,
     load_model,
     load_tokenizer,
     resolve_device,
@@ -121,7 +122,8 @@ def _train(config: TrainConfig, output_dir: Path) -> Path:
     # so no second copy of the model is held and no step pays for a reference pass
     # (precompute_ref_log_probs: false computes it in every step: adapters off, or a frozen copy).
     policy, layout = build_policy(config, objective, tokenizer, dtype=dtype, device=accelerator.device)
-    max_tokens = config.max_tokens_per_forward or (16384 if accelerator.device.type == "cuda" else 256)
+    max_tokens = config.max_tokens_per_forward or default_max_tokens_per_forward(
+        policy, accelerator.device, mixed_precision=mixed_precision, max_length=config.max_length)
     trainable, total = count_parameters(policy)
     log.info("%s on %s (%s): %d/%d parameters trainable, layout %s, %d training pairs",
              config.algorithm, accelerator.device, str(dtype).removeprefix("torch."), trainable, total, layout,

@@ -75,3 +75,47 @@ def hh_rows():
     """Bundled HH-RLHF rows, shortest first, so tests stay fast on real text."""
     rows = read_jsonl(Path(bundled_dataset("train")))
     return sorted(rows, key=lambda r: len(r["chosen"]) + len(r["rejected"]))
+
+
+# --- CUDA: device-agnostic tests take `device` (CPU always, CUDA when present); CUDA-only ones `cuda_device`. ---
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped where none is present")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request) -> torch.device:
+    """Each test taking it runs on the CPU and, where one is present, on the CUDA GPU, in float32 with
+    TF32 off so that 1e-4 tolerances mean the same on both."""
+    if request.param == "cuda":
+        _full_float32_matmuls(request)
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def cuda_device(request) -> torch.device:
+    """The CUDA GPU (the test is skipped without one), with TF32 off: float32 means float32."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+    _full_float32_matmuls(request)
+    return torch.device("cuda")
+
+
+def _full_float32_matmuls(request) -> None:
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    request.addfinalizer(lambda: _restore_tf32(previous))
+
+
+def _restore_tf32(previous: tuple[bool, bool]) -> None:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous

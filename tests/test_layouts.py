@@ -1,12 +1,16 @@
-"""Every batch layout gives the padded layout's numbers: loss, metrics and gradients, for every objective."""
+"""Every batch layout gives the padded layout's numbers: loss, metrics and gradients, for every objective,
+on the CPU and (where present) on a CUDA GPU, whose packed and prefix-shared layouts run FlexAttention."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import transformers.integrations.flex_attention
+from torch.nn.attention.flex_attention import flex_attention
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import smolalign.logprobs
+from smolalign.attention import BLOCK_SPARSE, resolve_attention
 from smolalign.batching import LAYOUTS, build_batch
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import TokenizedPair, fit_to_length, tokenize_pairs
@@ -35,7 +39,7 @@ def awkward_pairs(hh_rows, tokenizer):
     return [*real, *truncated, one_token, tiny_prompt]
 
 
-def run_objective(model, reference_model, pairs, layout, algorithm, pad_token_id):
+def run_objective(model, reference_model, pairs, layout, algorithm, pad_token_id, device="cpu"):
     objective = OBJECTIVES[algorithm]
     scorer = (RewardScorer if objective.reward_model else SequenceScorer)(model, chunk_size=16)
     if objective.needs_rejected:
@@ -43,7 +47,7 @@ def run_objective(model, reference_model, pairs, layout, algorithm, pad_token_id
     else:
         batch_pairs = [TokenizedPair(p.index, p.prompt_ids, p.chosen_ids, None) for p in pairs]
     batch = build_batch(batch_pairs, layout, pad_token_id=pad_token_id, score_prompt=objective.needs_prompt_logps,
-                        score_ends=objective.reward_model)
+                        score_ends=objective.reward_model).to(device)
     reference = None
     if objective.needs_reference:
         source = (adapter_disabled_reference(scorer, model) if reference_model is None
@@ -58,12 +62,14 @@ def run_objective(model, reference_model, pairs, layout, algorithm, pad_token_id
 
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("algorithm", list(OBJECTIVES))
-def test_every_layout_matches_padded(tiny_model, tokenizer, awkward_pairs, algorithm, use_lora):
+def test_every_layout_matches_padded(tiny_model, tokenizer, awkward_pairs, algorithm, use_lora, device):
     torch.manual_seed(0)
+    attention = {"attn_implementation": resolve_attention("auto", device)}  # FlexAttention on CUDA
     if OBJECTIVES[algorithm].reward_model:  # a one-output head on the same backbone (random, seeded)
-        model = AutoModelForSequenceClassification.from_pretrained(tiny_model(0), num_labels=1)
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model(0), num_labels=1, **attention)
     else:
-        model = AutoModelForCausalLM.from_pretrained(tiny_model(0))
+        model = AutoModelForCausalLM.from_pretrained(tiny_model(0), **attention)
+    model.to(device)
     reference_model = None
     if use_lora:
         model = add_lora(model, type("Lora", (), {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
@@ -72,9 +78,10 @@ def test_every_layout_matches_padded(tiny_model, tokenizer, awkward_pairs, algor
             if "lora_B" in name:
                 parameter.data.normal_(std=0.05)
     else:
-        reference_model = AutoModelForCausalLM.from_pretrained(tiny_model(1))
+        reference_model = AutoModelForCausalLM.from_pretrained(tiny_model(1), **attention).to(device)
 
-    results = {layout: run_objective(model, reference_model, awkward_pairs, layout, algorithm, tokenizer.pad_token_id)
+    results = {layout: run_objective(model, reference_model, awkward_pairs, layout, algorithm, tokenizer.pad_token_id,
+                                     device)
                for layout in LAYOUTS}
     padded_out, padded_grads = results["padded"]
     assert padded_grads, "some parameter must receive a gradient"
@@ -94,7 +101,7 @@ def test_prefix_shared_runs_each_prompt_once(awkward_pairs):
     prompt_tokens = sum(len(p.prompt_ids) for p in awkward_pairs)
     answer_tokens = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in awkward_pairs)
     assert int((shared.input_ids != 0).sum()) <= prompt_tokens + answer_tokens
-    assert int(padded.attention_mask.sum()) == 2 * prompt_tokens + answer_tokens
+    assert int(padded.attention_mask.padding().sum()) == 2 * prompt_tokens + answer_tokens
     assert shared.num_tokens == padded.num_tokens  # throughput is counted in the same units
     longest_pair = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in awkward_pairs)
     assert shared.input_ids.shape[1] == longest_pair  # rows never grow past one pair: per-pair attention cost
@@ -103,7 +110,7 @@ def test_prefix_shared_runs_each_prompt_once(awkward_pairs):
 def test_rejected_tokens_never_see_the_chosen_answer():
     pair = TokenizedPair(0, [5, 6], [7, 8], [9, 10])
     batch = build_batch([pair], "prefix_shared", pad_token_id=0)
-    mask = batch.attention_mask[0, 0]
+    mask = batch.attention_mask.dense()[0, 0]
     assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 2, 3]
     assert mask[4].tolist() == [True, True, False, False, True, False]
     assert mask[5].tolist() == [True, True, False, False, True, True]
@@ -131,3 +138,46 @@ def test_reward_scores_sit_on_the_last_non_padding_token():
         batch = build_batch([pair], layout, pad_token_id=pad, score_ends=True)
         tokens = batch.input_ids.flatten()[batch.score_positions].tolist()
         assert tokens == [7, 10], layout  # transformers reads a sequence's score at its last non-padding token
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("layout", ["packed", "prefix_shared"])
+def test_flex_attention_gives_the_padded_log_probs(tiny_model, tokenizer, awkward_pairs, layout, monkeypatch):
+    """The FlexAttention BlockMask built from the batch's block and branch ids gives the padded layout's
+    log-probs (answers and prompts). On the CPU PyTorch 2.13's FlexAttention runs forward only (its
+    backward raises NotImplementedError) and its compiled kernel fails to compile a second sequence
+    length (an inductor C++ error), so this runs it uncompiled; the CUDA run of
+    test_every_layout_matches_padded checks the compiled kernel and the gradients."""
+    monkeypatch.setattr(transformers.integrations.flex_attention, "compile_friendly_flex_attention",
+                        lambda query, key, value, training=False, **kwargs: flex_attention(query, key, value, **kwargs))
+    torch.manual_seed(0)
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_model(0))
+    flex = AutoModelForCausalLM.from_pretrained(tiny_model(0), attn_implementation=BLOCK_SPARSE)
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        padded = score_batch(SequenceScorer(sdpa, 16), build_batch(awkward_pairs, "padded", pad_token_id=pad,
+                                                                  score_prompt=True))
+        batch = build_batch(awkward_pairs, layout, pad_token_id=pad, score_prompt=True)
+        blocks = score_batch(SequenceScorer(flex, 16), batch)
+    assert "flex" in batch.attention_mask._built  # the BlockMask ran, not the dense mask
+    for part in ("chosen", "rejected", "prompt"):
+        assert torch.allclose(getattr(blocks, part), getattr(padded, part), atol=1e-4, rtol=0), part
+    assert bool((padded.chosen < -1).all())  # real log-probs, not an empty sum
+
+
+def test_block_masks_skip_the_tiles_no_query_sees():
+    """Two 300-token sequences packed in a 600-token row: the second one's queries compute no tile of the first."""
+    long, first, second = (TokenizedPair(i, [5 + i] * (2 * n), [9] * n, None) for i, n in enumerate((200, 100, 100)))
+    mask = build_batch([long, first, second], "packed", pad_token_id=0).attention_mask
+    row = int((mask.block_ids.amax(dim=1) == 1).nonzero())  # the row holding two sequences
+    assert mask.dense().shape == (2, 1, 600, 600)
+    tiles = mask.flex().to_dense()[row, 0]  # [query tiles, key tiles]: 1 where the kernel computes the tile
+    assert tiles.shape == (5, 5)
+    assert tiles[3:, :2].sum() == 0  # query tiles 3-4 (tokens 384-599, second sequence) skip keys 0-255
+    assert tiles.sum() < 5 * 6 / 2  # fewer tiles than a causal mask over the whole row
+    # Tile by tile, the BlockMask and the dense mask say the same.
+    dense = mask.dense()[row, 0]
+    for q in range(5):
+        for k in range(5):
+            seen = bool(dense[q * 128:(q + 1) * 128, k * 128:(k + 1) * 128].any())
+            assert seen == bool(tiles[q, k]), (q, k)

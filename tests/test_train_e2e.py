@@ -225,15 +225,29 @@ def test_an_earlier_trainer_in_the_process_does_not_change_the_precision(tmp_pat
 
 def test_training_precision_per_device(monkeypatch):
     from smolalign.errors import UserError
-    from smolalign.models import resolve_precision
+    from smolalign.models import resolve_dtype, resolve_precision
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision("auto", cpu, lora=False) == (torch.float32, "no")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    asked = []
+
+    def gpu(native_bf16: bool):  # what torch reports without emulation; a T4 emulates bf16 and says yes with it
+        def is_bf16_supported(including_emulation: bool = True) -> bool:
+            asked.append(including_emulation)
+            return native_bf16 or including_emulation
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+
+    gpu(native_bf16=True)  # A100 / H100 class
     assert resolve_precision("auto", cuda, lora=False) == (torch.float32, "bf16")  # fp32 master weights
     assert resolve_precision("auto", cuda, lora=True) == (torch.bfloat16, "bf16")  # frozen base in bf16
-    assert resolve_precision("float16", cuda, lora=False) == (torch.float32, "fp16")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_precision("auto", cuda, lora=False) == (torch.float32, "no")
-    with pytest.raises(UserError, match="does not support"):
+    assert resolve_precision("float16", cuda, lora=False) == (torch.float32, "fp16")  # the T4 path, forced
+    assert resolve_precision("float16", cuda, lora=True) == (torch.float16, "fp16")
+    assert resolve_precision("float32", cuda, lora=True) == (torch.float32, "no")
+    assert resolve_dtype("auto", cuda) == torch.bfloat16
+    gpu(native_bf16=False)  # T4: fp16 autocast, with Accelerate's gradient scaler
+    assert resolve_precision("auto", cuda, lora=False) == (torch.float32, "fp16")
+    assert resolve_precision("auto", cuda, lora=True) == (torch.float16, "fp16")
+    assert resolve_dtype("auto", cuda) == torch.float32
+    assert asked and not any(asked)  # emulated bf16 never counts
+    with pytest.raises(UserError, match="no native bf16"):
         resolve_precision("bfloat16", cuda, lora=False)
