@@ -94,9 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ref_model", help="reference model; default: the base model of a LoRA adapter, else none")
     evaluate.add_argument("--output_dir", help="where eval.json and the rest go; default RUN/eval for RUN/final, else ./eval")
     evaluate.add_argument("--split", default="test", help="split of a Hub dataset")
-    evaluate.add_argument("--beta", type=float, default=0.1, help="reward scale (DPO beta)")
-    evaluate.add_argument("--max_length", type=positive_int, default=1024)
-    evaluate.add_argument("--max_prompt_length", type=positive_int)
+    # Unset, the next options take the values of the run whose final/ is evaluated (else training's defaults).
+    evaluate.add_argument("--beta", type=float, help="reward scale (DPO beta); default: the run's, else 0.1")
+    evaluate.add_argument("--max_length", type=positive_int, help="default: the run's, else 1024")
+    evaluate.add_argument("--max_prompt_length", type=positive_int, help="default: the run's")
+    evaluate.add_argument("--logprob_chunk_size", type=positive_int, help="output-head chunk; default: the run's, else 256")
     evaluate.add_argument("--max_pairs", type=positive_int, help="use only the first N pairs")
     evaluate.add_argument("--batch_size", type=positive_int, default=8)
     evaluate.add_argument("--batch_layout", default="auto", choices=["auto", "padded", "packed", "prefix_shared"])
@@ -226,6 +228,12 @@ def _run_compare(args, rest: list[str]) -> None:
     from smolalign.report import compare_runs
 
     print(f"report: {compare_runs([Path(run) for run in args.runs], Path(args.output_dir))}")
+
+
+def _run_chat(args, rest: list[str]) -> None:
+    from smolalign.chat import run_chat
+
+    run_chat(args)
 
 
 def _run_inspect(args, rest: list[str]) -> None:

@@ -9,6 +9,7 @@ the judge's verdicts when a judge is given).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ import torch
 import yaml
 from peft import PeftModel
 
+from smolalign.config import TrainConfig
 from smolalign.cpu_memory import keep_freed_memory
 from smolalign.data.prepare import read_pairs, tokenize_and_fit
 from smolalign.data.tokenize import TokenizedPair
@@ -39,16 +41,36 @@ def default_output_dir(model: str) -> Path:
     return Path("eval")
 
 
+def run_config_of(model: str) -> dict:
+    """The settings of the run whose `RUN/final` `model` is (its config.yaml), else nothing."""
+    path = Path(model)
+    config_path = path.parent / "config.yaml"
+    if path.name != "final" or not config_path.exists():
+        return {}
+    return yaml.safe_load(config_path.read_text()) or {}
+
+
+# Options that, left unset, take the value the evaluated run trained with, else the training default.
+SETTINGS_FROM_RUN = ("beta", "max_length", "max_prompt_length", "chat_template", "system_prompt",
+                     "logprob_chunk_size")
+
+
+def fill_settings_from_run(args) -> None:
+    """Unset options of `smolalign eval` take the run's own values (its beta, lengths, chat template and
+    head chunk), so a run's final/ is scored as it was trained."""
+    config = run_config_of(args.model)
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+    for key in SETTINGS_FROM_RUN:
+        if getattr(args, key, None) is None:
+            setattr(args, key, config.get(key, defaults[key]))
+
+
 def starting_model_of_run(model: str) -> str | None:
     """The model a full fine-tuning run started from (its `ref_model`, else its `model`), when `model` is
     that run's `RUN/final`: the run's own reference. None for anything else, LoRA adapters included
     (their reference is the base model with the adapter switched off) and reward models."""
-    path = Path(model)
-    config_path = path.parent / "config.yaml"
-    if path.name != "final" or not config_path.exists() or (path / "adapter_config.json").exists():
-        return None
-    config = yaml.safe_load(config_path.read_text()) or {}
-    if config.get("algorithm") == "reward":
+    config = run_config_of(model)
+    if not config or (Path(model) / "adapter_config.json").exists() or config.get("algorithm") == "reward":
         return None
     return config.get("ref_model") or model_source(config.get("model"))
 
@@ -63,6 +85,7 @@ def cached_reference_logps(weights, scorer, pairs: list[TokenizedPair], score: d
 
 def run_eval(args) -> dict:
     """Score every pair with the model (and the reference), measure drift, generate and judge."""
+    fill_settings_from_run(args)
     ref_model = args.ref_model or starting_model_of_run(args.model)
     check_judge_args(args, has_reference=bool(ref_model) or is_adapter(args.model))
     device = resolve_device(args.device)
@@ -76,7 +99,7 @@ def run_eval(args) -> dict:
     model = load_for_scoring(args.model, dtype=dtype, device=device, tokenizer=tokenizer)
     layout = choose_layout(args.batch_layout, model)
     score = {"layout": layout, "batch_size": args.batch_size, "pad_token_id": tokenizer.pad_token_id, "device": device}
-    policy_scorer = SequenceScorer(model)
+    policy_scorer = SequenceScorer(model, args.logprob_chunk_size)
     policy = score_pairs(policy_scorer, pairs, desc="scoring policy", **score)
 
     # The reference: --ref_model, the model a run's final/ started from, or the base model of a LoRA
@@ -92,7 +115,7 @@ def run_eval(args) -> dict:
     reference_view = None
     reference = None
     if reference_model is not None:
-        reference_view = ModelReference(SequenceScorer(reference_model), reference_context)
+        reference_view = ModelReference(SequenceScorer(reference_model, args.logprob_chunk_size), reference_context)
         with reference_context():
             reference = cached_reference_logps(reference_model, reference_view.scorer, pairs, score)
 

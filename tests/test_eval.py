@@ -77,3 +77,32 @@ def test_eval_on_the_embedded_model_matches_plain_transformers(tmp_path, hh_rows
     main(["eval", "--model", "embedded", "--dataset", str(data), "--output_dir", str(tmp_path / "eval")])
     pairs = read_jsonl(tmp_path / "eval" / "eval_pairs.jsonl")
     check_against_plain_transformers(embedded_model_dir(), rows, pairs, tolerance=1e-3)
+
+
+def test_eval_of_a_run_uses_the_runs_own_beta_and_lengths(tmp_path, tiny_model, hh_rows, monkeypatch):
+    """A run trained at beta 0.5 and max_length 128 is scored with both unless the command says otherwise."""
+    import smolalign.evaluate_command
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", hh_rows[800:808])  # longer than 128 tokens: cut to fit
+    run = tmp_path / "run"
+    monkeypatch.setenv("SMOLALIGN_REFERENCE_CACHE", str(tmp_path / "cache"))
+    main(["train", "--model", str(tiny_model(0)), "--dataset", str(data), "--beta", "0.5", "--max_length", "128",
+          "--max_steps", "2", "--per_device_train_batch_size", "4", "--output_dir", str(run)])
+    calls = []
+    original = smolalign.evaluate_command.score_pairs
+    monkeypatch.setattr(smolalign.evaluate_command, "score_pairs",
+                        lambda *a, **k: calls.append(k.get("desc")) or original(*a, **k))
+    main(["eval", "--model", str(run / "final"), "--dataset", str(data)])
+    # The reference came from training's cache, whose keys are the token ids: cut at the run's max_length.
+    assert calls == ["scoring policy"]
+    summary = json.loads((run / "eval" / "eval.json").read_text())
+    rows = read_jsonl(run / "eval" / "eval_pairs.jsonl")
+    assert summary["beta"] == 0.5
+    margins = [(r["logps_chosen"] - r["ref_logps_chosen"]) - (r["logps_rejected"] - r["ref_logps_rejected"])
+               for r in rows]
+    assert summary["rewards/margins"] == pytest.approx(0.5 * sum(margins) / len(margins), rel=1e-5)
+
+    main(["eval", "--model", str(run / "final"), "--dataset", str(data), "--beta", "0.2", "--max_length", "1024",
+          "--output_dir", str(tmp_path / "explicit")])
+    assert json.loads((tmp_path / "explicit" / "eval.json").read_text())["beta"] == 0.2  # the flags win
+    assert calls[1:] == ["scoring policy", "scoring reference"]  # other token ids: not in the cache
