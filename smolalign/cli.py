@@ -107,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--generate", type=non_negative_int, default=0, metavar="N",
                           help="answer the first N prompts with the policy and the reference, side by side")
     evaluate.add_argument("--max_new_tokens", type=positive_int, default=128)
+    evaluate.add_argument("--generation_batch_size", type=positive_int, default=16,
+                          help="prompts answered together (greedy answers are the same for any size)")
     evaluate.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
     evaluate.add_argument("--temperature", type=float, default=1.0)
     evaluate.add_argument("--top_p", type=float, default=1.0)

@@ -10,15 +10,21 @@ policy it is the per-token estimate of KL(policy || reference) along the policy'
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from smolalign.batching import CHOSEN, PARTS_PER_PAIR, build_batch, split_by_tokens
 from smolalign.data.tokenize import TokenizedPair
+from smolalign.errors import UserError
 from smolalign.logprobs import chunk_logits, token_logprobs
 from smolalign.reference import ModelReference
+
+log = logging.getLogger("smolalign")
 
 CHUNK = 256
 
@@ -79,6 +85,13 @@ def answer_statistics(
     return stats
 
 
+GENERATION_BATCH_SIZE = 16
+NEAR_TIE = 3e-5
+"""A choice is near-tied when its top two scores differ by less than this times max(1, |top logit|): float32
+rounding differs between a batched and a one-row run by up to 1e-4 on SmolLM2-135M's logits of ~45 (2e-6 of
+them, measured), so only such choices could come out differently, and 3e-5 leaves a margin of 15."""
+
+
 @torch.no_grad()
 def generate_answers(
     model: torch.nn.Module,
@@ -94,23 +107,180 @@ def generate_answers(
     pad_token_id: int,
     device: torch.device,
     desc: str,
+    batch_size: int = GENERATION_BATCH_SIZE,
 ) -> list[list[int]]:
-    """The model's answer ids to each prompt (prompt ids already end with the generation prompt)."""
-    answers = []
-    for index, prompt in enumerate(tqdm(prompts, desc=desc, unit="prompt")):
-        torch.manual_seed(seed + index)  # the same draws whichever model and however many prompts
-        input_ids = torch.tensor([prompt], device=device)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {
-            "do_sample": False
-        }
-        with context():
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id,
-                **sampling,
-            )
-        answers.append(output[0, len(prompt):].tolist())
+    """The model's answer ids to each prompt (prompt ids already end with the generation prompt), generated
+    `batch_size` prompts at a time; an answer ends with the EOS token when the model stopped.
+
+    Batches: prompts are taken longest first, so that prompts of similar length share a batch. Each prompt
+    but its last token is run alone (no padding, so no compute is spent on it: the same pass as one-at-a-time
+    generation), and the KV caches are stacked, left-padded, into one; `generate` then decodes the batch one
+    token per step with the attention mask hiding the padding, each row stopping at its own EOS (a finished
+    row is fed padding until the batch is done, and its answer is cut after its EOS).
+
+    Greedy answers are identical to one-at-a-time ones. No batching can promise that by itself: a batched
+    float32 run rounds differently from a one-row run (matmul kernels depend on the batch shape: even prompts
+    of equal length, with no padding at all, differ by 7e-5 on SmolLM2-135M's logits), so grouping prompts by
+    length would not give equal bits either. A choice can differ only where its top two scores are nearly
+    tied, though: every choice's margin is recorded, and an answer with a near-tie (NEAR_TIE) is generated
+    again alone, which is one-at-a-time generation itself (1 answer in 112 for SmolLM2-135M on HH-RLHF
+    prompts, 64 new tokens each). The check holds for float32 weights with full-precision float32 matmuls; in
+    bf16 or fp16 (or with TF32) rounding is too coarse for it, and batched answers, like answers under any
+    other change of kernel, may differ from one-at-a-time ones at near-ties.
+
+    Sampling draws each prompt's tokens from its own generator seeded with `seed` + the prompt's index (as
+    before), by the Gumbel-max trick: the token with the largest logit + temperature x Gumbel noise, among
+    the top-p nucleus, which is a draw from softmax(logits / temperature) restricted to the nucleus. So an
+    answer depends on the seed and the prompt's index only, not on the batch size or the order; the policy
+    and the reference answer a prompt with the same random numbers; and the near-tie check covers sampled
+    answers too. What changed from the one-at-a-time sampler (transformers' `generate` seeded per prompt):
+    the random numbers are used differently, so a seed gives other answers than before, and transformers'
+    implicit top-k of 50 is gone: --temperature and --top_p alone shape the distribution.
+    """
+    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+        raise UserError(f"sampling needs --temperature > 0 and 0 < --top_p <= 1 (got {temperature} and {top_p}).")
+    settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
+                "top_p": top_p, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "device": device}
+    near_tie = NEAR_TIE if computes_in_full_float32(model) else 0.0
+    longest_first = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    answers: list[list[int]] = [[] for _ in prompts]
+    new_tokens = redone = 0
+    started = time.perf_counter()
+    with context(), tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = longest_first[start:start + batch_size]
+            batch_answers, margins = generate_batch(model, [prompts[i] for i in batch], [seed + i for i in batch],
+                                                    **settings)
+            for i, answer, margin in zip(batch, batch_answers, margins, strict=True):
+                if len(batch) > 1 and margin < near_tie:  # batched rounding might have swapped this choice
+                    answer = generate_batch(model, [prompts[i]], [seed + i], **settings)[0][0]
+                    redone += 1
+                answers[i] = answer
+                new_tokens += len(answer)
+            bar.update(len(batch))
+            bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - started):.1f} tokens/s")
+    seconds = time.perf_counter() - started
+    log.info("%s: %d answers, %d new tokens in %.1f s (%.1f tokens/s)%s", desc, len(prompts), new_tokens, seconds,
+             new_tokens / seconds, f"; {redone} generated again alone after a near-tie" if redone else "")
     return answers
+
+
+def computes_in_full_float32(model: torch.nn.Module) -> bool:
+    """Float32 weights, and float32 matmuls not rounded to TF32 or bf16 (torch.set_float32_matmul_precision)."""
+    return model.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+
+
+def generate_batch(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    seeds: list[int],
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    eos_token_id: int,
+    pad_token_id: int,
+    device: torch.device,
+) -> tuple[list[list[int]], list[float]]:
+    """Answers to `prompts` decoded together, and for each answer the smallest margin of its choices (the gap
+    between the top two scores over max(1, |top logit|)). One prompt is exactly one-at-a-time generation."""
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    choices = RecordedChoices(seeds if do_sample else None, temperature=temperature, top_p=top_p, device=device)
+    cache = stacked_prompt_cache(model, prompts, device=device) if len(prompts) > 1 else None
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        do_sample=False,  # generate's argmax; sampling happens in RecordedChoices
+        logits_processor=LogitsProcessorList([choices]),
+        **({"past_key_values": cache} if cache is not None else {}),
+    )
+    margins = torch.stack(choices.margins).cpu()  # [steps, rows]
+    answers, closest = [], []
+    for row, tokens in enumerate(output[:, width:].tolist()):
+        length = tokens.index(eos_token_id) + 1 if eos_token_id in tokens else len(tokens)  # padding after EOS
+        answers.append(tokens[:length])
+        closest.append(margins[:length, row].min().item())
+    return answers, closest
+
+
+def stacked_prompt_cache(model: torch.nn.Module, prompts: list[list[int]], *, device: torch.device):
+    """The KV cache of each prompt but its last token, each computed alone, stacked left-padded into one batch
+    cache (`generate` runs the last tokens). None where a cache is not plain keys and values per layer
+    (sliding windows, ...) or a prompt has a single token: `generate` then runs the padded prompts itself."""
+    if min(map(len, prompts)) < 2:
+        return None
+    width = max(map(len, prompts)) - 1
+    per_prompt = []
+    for prompt in prompts:
+        output = model(input_ids=torch.tensor([prompt[:-1]], device=device), use_cache=True, logits_to_keep=1)
+        cache = output.past_key_values
+        if not isinstance(cache, DynamicCache) or any(cache.is_sliding):
+            return None
+        layers = [(keys, values) for keys, values, *_ in cache]
+        if any(keys is None for keys, _ in layers):
+            return None
+        per_prompt.append(layers)
+
+    def left_pad(states: torch.Tensor) -> torch.Tensor:  # [1, heads, length, head_dim] -> [1, heads, width, ...]
+        return torch.nn.functional.pad(states, (0, 0, width - states.shape[-2], 0))
+
+    stacked = [
+        (torch.cat([left_pad(keys) for keys, _ in layer]), torch.cat([left_pad(values) for _, values in layer]))
+        for layer in zip(*per_prompt, strict=True)
+    ]
+    return DynamicCache(ddp_cache_data=stacked)
+
+
+class RecordedChoices(LogitsProcessor):
+    """The last of `generate`'s logits processors. It records, at every step, each row's margin: the gap
+    between its top two scores over max(1, |top logit|). When sampling (`seeds` given), it first replaces the
+    scores by logits + temperature x Gumbel noise from each row's own generator, outside the top-p nucleus
+    -inf, so that generate's argmax draws the token."""
+
+    def __init__(self, seeds: list[int] | None, *, temperature: float, top_p: float, device: torch.device):
+        self.generators = None if seeds is None else [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+        self.margins: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scale = scores.max(-1).values.abs().clamp(min=1.0)
+        nucleus_margin = None
+        if self.generators is not None:
+            uniform = torch.stack([
+                torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators
+            ])
+            gumbel = -(-uniform.log()).log()  # uniform 0 gives -inf: that token is never drawn
+            scores, nucleus_margin = gumbel_scores(scores, gumbel, temperature=self.temperature, top_p=self.top_p)
+        top_two = scores.topk(2, dim=-1).values
+        margin = (top_two[:, 0] - top_two[:, 1]) / scale
+        if nucleus_margin is not None:
+            margin = torch.minimum(margin, nucleus_margin / scale)
+        self.margins.append(margin)
+        return scores
+
+
+def gumbel_scores(
+    logits: torch.Tensor, gumbel: torch.Tensor, *, temperature: float, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores whose argmax is a draw from softmax(logits / temperature) restricted to the top-p nucleus
+    (the fewest most likely tokens whose probabilities reach top_p), given standard Gumbel noise of the same
+    shape ([rows, vocabulary]); in logit units: logits + temperature x noise, -inf outside the nucleus.
+
+    Also, per row, how near the nucleus's edge was to moving, in logit units: the smallest distance between
+    top_p and the probability mass before a token, times temperature / 2 (a logit change of d moves that mass
+    by at most 2d / temperature). Infinite without a nucleus (top_p 1)."""
+    scores = logits + temperature * gumbel
+    if top_p >= 1:
+        return scores, torch.full(logits.shape[:-1], torch.inf, device=logits.device)
+    probabilities = (logits / temperature).softmax(-1)
+    sorted_probabilities, order = probabilities.sort(dim=-1, descending=True)
+    mass_before = sorted_probabilities.cumsum(-1) - sorted_probabilities
+    in_nucleus = torch.zeros_like(mass_before, dtype=torch.bool).scatter(-1, order, mass_before < top_p)
+    edge = (mass_before - top_p).abs().min(-1).values * temperature / 2
+    return scores.masked_fill(~in_nucleus, -torch.inf), edge

@@ -134,7 +134,8 @@ def run_eval(args) -> dict:
         prompts = [p.prompt_ids for p in shown]
         sampling = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
                     "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-                    "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "device": device}
+                    "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "device": device,
+                    "batch_size": args.generation_batch_size}
         policy_answers = generate_answers(model, prompts, desc="generating (policy)", **sampling)
         reference_answers = None
         if reference_model is not None:
