@@ -239,19 +239,20 @@ def test_eval_of_a_run_without_a_complete_final_model_is_one_sentence(tmp_path, 
     run = tmp_path / "unfinished"
     run.mkdir()
     (run / "config.yaml").write_text(f"model: {tiny_model(0)}\n")
-    with pytest.raises(SystemExit) as stopped:
-        main(["eval", "--model", str(run / "final"), "--dataset", str(pairs_file)])
-    assert stopped.value.code == 2
-    assert capsys.readouterr().err.strip() == (
+
+    def eval_error() -> str:
+        with pytest.raises(SystemExit) as stopped:
+            main(["eval", "--model", str(run / "final"), "--dataset", str(pairs_file)])
+        assert stopped.value.code == 2
+        return capsys.readouterr().err.strip()
+
+    assert eval_error() == (
         f"smolalign: error: '{run / 'final'}' does not exist: the run in '{run}' has not finished; resume it with "
         "--resume_from_checkpoint latest."
     )
     (run / "final").mkdir()
     (run / "final" / "config.json").write_text((tiny_model(0) / "config.json").read_text())
-    with pytest.raises(SystemExit) as stopped:
-        main(["eval", "--model", str(run / "final"), "--dataset", str(pairs_file)])
-    assert stopped.value.code == 2
-    assert capsys.readouterr().err.strip() == (
+    assert eval_error() == (
         f"smolalign: error: model folder '{run / 'final'}' is incomplete: it has no weights "
         "(model.safetensors or adapter_model.safetensors)."
     )
