@@ -33,21 +33,22 @@ from smolalign.reference import ModelReference, ReferenceCache
 log = logging.getLogger("smolalign")
 
 
+def run_folder_of(model: str) -> Path | None:
+    """RUN when `model` is a run's `RUN/final` (a folder beside the run's config.yaml), else None."""
+    path = Path(model)
+    return path.parent if path.name == "final" and (path.parent / "config.yaml").exists() else None
+
+
 def default_output_dir(model: str) -> Path:
     """`RUN/eval` for a run's `RUN/final` model (where `smolalign compare` looks), else `./eval`."""
-    path = Path(model)
-    if path.name == "final" and (path.parent / "config.yaml").exists():
-        return path.parent / "eval"
-    return Path("eval")
+    run = run_folder_of(model)
+    return run / "eval" if run else Path("eval")
 
 
 def run_config_of(model: str) -> dict:
     """The settings of the run whose `RUN/final` `model` is (its config.yaml), else nothing."""
-    path = Path(model)
-    config_path = path.parent / "config.yaml"
-    if path.name != "final" or not config_path.exists():
-        return {}
-    return yaml.safe_load(config_path.read_text()) or {}
+    run = run_folder_of(model)
+    return (yaml.safe_load((run / "config.yaml").read_text()) or {}) if run else {}
 
 
 # Options that, left unset, take the value the evaluated run trained with, else the training default.

@@ -141,7 +141,8 @@ def _read_values(path: Path) -> dict[int, tuple[float, float]]:
 
 
 def precision_key(model: nn.Module) -> str:
-    """The precision a reference pass runs in here: autocast to a dtype, or the weights' own dtype."""
+    """The precision a reference pass runs in here: autocast to a dtype, or none (then the weights' own
+    dtype, which `weights_key` already holds, decides)."""
     device_type = next(model.parameters()).device.type
     if torch.is_autocast_enabled(device_type):
         return f"autocast-{str(torch.get_autocast_dtype(device_type)).removeprefix('torch.')}"

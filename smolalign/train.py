@@ -309,22 +309,24 @@ def skip_nonfinite_step(
     log.warning("step %d skipped (no update, weights unchanged): loss %s, gradient norm %s on the pairs of rows %s "
                 "(%d in a row)", step, outcome.loss, outcome.grad_norm, rows, progress.nonfinite_in_a_row)
     if progress.nonfinite_in_a_row >= config.max_nonfinite_steps:
-        checkpoints = list_checkpoints(output_dir)
-        kept = (f"the last good checkpoint, '{checkpoints[-1]}', is kept" if checkpoints
-                else "no checkpoint had been written yet")
         raise RunError(f"stopped at step {step}: the loss or gradient norm was not finite in "
                        f"{progress.nonfinite_in_a_row} steps in a row (max_nonfinite_steps); lower the learning_rate "
-                       f"or check the data; {kept}, and nothing was saved from the diverged weights.")
+                       f"or check the data; {last_good_checkpoint(output_dir)}, and nothing was saved from the "
+                       "diverged weights.")
 
 
 def require_finite_weights(model: torch.nn.Module, target: str, output_dir: Path) -> None:
     """Weights that stopped being finite (a finite but huge update can overflow) are never saved."""
     if all(bool(torch.isfinite(parameter).all()) for parameter in model.parameters()):
         return
-    checkpoints = list_checkpoints(output_dir)
-    kept = f"the last good checkpoint is '{checkpoints[-1]}'" if checkpoints else "no checkpoint had been written yet"
     raise RunError(f"the weights are no longer finite, so {target} was not saved in '{output_dir}'; lower the "
-                   f"learning_rate; {kept}.")
+                   f"learning_rate; {last_good_checkpoint(output_dir)}.")
+
+
+def last_good_checkpoint(output_dir: Path) -> str:
+    """What a stopped run leaves to resume from, as part of its one sentence."""
+    checkpoints = list_checkpoints(output_dir)
+    return f"the last good checkpoint, '{checkpoints[-1]}', is kept" if checkpoints else "no checkpoint had been written yet"
 
 
 def across_processes(accelerator: Accelerator, values: dict[str, float], reduction: str) -> dict[str, float]:
