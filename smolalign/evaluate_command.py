@@ -27,16 +27,17 @@ from smolalign.drift import answer_statistics, generate_answers
 from smolalign.errors import UserError
 from smolalign.evaluate import format_summary_table, preference_summary, score_pairs, write_pair_rows
 from smolalign.logprobs import PairLogps, SequenceScorer, choose_layout
-from smolalign.models import load_for_scoring, load_tokenizer, model_source, resolve_device, resolve_dtype
+from smolalign.models import (
+    load_for_scoring,
+    load_tokenizer,
+    model_source,
+    resolve_device,
+    resolve_dtype,
+    run_folder_of,
+)
 from smolalign.reference import ModelReference, ReferenceCache
 
 log = logging.getLogger("smolalign")
-
-
-def run_folder_of(model: str) -> Path | None:
-    """RUN when `model` is a run's `RUN/final` (a folder beside the run's config.yaml), else None."""
-    path = Path(model)
-    return path.parent if path.name == "final" and (path.parent / "config.yaml").exists() else None
 
 
 def default_output_dir(model: str) -> Path:

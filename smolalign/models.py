@@ -93,6 +93,12 @@ def attention_implementation(requested: str, device: torch.device) -> str | None
     return implementation
 
 
+def run_folder_of(model: str) -> Path | None:
+    """RUN when `model` names a run's `RUN/final` (beside the run's config.yaml; it may not exist yet)."""
+    path = Path(model)
+    return path.parent if path.name == "final" and (path.parent / "config.yaml").is_file() else None
+
+
 def model_source(name: str | None) -> str:
     """A loadable folder or Hub id for `name`; None or 'embedded' means the embedded SmolLM2."""
     if is_embedded(name):
@@ -105,7 +111,7 @@ def model_source(name: str | None) -> str:
             raise UserError(f"model folder '{name}' is incomplete: it has no weights "
                             "(model.safetensors or adapter_model.safetensors).")
         return str(path)
-    if path.name == "final" and (path.parent / "config.yaml").is_file():
+    if run_folder_of(name):
         raise UserError(f"'{name}' does not exist: the run in '{path.parent}' has not finished; resume it with "
                         "--resume_from_checkpoint latest.")
     if looks_like_path(name) or path.exists():
