@@ -39,7 +39,7 @@ mkdir -p "$CARRY/wheels" "$CARRY/cache"
 
 # The tokenizer, converted from the embedded GGUF file once (it is in this machine's cache already
 # when smolalign has run here); gpu_check.sh points SMOLALIGN_CACHE at a copy of it.
-tokenizer=$("$PYTHON" -c "from smolalign.embedded import embedded_tokenizer_dir; print(embedded_tokenizer_dir())")
+tokenizer=$("$PYTHON" -c "from smolalign.models.embedded import embedded_tokenizer_dir; print(embedded_tokenizer_dir())")
 cp -r "$tokenizer" "$CARRY/cache/"
 
 echo "requirements the wheels declare (all but these are on the GPU machine's image):"

@@ -189,25 +189,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_train(args, rest: list[str]) -> None:
-    from smolalign.config import describe_keys, load_config, parse_override_args
+    from smolalign.config.train import describe_keys, load_config, parse_override_args
 
     if args.help:
         print(TRAIN_USAGE + describe_keys())
         return
     config = load_config(args.config, parse_override_args(rest))
-    from smolalign.train import train
+    from smolalign.training.loop import train
 
     train(config)
 
 
 def _run_eval(args, rest: list[str]) -> None:
-    from smolalign.evaluate_command import run_eval
+    from smolalign.evaluation.command import run_eval
 
     run_eval(args)
 
 
 def _run_bench(args, rest: list[str]) -> None:
-    from smolalign.bench import bench
+    from smolalign.bench.command import bench
     from smolalign.data.sources import bundled_dataset
 
     args.dataset = args.dataset or bundled_dataset("train")
@@ -215,7 +215,7 @@ def _run_bench(args, rest: list[str]) -> None:
 
 
 def _run_sweep(args, rest: list[str]) -> None:
-    from smolalign.config import parse_override_args
+    from smolalign.config.train import parse_override_args
     from smolalign.sweep import run_sweep
 
     if args.help:
@@ -227,13 +227,13 @@ def _run_sweep(args, rest: list[str]) -> None:
 
 
 def _run_compare(args, rest: list[str]) -> None:
-    from smolalign.report import compare_runs
+    from smolalign.report.sections import compare_runs
 
     print(f"report: {compare_runs([Path(run) for run in args.runs], Path(args.output_dir))}")
 
 
 def _run_chat(args, rest: list[str]) -> None:
-    from smolalign.chat import run_chat
+    from smolalign.evaluation.chat import run_chat
 
     run_chat(args)
 

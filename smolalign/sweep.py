@@ -12,9 +12,9 @@ import itertools
 import logging
 from pathlib import Path
 
-from smolalign.checkpoint import list_checkpoints
-from smolalign.config import FlagText, TrainConfig, changed_settings, load_config, read_yaml
+from smolalign.config.train import FlagText, TrainConfig, changed_settings, load_config, read_yaml
 from smolalign.errors import UserError
+from smolalign.training.checkpoint import list_checkpoints
 
 log = logging.getLogger("smolalign")
 
@@ -65,8 +65,8 @@ def check_same_settings(folder: Path, config: TrainConfig) -> None:
 
 def run_sweep(config_path: str | None, grid_specs: list[str], overrides: dict) -> Path:
     """Train every grid point not yet finished, then write the compare report; returns its path."""
-    from smolalign.report import compare_runs
-    from smolalign.train import train
+    from smolalign.report.sections import compare_runs
+    from smolalign.training.loop import train
 
     if config_path is not None:
         read_yaml(config_path)  # a missing or broken file is reported before anything else

@@ -19,7 +19,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from smolalign.data.sources import bundled_dataset  # noqa: E402
-from smolalign.embedded import embedded_tokenizer_dir  # noqa: E402
+from smolalign.models.embedded import embedded_tokenizer_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")

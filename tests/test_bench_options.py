@@ -11,7 +11,13 @@ import torch
 from conftest import write_jsonl
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from smolalign.bench import BenchResult, bench, forward_flops, model_config_file, training_flops
+from smolalign.bench.command import (
+    BenchResult,
+    bench,
+    forward_flops,
+    model_config_file,
+    training_flops,
+)
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
 from smolalign.errors import UserError

@@ -15,10 +15,10 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from smolalign import chat
-from smolalign.chat import GenerationSettings, chat_loop, generation_settings, open_speakers
 from smolalign.cli import main
 from smolalign.errors import UserError
+from smolalign.evaluation import chat
+from smolalign.evaluation.chat import GenerationSettings, chat_loop, generation_settings, open_speakers
 
 CPU = {"device": torch.device("cpu"), "dtype": torch.float32, "chat_template": None, "ref_model": None}
 # A random tiny model answers greedily with newlines only; sampling gives words to check.

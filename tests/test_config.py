@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smolalign.config import (
+from smolalign.config.train import (
     RECIPES_DIR,
     LoraSettings,
     TrainConfig,

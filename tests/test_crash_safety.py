@@ -22,17 +22,17 @@ import torch
 from conftest import read_jsonl, write_jsonl
 from safetensors.torch import load_file
 
-from smolalign.checkpoint import list_checkpoints, resolve_checkpoint
 from smolalign.cli import main
 from smolalign.locks import RUN_LOCK, run_folder_lock
+from smolalign.training.checkpoint import list_checkpoints, resolve_checkpoint
 
 # Runs `smolalign train` with one crash point armed: the process kills itself with SIGKILL there.
 DRIVER = """
 import os, signal, sys
 import torch
-import smolalign.export
-import smolalign.forward
-import smolalign.train
+import smolalign.training.final
+import smolalign.training.step
+import smolalign.training.loop
 from smolalign.cli import main
 
 point, argv = sys.argv[1], sys.argv[2:]
@@ -42,13 +42,13 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 if point.startswith("mid-step-"):  # after the first micro-batch of that step, gradients half accumulated
-    step, calls, run = int(point.removeprefix("mid-step-")), [0], smolalign.forward.PairRunner.run
+    step, calls, run = int(point.removeprefix("mid-step-")), [0], smolalign.training.step.PairRunner.run
     def crashing_run(self, *args, **kwargs):
         calls[0] += 1
         if calls[0] == 2 * (step - 1) + 2:  # two micro-batches per step
             die()
         return run(self, *args, **kwargs)
-    smolalign.forward.PairRunner.run = crashing_run
+    smolalign.training.step.PairRunner.run = crashing_run
 elif point.startswith("saving-checkpoint-"):  # the model file of that checkpoint written, the rest not yet
     folder, save = f".checkpoint-{point.removeprefix('saving-checkpoint-')}.partial", torch.save
     def crashing_save(obj, f, *args, **kwargs):
@@ -57,12 +57,12 @@ elif point.startswith("saving-checkpoint-"):  # the model file of that checkpoin
             die()
     torch.save = crashing_save
 elif point == "saving-final":  # final/'s weights and tokenizer written into its staging folder
-    smolalign.export.model_card = lambda *args, **kwargs: die()
+    smolalign.training.final.model_card = lambda *args, **kwargs: die()
 elif point == "holding-the-lock":  # a run that owns its folder and waits until it is told to go on
     def waiting_train(config, output_dir):
         print("running", flush=True)
         sys.stdin.readline()
-    smolalign.train._train = waiting_train
+    smolalign.training.loop._train = waiting_train
 main(["train", *argv])
 """
 

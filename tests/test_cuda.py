@@ -25,14 +25,15 @@ from test_trl_parity import (  # noqa: F401 (its fixtures, reused here)
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from smolalign.attention import BLOCK_SPARSE
-from smolalign.batching import LAYOUTS, block_tokens, build_batch
-from smolalign.config import load_config
+from smolalign.config.train import load_config
+from smolalign.core.layouts import LAYOUTS, block_tokens, build_batch
+from smolalign.core.logprobs import SequenceScorer, score_batch
+from smolalign.core.scoring import activation_bytes_per_token, default_max_tokens_per_forward
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
-from smolalign.logprobs import SequenceScorer, score_batch
-from smolalign.models import activation_bytes_per_token, default_max_tokens_per_forward, load_for_scoring
-from smolalign.train import train
+from smolalign.models.attention import BLOCK_SPARSE
+from smolalign.models.loading import load_for_scoring
+from smolalign.training.loop import train
 
 pytestmark = pytest.mark.cuda
 

@@ -13,7 +13,7 @@ from conftest import write_jsonl
 from trl.data_utils import _tokenize as trl_tokenize
 from trl.data_utils import common_prefix_length
 
-from smolalign.config import load_config
+from smolalign.config.train import load_config
 from smolalign.data.formats import PreferencePair
 from smolalign.data.inspect import inspect_dataset
 from smolalign.data.prepare import prepare_data, read_pairs, tokenize_and_fit

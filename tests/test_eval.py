@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from smolalign.cli import main
 from smolalign.data.formats import _parse_hh
-from smolalign.embedded import embedded_model_dir
+from smolalign.models.embedded import embedded_model_dir
 from smolalign.stats import wilson_interval
 
 
@@ -81,7 +81,7 @@ def test_eval_on_the_embedded_model_matches_plain_transformers(tmp_path, hh_rows
 
 def test_eval_of_a_run_uses_the_runs_own_beta_and_lengths(tmp_path, tiny_model, hh_rows, monkeypatch):
     """A run trained at beta 0.5 and max_length 128 is scored with both unless the command says otherwise."""
-    import smolalign.evaluate_command
+    import smolalign.evaluation.command
 
     data = write_jsonl(tmp_path / "pairs.jsonl", hh_rows[800:808])  # longer than 128 tokens: cut to fit
     run = tmp_path / "run"
@@ -89,8 +89,8 @@ def test_eval_of_a_run_uses_the_runs_own_beta_and_lengths(tmp_path, tiny_model, 
     main(["train", "--model", str(tiny_model(0)), "--dataset", str(data), "--beta", "0.5", "--max_length", "128",
           "--max_steps", "2", "--per_device_train_batch_size", "4", "--output_dir", str(run)])
     calls = []
-    original = smolalign.evaluate_command.score_pairs
-    monkeypatch.setattr(smolalign.evaluate_command, "score_pairs",
+    original = smolalign.evaluation.command.score_pairs
+    monkeypatch.setattr(smolalign.evaluation.command, "score_pairs",
                         lambda *a, **k: calls.append(k.get("desc")) or original(*a, **k))
     main(["eval", "--model", str(run / "final"), "--dataset", str(data)])
     # The reference came from training's cache, whose keys are the token ids: cut at the run's max_length.

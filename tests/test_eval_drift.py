@@ -11,11 +11,11 @@ from conftest import read_jsonl, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from smolalign.cli import main
+from smolalign.core.logprobs import SequenceScorer
+from smolalign.core.reference import ModelReference
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
-from smolalign.drift import answer_statistics
-from smolalign.logprobs import SequenceScorer
-from smolalign.reference import ModelReference
+from smolalign.evaluation.drift import answer_statistics
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +156,8 @@ def test_sweep_rejects_a_bad_grid_before_training(tmp_path, tiny_model, capsys):
 
 def test_a_trained_reward_model_judges_generations(tmp_path, tiny_model, rows):
     """The fully local judge: `algorithm: reward` trains it, `smolalign eval --judge` uses it."""
-    from smolalign.config import load_config
-    from smolalign.train import train
+    from smolalign.config.train import load_config
+    from smolalign.training.loop import train
 
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     judge = train(load_config(None, {"model": str(tiny_model(1)), "algorithm": "reward", "dataset": str(data),
@@ -176,9 +176,9 @@ def test_a_trained_reward_model_judges_generations(tmp_path, tiny_model, rows):
 
 
 def test_a_bad_judge_url_is_rejected_before_any_scoring(tmp_path, tiny_model, rows, capsys, monkeypatch):
-    import smolalign.evaluate_command
+    import smolalign.evaluation.command
 
-    monkeypatch.setattr(smolalign.evaluate_command, "score_pairs", lambda *a, **k: pytest.fail("scored first"))
+    monkeypatch.setattr(smolalign.evaluation.command, "score_pairs", lambda *a, **k: pytest.fail("scored first"))
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--model", str(tiny_model(0)), "--dataset", str(data), "--ref_model", str(tiny_model(1)),

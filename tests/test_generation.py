@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from smolalign.cli import main
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
-from smolalign.drift import generate_answers, gumbel_scores
+from smolalign.evaluation.generation import generate_answers, gumbel_scores
 
 MAX_NEW_TOKENS = 12
 CPU = torch.device("cpu")

@@ -15,15 +15,15 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from smolalign.attention import BLOCK_SPARSE, resolve_attention
-from smolalign.errors import UserError
-from smolalign.models import (
+from smolalign.core.scoring import (
     GPU_MAX_TOKENS_PER_FORWARD,
     GPU_MIN_TOKENS_PER_FORWARD,
     activation_bytes_per_token,
-    add_lora,
     default_max_tokens_per_forward,
 )
+from smolalign.errors import UserError
+from smolalign.models.attention import BLOCK_SPARSE, resolve_attention
+from smolalign.models.loading import add_lora
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 LORA = type("Lora", (), {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"})()

@@ -15,10 +15,10 @@ from conftest import write_jsonl
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import filter_repo_objects
 
-from smolalign import hub
 from smolalign.cli import main
-from smolalign.config import load_config
+from smolalign.config.train import load_config
 from smolalign.errors import RunError, UserError
+from smolalign.training import push
 
 WRITE_ACCOUNT = {"name": "me", "auth": {"accessToken": {"role": "write"}}}
 
@@ -35,7 +35,7 @@ def fake_hub(monkeypatch):
     """A reachable Hub with a valid write token, recording repositories created and folders uploaded with
     the files each upload would send."""
     monkeypatch.setenv("HF_TOKEN", "hf_fake")
-    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    monkeypatch.setattr(push, "hub_reachable", lambda: True)
     monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self, *args, **kwargs: WRITE_ACCOUNT)
     record = {"repos": [], "uploads": []}
 
@@ -62,25 +62,25 @@ def config_with(**values):
 
 
 def test_no_push_needs_nothing(no_token):
-    assert hub.check_push_access(load_config()) is None
+    assert push.check_push_access(load_config()) is None
 
 
 def test_missing_token_is_one_sentence(no_token):
     with pytest.raises(UserError, match=r"push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN"):
-        hub.check_push_access(config_with())
+        push.check_push_access(config_with())
 
 
 def test_unreachable_hub_is_one_sentence(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_fake")
-    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    monkeypatch.setattr(push, "hub_reachable", lambda: False)
     with pytest.raises(UserError, match="the Hugging Face Hub, which is unreachable"):
-        hub.check_push_access(config_with())
+        push.check_push_access(config_with())
 
 
 def test_repository_id_defaults_to_namespace_and_run_folder(fake_hub):
-    assert hub.check_push_access(config_with(output_dir="runs/dpo beta=0.1")) == "me/dpo-beta-0.1"
-    assert hub.check_push_access(config_with(hub_model_id="smol-dpo")) == "me/smol-dpo"
-    assert hub.check_push_access(config_with(hub_model_id="my-org/smol-dpo")) == "my-org/smol-dpo"
+    assert push.check_push_access(config_with(output_dir="runs/dpo beta=0.1")) == "me/dpo-beta-0.1"
+    assert push.check_push_access(config_with(hub_model_id="smol-dpo")) == "me/smol-dpo"
+    assert push.check_push_access(config_with(hub_model_id="my-org/smol-dpo")) == "my-org/smol-dpo"
 
 
 def test_refused_and_read_only_tokens(fake_hub, monkeypatch):
@@ -90,11 +90,11 @@ def test_refused_and_read_only_tokens(fake_hub, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.HfApi, "whoami", refused)
     with pytest.raises(UserError, match="refused your token"):
-        hub.check_push_access(config_with())
+        push.check_push_access(config_with())
     read_only = {"name": "me", "auth": {"accessToken": {"role": "read"}}}
     monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self, *args, **kwargs: read_only)
     with pytest.raises(UserError, match="read-only"):
-        hub.check_push_access(config_with())
+        push.check_push_access(config_with())
 
 
 def test_invalid_hub_model_id_is_a_config_error():
@@ -122,7 +122,7 @@ def test_train_without_token_fails_before_training(tmp_path):
 
 def test_train_offline_with_token_fails_before_training(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_fake")
-    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    monkeypatch.setattr(push, "hub_reachable", lambda: False)
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--dataset", str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path / "run"),
               "--push_to_hub"])
@@ -145,7 +145,7 @@ def fake_run(folder: Path) -> Path:
 
 def test_push_run_uploads_final_then_the_report(tmp_path, fake_hub):
     run = fake_run(tmp_path / "run")
-    url = hub.push_run(run, config_with(output_dir=str(run), hub_model_id="me/smol", hub_private=True))
+    url = push.push_run(run, config_with(output_dir=str(run), hub_model_id="me/smol", hub_private=True))
     assert url == "https://huggingface.co/me/smol"
     assert fake_hub["repos"] == [("me/smol", {"private": True, "exist_ok": True, "repo_type": "model"})]
     model, report = fake_hub["uploads"]
@@ -164,7 +164,7 @@ def test_failed_upload_keeps_the_run_and_says_how_to_retry(tmp_path, fake_hub, m
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", no_network)
     run = fake_run(tmp_path / "run")
     with pytest.raises(RunError, match=rf"uploading it to 'me/smol' failed .*hf upload me/smol {run / 'final'}"):
-        hub.push_run(run, config_with(output_dir=str(run), hub_model_id="me/smol"))
+        push.push_run(run, config_with(output_dir=str(run), hub_model_id="me/smol"))
 
 
 def test_token_gone_by_the_end_is_a_run_error(tmp_path, fake_hub, monkeypatch):
@@ -174,7 +174,7 @@ def test_token_gone_by_the_end_is_a_run_error(tmp_path, fake_hub, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "whoami", offline)
     run = fake_run(tmp_path / "run")
     with pytest.raises(RunError, match="the run is complete in .*, but was not uploaded: .*could not check your token"):
-        hub.push_run(run, config_with(output_dir=str(run)))
+        push.push_run(run, config_with(output_dir=str(run)))
     assert fake_hub["uploads"] == []
 
 

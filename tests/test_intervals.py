@@ -9,15 +9,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from smolalign.core.heldout import evaluate_objective, format_summary_table, preference_summary, score_pairs
+from smolalign.core.logprobs import PairLogps, SequenceScorer
+from smolalign.core.losses import OBJECTIVES, LossSettings
+from smolalign.core.reference import model_reference
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
-from smolalign.evaluate import evaluate_objective, format_summary_table, preference_summary, score_pairs
-from smolalign.forward import PairRunner
-from smolalign.judge import Verdict, win_rate_summary
-from smolalign.logprobs import PairLogps, SequenceScorer
-from smolalign.losses import OBJECTIVES, LossSettings
-from smolalign.reference import model_reference
+from smolalign.evaluation.judge import Verdict, win_rate_summary
 from smolalign.stats import Z_95, Proportion, wilson_interval
+from smolalign.training.step import PairRunner
 
 
 def test_wilson_interval_of_6_out_of_10_by_hand():

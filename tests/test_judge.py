@@ -15,7 +15,7 @@ from conftest import tiny_llama_config
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaForSequenceClassification
 
 from smolalign.errors import UserError
-from smolalign.judge import ChatJudge, Verdict, build_judge, parse_choice, win_rate_summary
+from smolalign.evaluation.judge import ChatJudge, Verdict, build_judge, parse_choice, win_rate_summary
 
 CPU = torch.device("cpu")
 PROMPTS = [

@@ -9,15 +9,15 @@ import transformers.integrations.flex_attention
 from torch.nn.attention.flex_attention import flex_attention
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-import smolalign.logprobs
-from smolalign.attention import BLOCK_SPARSE, resolve_attention
-from smolalign.batching import LAYOUTS, build_batch
+import smolalign.core.logprobs
+from smolalign.core.layouts import LAYOUTS, build_batch
+from smolalign.core.logprobs import RewardScorer, SequenceScorer, score_batch, token_logprobs
+from smolalign.core.losses import OBJECTIVES, LossSettings
+from smolalign.core.reference import adapter_disabled_reference, model_reference
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import TokenizedPair, fit_to_length, tokenize_pairs
-from smolalign.logprobs import RewardScorer, SequenceScorer, score_batch, token_logprobs
-from smolalign.losses import OBJECTIVES, LossSettings
-from smolalign.models import add_lora
-from smolalign.reference import adapter_disabled_reference, model_reference
+from smolalign.models.attention import BLOCK_SPARSE, resolve_attention
+from smolalign.models.loading import add_lora
 
 SETTINGS = {
     "dpo": LossSettings(beta=0.3, rpo_alpha=0.2),
@@ -120,7 +120,7 @@ def test_rejected_tokens_never_see_the_chosen_answer():
 @pytest.mark.parametrize("keep_softmax", [True, False], ids=["softmax-kept", "softmax-recomputed"])
 def test_chunked_logprobs_match_log_softmax_with_gradients(monkeypatch, keep_softmax):
     if not keep_softmax:  # larger batches recompute the softmax chunk by chunk in the backward pass
-        monkeypatch.setattr(smolalign.logprobs, "KEEP_SOFTMAX_ELEMENTS", 0)
+        monkeypatch.setattr(smolalign.core.logprobs, "KEEP_SOFTMAX_ELEMENTS", 0)
     torch.manual_seed(0)
     hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)

@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from smolalign.config import load_config
-from smolalign.logprobs import PairLogps
-from smolalign.losses import DPO_LOSSES, OBJECTIVES, LossSettings, log1mexp
+from smolalign.config.train import load_config
+from smolalign.core.logprobs import PairLogps
+from smolalign.core.losses import DPO_LOSSES, OBJECTIVES, LossSettings, log1mexp
 
 BETA = 0.1
 
@@ -132,7 +132,7 @@ def expected_dpo_metrics(beta: float = BETA) -> dict[str, float]:
 
 
 def test_dpo_losses_registry_matches_config_choices():
-    from smolalign.config import DPO_LOSS_TYPES
+    from smolalign.config.train import DPO_LOSS_TYPES
 
     assert set(DPO_LOSSES) == set(EXPECTED_PER_PAIR) == set(DPO_LOSS_TYPES)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import read_jsonl, write_jsonl
 
-from smolalign.config import RECIPES_DIR, load_config
-from smolalign.train import train
+from smolalign.config.train import RECIPES_DIR, load_config
+from smolalign.training.loop import train
 
 RECIPES = sorted(RECIPES_DIR.glob("**/*.yaml"))
 

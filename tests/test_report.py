@@ -15,8 +15,8 @@ import yaml
 from conftest import read_jsonl
 
 from smolalign.errors import UserError
-from smolalign.plots import curve_panels
-from smolalign.report import MAX_SAMPLES, compare_runs, read_runs, write_report
+from smolalign.report.plots import curve_panels
+from smolalign.report.sections import MAX_SAMPLES, compare_runs, read_runs, write_report
 from smolalign.stats import interval_fields
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

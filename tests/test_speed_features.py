@@ -16,20 +16,21 @@ from conftest import read_jsonl, write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import smolalign.evaluate_command
-import smolalign.reference
-from smolalign.batching import block_tokens
-from smolalign.bench import bench
+import smolalign.core.reference
+import smolalign.evaluation.command
+from smolalign.bench.command import bench
 from smolalign.cli import main
-from smolalign.config import load_config
+from smolalign.config.train import load_config
+from smolalign.core.layouts import block_tokens, choose_layout
+from smolalign.core.logprobs import PairLogps, SequenceScorer
+from smolalign.core.losses import OBJECTIVES, LossSettings
+from smolalign.core.reference import model_reference
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
-from smolalign.forward import PairRunner
-from smolalign.logprobs import PairLogps, SequenceScorer, base_model_of, choose_layout
-from smolalign.losses import OBJECTIVES, LossSettings
-from smolalign.reference import model_reference
-from smolalign.steps import StepPlan
-from smolalign.train import train
+from smolalign.models.loading import base_model_of
+from smolalign.training.loop import train
+from smolalign.training.plan import StepPlan
+from smolalign.training.step import PairRunner
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_precomputed_reference_matches_a_frozen_copy_and_is_cached(tmp_path, tin
     def no_scoring(*args, **kwargs):
         raise AssertionError("the cache should have every pair")
 
-    monkeypatch.setattr(smolalign.reference, "build_batch", no_scoring)
+    monkeypatch.setattr(smolalign.core.reference, "build_batch", no_scoring)
     _, again = run("again")
     assert again[0]["loss"] == pytest.approx(precomputed_metrics[0]["loss"], abs=1e-7)
 
@@ -137,8 +138,8 @@ def test_lora_precomputes_the_reference_of_its_base_model(tmp_path, tiny_model, 
                 assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
 
     calls = []
-    original = smolalign.evaluate_command.score_pairs
-    monkeypatch.setattr(smolalign.evaluate_command, "score_pairs",
+    original = smolalign.evaluation.command.score_pairs
+    monkeypatch.setattr(smolalign.evaluation.command, "score_pairs",
                         lambda *a, **k: calls.append(k.get("desc")) or original(*a, **k))
     main(["eval", "--model", str(tmp_path / "precomputed" / "final"), "--dataset", str(pairs_file),
           "--max_pairs", "4", "--max_length", "1024"])
@@ -157,30 +158,30 @@ def test_reference_cache_is_kept_apart_per_precision_and_merges_concurrent_write
         values, zeros = torch.arange(len(missing), dtype=torch.float32), torch.zeros(len(missing))
         return PairLogps(values, -values, zeros, zeros, zeros, zeros)
 
-    fp32 = smolalign.reference.ReferenceCache(model, tmp_path)
+    fp32 = smolalign.core.reference.ReferenceCache(model, tmp_path)
     fp32.fill(pairs, score)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = smolalign.reference.ReferenceCache(model, tmp_path)
+        bf16 = smolalign.core.reference.ReferenceCache(model, tmp_path)
         bf16.fill(pairs, score)
     assert fp32.path != bf16.path and fp32.path.name.endswith("-no-autocast.safetensors")
     assert bf16.path.name.endswith("-autocast-bfloat16.safetensors")
     assert scored == [len(pairs), len(pairs)]  # the bf16 run scored every pair itself
-    smolalign.reference.ReferenceCache(model, tmp_path).fill(pairs, score)
+    smolalign.core.reference.ReferenceCache(model, tmp_path).fill(pairs, score)
     assert scored == [len(pairs), len(pairs)]  # a float32 run again: all from the cache
 
     # Two runs that started with an empty cache, each scoring its own pairs, save one after the other.
     fresh = tmp_path / "shared"
-    first, second = (smolalign.reference.ReferenceCache(model, fresh) for _ in range(2))
-    first_values = {smolalign.reference.pair_key(p): (1.0, 2.0) for p in pairs[:3]}
-    second_values = {smolalign.reference.pair_key(p): (3.0, 4.0) for p in pairs[3:]}
+    first, second = (smolalign.core.reference.ReferenceCache(model, fresh) for _ in range(2))
+    first_values = {smolalign.core.reference.pair_key(p): (1.0, 2.0) for p in pairs[:3]}
+    second_values = {smolalign.core.reference.pair_key(p): (3.0, 4.0) for p in pairs[3:]}
     first.save(first_values)
     second.save(second_values)
     assert first.load() == {**first_values, **second_values}
     assert [p.name for p in fresh.iterdir() if p.suffix == ".partial"] == []
 
     # Values shipped with the package serve a machine whose own cache is empty.
-    monkeypatch.setattr(smolalign.reference, "SHIPPED_CACHE", fresh)
-    shipped_only = smolalign.reference.ReferenceCache(model, tmp_path / "empty")
+    monkeypatch.setattr(smolalign.core.reference, "SHIPPED_CACHE", fresh)
+    shipped_only = smolalign.core.reference.ReferenceCache(model, tmp_path / "empty")
     assert shipped_only.fill(pairs, score).of_pairs(pairs).chosen.tolist() == [1.0] * 3 + [3.0] * 3
     assert scored == [len(pairs), len(pairs)]
 
@@ -192,8 +193,8 @@ def test_eval_reuses_the_reference_cache_of_training(tmp_path, tiny_model, pairs
                              "eval_dataset": str(pairs_file), "max_steps": 1, "precompute_ref_log_probs": True,
                              "output_dir": str(tmp_path / "run")}))
     calls = []
-    original = smolalign.evaluate_command.score_pairs
-    monkeypatch.setattr(smolalign.evaluate_command, "score_pairs",
+    original = smolalign.evaluation.command.score_pairs
+    monkeypatch.setattr(smolalign.evaluation.command, "score_pairs",
                         lambda *a, **k: calls.append(k.get("desc")) or original(*a, **k))
     main(["eval", "--model", str(policy), "--ref_model", str(reference), "--dataset", str(pairs_file),
           "--output_dir", str(tmp_path / "eval")])
@@ -275,17 +276,17 @@ def test_bench_runs_both_frameworks_and_reports_ratios(tmp_path, tiny_model, pai
 
 
 def test_bench_repeats_each_pay_for_their_own_reference(tmp_path, tiny_model, pairs_file, monkeypatch):
-    import smolalign.bench
+    import smolalign.bench.command
 
     caches = []
-    run_framework = smolalign.bench.run_framework
+    run_framework = smolalign.bench.command.run_framework
 
     def recording(spec, run_dir):
         result = run_framework(spec, run_dir)
         caches.append(sorted(p.name for p in (run_dir / "reference-cache").glob("*.safetensors")))
         return result
 
-    monkeypatch.setattr(smolalign.bench, "run_framework", recording)
+    monkeypatch.setattr(smolalign.bench.command, "run_framework", recording)
     args = SimpleNamespace(algorithm="dpo", model=str(tiny_model(0)), dataset=str(pairs_file), steps=1, batch_size=2,
                            max_length=256, frameworks="smolalign", repeats=2, output_dir=str(tmp_path / "bench"),
                            trl_keep_freed_memory=False)
@@ -296,7 +297,7 @@ def test_bench_repeats_each_pay_for_their_own_reference(tmp_path, tiny_model, pa
 def test_bench_counts_the_same_useful_flops_for_both_frameworks(tiny_model, pairs):
     from transformers import AutoConfig
 
-    from smolalign.bench import forward_flops, training_flops
+    from smolalign.bench.command import forward_flops, training_flops
 
     config = AutoConfig.from_pretrained(tiny_model(0))
     reference = sum(forward_flops(config, p, shared_prompt=True, scored_prompt=False) for p in pairs)
@@ -312,8 +313,8 @@ def test_eval_of_a_full_fine_tuning_run_uses_its_starting_model_as_reference(tmp
     final = train(load_config(None, {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_steps": 1,
                                      "per_device_train_batch_size": 16, "output_dir": str(tmp_path / "run")}))
     calls = []
-    original = smolalign.evaluate_command.score_pairs
-    monkeypatch.setattr(smolalign.evaluate_command, "score_pairs",
+    original = smolalign.evaluation.command.score_pairs
+    monkeypatch.setattr(smolalign.evaluation.command, "score_pairs",
                         lambda *a, **k: calls.append(k.get("desc")) or original(*a, **k))
     main(["eval", "--model", str(final), "--dataset", str(pairs_file), "--max_pairs", "4"])
     assert calls == ["scoring policy"]  # the reference log-probs were precomputed by training and cached
@@ -325,7 +326,7 @@ def test_eval_of_a_full_fine_tuning_run_uses_its_starting_model_as_reference(tmp
 
 HEAP_OF_A_FREED_BLOCK = """
 import ctypes, sys, torch
-from smolalign.cpu_memory import keep_freed_memory
+from smolalign.models.memory import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):  # glibc's malloc statistics (malloc.h), all size_t
     _fields_ = [(name, ctypes.c_size_t) for name in

@@ -13,13 +13,13 @@ from conftest import read_jsonl, write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import smolalign.forward
-from smolalign.batching import block_tokens, build_batch
-from smolalign.config import load_config
+import smolalign.training.step
+from smolalign.config.train import load_config
+from smolalign.core.layouts import block_tokens, build_batch
 from smolalign.data.prepare import prepare_data
 from smolalign.errors import UserError
-from smolalign.steps import StepPlan
-from smolalign.train import train
+from smolalign.training.loop import train
+from smolalign.training.plan import StepPlan
 
 TRL_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
              "logps/chosen", "logps/rejected")
@@ -115,7 +115,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model, pairs_file
         batches[current[0]].append([pair.index for pair in pairs])
         return build_batch(pairs, *args, **kwargs)
 
-    monkeypatch.setattr(smolalign.forward, "build_batch", recording_build_batch)
+    monkeypatch.setattr(smolalign.training.step, "build_batch", recording_build_batch)
     final, folder = run(tmp_path, "straight", **settings)
     assert [p.name for p in folder.glob("checkpoint-*")] == ["checkpoint-3"]
 
@@ -225,7 +225,7 @@ def test_an_earlier_trainer_in_the_process_does_not_change_the_precision(tmp_pat
 
 def test_training_precision_per_device(monkeypatch):
     from smolalign.errors import UserError
-    from smolalign.models import resolve_dtype, resolve_precision
+    from smolalign.models.loading import resolve_dtype, resolve_precision
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision("auto", cpu, lora=False) == (torch.float32, "no")

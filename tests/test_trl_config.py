@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import write_jsonl
 
-from smolalign import trl_config
 from smolalign.cli import main
-from smolalign.config import LoraSettings, TrainConfig, load_config, parse_override_args
+from smolalign.config import trl as trl_config
+from smolalign.config.train import LoraSettings, TrainConfig, load_config, parse_override_args
 from smolalign.errors import UserError
 
 # The LoRA example of TRL's DPO script (trl/scripts/dpo.py), as a `trl dpo --config` YAML file.

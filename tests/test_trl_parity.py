@@ -19,9 +19,9 @@ from conftest import read_jsonl, write_jsonl
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from smolalign.config import load_config
+from smolalign.config.train import load_config
 from smolalign.data.formats import _parse_hh
-from smolalign.train import train
+from smolalign.training.loop import train
 
 NUM_PAIRS = 6
 STEPS = 4

@@ -5,7 +5,7 @@ from __future__ import annotations
 from smolalign.data.formats import FORMAT_DESCRIPTIONS
 from smolalign.data.prepare import read_pairs
 from smolalign.data.tokenize import fit_to_length, tokenize_pairs
-from smolalign.models import load_tokenizer
+from smolalign.models.loading import load_tokenizer
 
 PERCENTILES = (50, 90, 99, 100)
 SHOWN_PROBLEMS = 20

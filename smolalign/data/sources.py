@@ -7,7 +7,7 @@ from pathlib import Path
 import datasets
 
 from smolalign.errors import UserError, first_line
-from smolalign.hub import prefer_local_cache
+from smolalign.hub import looks_like_path, prefer_local_cache
 
 # The bundled HH-RLHF harmless sample (MIT, Anthropic) ships inside the package: a folder with
 # train.jsonl, test.jsonl and LICENSE, named `hh-rlhf-harmless` wherever a dataset is expected.
@@ -19,16 +19,6 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "
 def bundled_dataset(split: str = "train") -> str:
     """Path of one split of the bundled HH-RLHF sample, used when no dataset is named."""
     return str(BUNDLED_DIR / f"{split}.jsonl")
-
-
-def looks_like_path(name: str) -> bool:
-    """A name that can only be a local path (Hub ids are `owner/name`, with at most one slash)."""
-    return (
-        name.startswith((".", "/", "~"))
-        or name.count("/") > 1
-        or name.endswith("/")
-        or Path(name).suffix.lower() in FILE_BUILDERS
-    )
 
 
 def load_rows(source: str, *, split: str = "train", config_name: str | None = None) -> datasets.Dataset:
@@ -43,7 +33,7 @@ def load_rows(source: str, *, split: str = "train", config_name: str | None = No
             return _load_file(path)
         if path.is_dir():
             return _load_folder(path, split)
-        if looks_like_path(source):
+        if looks_like_path(source) or path.suffix.lower() in FILE_BUILDERS:
             raise UserError(f"dataset file '{source}' does not exist.")
         return _load_hub(source, split, config_name)
     finally:

@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from smolalign.batching import build_batch
+from smolalign.core.layouts import build_batch
+from smolalign.core.logprobs import PairLogps, concat_pair_logps, score_batch
 from smolalign.data.tokenize import TokenizedPair
-from smolalign.forward import PairRunner
-from smolalign.logprobs import PairLogps, concat_pair_logps, score_batch
 from smolalign.metrics import MetricWindow
 from smolalign.stats import ACCURACY_METRICS, Proportion, interval_fields, interval_keys
+from smolalign.training.step import PairRunner
 
 log = logging.getLogger("smolalign")
 

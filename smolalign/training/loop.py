@@ -28,39 +28,40 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from smolalign.batching import block_tokens
-from smolalign.checkpoint import (
+from smolalign.config.train import TrainConfig, flatten, save_config
+from smolalign.core.heldout import evaluate_objective
+from smolalign.core.layouts import block_tokens, choose_layout
+from smolalign.core.logprobs import RewardScorer, SequenceScorer
+from smolalign.core.losses import OBJECTIVES, LossSettings
+from smolalign.core.reference import precompute_reference, reference_source
+from smolalign.core.scoring import default_max_tokens_per_forward
+from smolalign.data.prepare import prepare_data
+from smolalign.data.tokenize import TokenizedPair
+from smolalign.errors import RunError, UserError, writes_reported
+from smolalign.locks import run_folder_lock
+from smolalign.metrics import MetricsFile, MetricWindow, last_values, read_metrics
+from smolalign.models.loading import (
+    add_lora,
+    base_model_of,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_precision,
+)
+from smolalign.models.memory import keep_freed_memory
+from smolalign.report.sections import write_report
+from smolalign.training.checkpoint import (
     RunProgress,
     list_checkpoints,
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
 )
-from smolalign.config import TrainConfig, flatten, save_config
-from smolalign.cpu_memory import keep_freed_memory
-from smolalign.data.prepare import prepare_data
-from smolalign.data.tokenize import TokenizedPair
-from smolalign.errors import RunError, UserError, writes_reported
-from smolalign.evaluate import evaluate_objective
-from smolalign.export import save_final_model
-from smolalign.forward import PairRunner
-from smolalign.hub import check_push_access, push_run
-from smolalign.locks import run_folder_lock
-from smolalign.logprobs import RewardScorer, SequenceScorer, base_model_of, choose_layout
-from smolalign.losses import OBJECTIVES, LossSettings
-from smolalign.metrics import MetricsFile, MetricWindow, last_values, read_metrics
-from smolalign.models import (
-    add_lora,
-    count_parameters,
-    default_max_tokens_per_forward,
-    load_model,
-    load_tokenizer,
-    resolve_device,
-    resolve_precision,
-)
-from smolalign.reference import precompute_reference, reference_source
-from smolalign.report import write_report
-from smolalign.steps import StepPlan
+from smolalign.training.final import save_final_model
+from smolalign.training.plan import StepPlan
+from smolalign.training.push import check_push_access, push_run
+from smolalign.training.step import PairRunner
 
 log = logging.getLogger("smolalign")
 

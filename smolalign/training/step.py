@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from smolalign.batching import build_batch, split_by_tokens
+from smolalign.core.layouts import build_batch, split_by_tokens
+from smolalign.core.logprobs import PairLogps, concat_pair_logps, score_batch
+from smolalign.core.losses import BatchTotals, LossSettings, Objective, ObjectiveOutput
+from smolalign.core.reference import Reference
 from smolalign.data.tokenize import TokenizedPair
-from smolalign.logprobs import PairLogps, concat_pair_logps, score_batch
-from smolalign.losses import BatchTotals, LossSettings, Objective, ObjectiveOutput
-from smolalign.reference import Reference
 
 
 def totals_of(pairs: list[TokenizedPair], *, score_prompt: bool) -> BatchTotals:

@@ -166,7 +166,7 @@ class TrainConfig:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then the YAML file, then `overrides` (key -> value; `lora.r` reaches a nested key)."""
     values: dict[str, Any] = read_yaml(path) if path is not None else {}
-    from smolalign.trl_config import translate_trl_config  # a TRL DPOConfig / ORPOConfig / CPOConfig file
+    from smolalign.config.trl import translate_trl_config  # a TRL DPOConfig / ORPOConfig / CPOConfig file
 
     values = translate_trl_config(values)
     for key, value in _nest(overrides or {}).items():
@@ -179,7 +179,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return config
 
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def recipe_path(name: str | Path) -> Path:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from smolalign.logprobs import PairLogps
+from smolalign.core.logprobs import PairLogps
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,13 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from peft import PeftModel
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from smolalign.attention import BLOCK_MASK_IMPLEMENTATIONS, model_mask
-from smolalign.batching import CHOSEN, PARTS_PER_PAIR, PROMPT, REJECTED, AttentionMask, Batch
+from smolalign.core.layouts import CHOSEN, PARTS_PER_PAIR, PROMPT, REJECTED, Batch
 from smolalign.errors import UserError
+from smolalign.models.attention import AttentionMask, model_mask
+from smolalign.models.loading import base_model_of
 
 log = logging.getLogger("smolalign")
 
@@ -109,28 +109,6 @@ def token_logprobs(
     # The softmax is kept for the backward pass only when there will be one (not for reference or eval passes).
     keep_softmax = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedTokenLogprobs.apply(hidden, weight, bias, targets, chunk_size, keep_softmax)
-
-
-def base_model_of(model: nn.Module) -> nn.Module:
-    """The transformers model (*ForCausalLM, *ForSequenceClassification) inside a PEFT wrapper; LoRA
-    layers are injected into it in place."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-def supports_block_masks(model: nn.Module) -> bool:
-    """Whether the model's attention takes the masks of the packed and prefix-shared layouts."""
-    return base_model_of(model).config._attn_implementation in BLOCK_MASK_IMPLEMENTATIONS
-
-
-def choose_layout(requested: str, model: nn.Module) -> str:
-    """The batch layout to use: `auto` is prefix_shared where the attention takes its masks."""
-    if supports_block_masks(model):
-        return "prefix_shared" if requested == "auto" else requested
-    if requested != "padded":
-        implementation = base_model_of(model).config._attn_implementation
-        log.warning("attention '%s' cannot take the 4-D masks of %s; falling back to the padded layout",
-                    implementation, requested)
-    return "padded"
 
 
 class SequenceScorer(nn.Module):

@@ -28,7 +28,7 @@ import functools
 import logging
 from typing import Any
 
-from smolalign.config import TrainConfig, unknown_key_message
+from smolalign.config.train import TrainConfig, unknown_key_message
 from smolalign.errors import UserError
 
 log = logging.getLogger("smolalign")

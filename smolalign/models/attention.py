@@ -4,7 +4,7 @@ Those layouts need a mask that is neither causal nor padding-only: sequences pac
 see each other, a rejected answer must not see the chosen one. SDPA takes such a mask as a dense 4-D
 tensor, which on CUDA sends it to its slow math kernel (the fused kernels take causal or padding masks
 only). FlexAttention takes the same mask as a `BlockMask`, built once per batch from the token ids of
-`batching.AttentionMask`, and runs a fused kernel that skips the 128 x 128 tiles no query may see.
+`AttentionMask`, and runs a fused kernel that skips the 128 x 128 tiles no query may see.
 
 On CUDA, models are therefore loaded with `block_sparse` attention: transformers' FlexAttention for a
 `BlockMask`, its SDPA for anything else. Only smolalign's own scoring passes hand over a `BlockMask`;
@@ -16,10 +16,10 @@ stays the default there.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
-from smolalign.batching import AttentionMask
 from smolalign.errors import UserError
 
 log = logging.getLogger("smolalign")
@@ -106,3 +106,63 @@ def model_mask(mask: AttentionMask, implementation: str, dtype: torch.dtype):
         additive = torch.zeros(dense.shape, dtype=dtype, device=dense.device)
         return additive.masked_fill_(~dense, torch.finfo(dtype).min)
     return dense
+
+
+PROMPT_BRANCH = 0  # a block's shared prompt; answers are branches 1 (chosen) and 2 (rejected)
+
+
+@dataclass
+class AttentionMask:
+    """Which tokens each token attends to, kept as two per-token ids rather than a [length x length] grid.
+
+    Query i sees key j when both lie in the same block, j <= i, and j is prompt or on i's own branch;
+    padding sees only itself, so no softmax row is empty. The forms a model takes are built from the
+    ids on their device when first asked for, and kept: a batch's policy and reference passes share them.
+    In the padded layout each row holds one sequence, and its 2-D padding mask says it all (the model
+    adds the causal part, as in TRL).
+    """
+
+    block_ids: torch.Tensor  # [rows, length] index of the token's block in its row; -1 for padding
+    branch_ids: torch.Tensor  # [rows, length] PROMPT_BRANCH, or the answer's branch (1 chosen, 2 rejected)
+    block_causal: bool  # False for the padded layout
+    _built: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def to(self, device: torch.device | str) -> AttentionMask:
+        return AttentionMask(self.block_ids.to(device), self.branch_ids.to(device), self.block_causal)
+
+    def padding(self) -> torch.Tensor:
+        """[rows, length] 1 for tokens, 0 for padding."""
+        return (self.block_ids >= 0).long()
+
+    def dense(self) -> torch.Tensor:
+        """[rows, 1, length, length] bool, True where the query (dim 2) may see the key (dim 3)."""
+        if "dense" not in self._built:
+            length = self.block_ids.shape[1]
+            query = torch.arange(length, device=self.block_ids.device)
+            self._built["dense"] = self._visible(
+                self.block_ids[:, :, None], self.block_ids[:, None, :], self.branch_ids[:, :, None],
+                self.branch_ids[:, None, :], query[:, None], query[None, :],
+            )[:, None]
+        return self._built["dense"]
+
+    def flex(self):
+        """The same mask as a FlexAttention BlockMask: tiles of 128 x 128 that no query may see are skipped,
+        tiles that every query may see skip the mask, only the rest evaluate it token by token."""
+        if "flex" not in self._built:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            block_ids, branch_ids = self.block_ids, self.branch_ids
+
+            def mask_mod(row, head, query, key):
+                return self._visible(block_ids[row, query], block_ids[row, key], branch_ids[row, query],
+                                     branch_ids[row, key], query, key)
+
+            rows, length = block_ids.shape
+            self._built["flex"] = create_block_mask(mask_mod, rows, None, length, length, device=block_ids.device)
+        return self._built["flex"]
+
+    @staticmethod
+    def _visible(query_block, key_block, query_branch, key_branch, query, key):
+        same_block = (query_block == key_block) & (query_block >= 0)
+        on_branch = (key_branch == PROMPT_BRANCH) | (key_branch == query_branch)
+        return (same_block & (key <= query) & on_branch) | (key == query)

@@ -8,8 +8,8 @@ from pathlib import Path
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from smolalign.config import TrainConfig
-from smolalign.embedded import EMBEDDED_NAME, WEIGHTS_NOTE, is_embedded
+from smolalign.config.train import TrainConfig
+from smolalign.models.embedded import EMBEDDED_NAME, WEIGHTS_NOTE, is_embedded
 from smolalign.stats import ACCURACY_METRICS, Proportion
 
 ALGORITHM_NAMES = {

@@ -22,73 +22,21 @@ boolean mask for SDPA (on CPU), or a FlexAttention `BlockMask` (on CUDA, where S
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import logging
+from dataclasses import dataclass, fields
 
 import torch
+from torch import nn
 
 from smolalign.data.tokenize import TokenizedPair
+from smolalign.models.attention import BLOCK_MASK_IMPLEMENTATIONS, PROMPT_BRANCH, AttentionMask
+from smolalign.models.loading import base_model_of
+
+log = logging.getLogger("smolalign")
 
 CHOSEN, REJECTED, PROMPT = 0, 1, 2  # parts of a pair whose log-probs are summed separately
 PARTS_PER_PAIR = 3
 LAYOUTS = ("padded", "packed", "prefix_shared")
-PROMPT_BRANCH = 0  # a block's shared prompt; answers are branches 1 (chosen) and 2 (rejected)
-
-
-@dataclass
-class AttentionMask:
-    """Which tokens each token attends to, kept as two per-token ids rather than a [length x length] grid.
-
-    Query i sees key j when both lie in the same block, j <= i, and j is prompt or on i's own branch;
-    padding sees only itself, so no softmax row is empty. The forms a model takes are built from the
-    ids on their device when first asked for, and kept: a batch's policy and reference passes share them.
-    In the padded layout each row holds one sequence, and its 2-D padding mask says it all (the model
-    adds the causal part, as in TRL).
-    """
-
-    block_ids: torch.Tensor  # [rows, length] index of the token's block in its row; -1 for padding
-    branch_ids: torch.Tensor  # [rows, length] PROMPT_BRANCH, or the answer's branch (1 chosen, 2 rejected)
-    block_causal: bool  # False for the padded layout
-    _built: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    def to(self, device: torch.device | str) -> AttentionMask:
-        return AttentionMask(self.block_ids.to(device), self.branch_ids.to(device), self.block_causal)
-
-    def padding(self) -> torch.Tensor:
-        """[rows, length] 1 for tokens, 0 for padding."""
-        return (self.block_ids >= 0).long()
-
-    def dense(self) -> torch.Tensor:
-        """[rows, 1, length, length] bool, True where the query (dim 2) may see the key (dim 3)."""
-        if "dense" not in self._built:
-            length = self.block_ids.shape[1]
-            query = torch.arange(length, device=self.block_ids.device)
-            self._built["dense"] = self._visible(
-                self.block_ids[:, :, None], self.block_ids[:, None, :], self.branch_ids[:, :, None],
-                self.branch_ids[:, None, :], query[:, None], query[None, :],
-            )[:, None]
-        return self._built["dense"]
-
-    def flex(self):
-        """The same mask as a FlexAttention BlockMask: tiles of 128 x 128 that no query may see are skipped,
-        tiles that every query may see skip the mask, only the rest evaluate it token by token."""
-        if "flex" not in self._built:
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            block_ids, branch_ids = self.block_ids, self.branch_ids
-
-            def mask_mod(row, head, query, key):
-                return self._visible(block_ids[row, query], block_ids[row, key], branch_ids[row, query],
-                                     branch_ids[row, key], query, key)
-
-            rows, length = block_ids.shape
-            self._built["flex"] = create_block_mask(mask_mod, rows, None, length, length, device=block_ids.device)
-        return self._built["flex"]
-
-    @staticmethod
-    def _visible(query_block, key_block, query_branch, key_branch, query, key):
-        same_block = (query_block == key_block) & (query_block >= 0)
-        on_branch = (key_branch == PROMPT_BRANCH) | (key_branch == query_branch)
-        return (same_block & (key <= query) & on_branch) | (key == query)
 
 
 @dataclass
@@ -286,3 +234,19 @@ def split_by_tokens(pairs: list[TokenizedPair], max_tokens: int) -> list[list[To
             chunks.append([pair])
             size = tokens
     return chunks
+
+
+def supports_block_masks(model: nn.Module) -> bool:
+    """Whether the model's attention takes the masks of the packed and prefix-shared layouts."""
+    return base_model_of(model).config._attn_implementation in BLOCK_MASK_IMPLEMENTATIONS
+
+
+def choose_layout(requested: str, model: nn.Module) -> str:
+    """The batch layout to use: `auto` is prefix_shared where the attention takes its masks."""
+    if supports_block_masks(model):
+        return "prefix_shared" if requested == "auto" else requested
+    if requested != "padded":
+        implementation = base_model_of(model).config._attn_implementation
+        log.warning("attention '%s' cannot take the 4-D masks of %s; falling back to the padded layout",
+                    implementation, requested)
+    return "padded"

@@ -32,7 +32,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from smolalign.errors import UserError, first_line
 from smolalign.hub import hub_reachable
-from smolalign.models import model_source, resolve_dtype
+from smolalign.models.loading import model_source, resolve_dtype
 from smolalign.stats import wilson_interval
 
 log = logging.getLogger("smolalign")

@@ -27,12 +27,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from smolalign.batching import Batch, build_batch, split_by_tokens
+from smolalign.core.layouts import Batch, build_batch, split_by_tokens
+from smolalign.core.logprobs import PairLogps, SequenceScorer, concat_pair_logps, score_batch
 from smolalign.data.tokenize import TokenizedPair
-from smolalign.embedded import cache_root
 from smolalign.locks import exclusive_file_lock
-from smolalign.logprobs import PairLogps, SequenceScorer, concat_pair_logps, score_batch
-from smolalign.models import frozen_copy, load_frozen
+from smolalign.models.embedded import cache_root
+from smolalign.models.loading import frozen_copy, load_frozen
 
 log = logging.getLogger("smolalign")
 
@@ -127,7 +127,7 @@ def weights_key(model: nn.Module) -> str:
 
 # Reference log-probs of the demo's bundled pairs under the embedded model, shipped so that a fresh machine
 # skips that precompute. Same file names as the cache; found only for the same weights, precision and ids.
-SHIPPED_CACHE = Path(__file__).resolve().parent / "bundled" / "reference-logps"
+SHIPPED_CACHE = Path(__file__).resolve().parents[1] / "bundled" / "reference-logps"
 
 
 def _read_values(path: Path) -> dict[int, tuple[float, float]]:

@@ -19,9 +19,9 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
-from smolalign.embedded import EMBEDDED_NAME, is_embedded
 from smolalign.errors import UserError
-from smolalign.models import load_for_scoring, load_tokenizer, resolve_device, resolve_dtype
+from smolalign.models.embedded import EMBEDDED_NAME, is_embedded
+from smolalign.models.loading import load_for_scoring, load_tokenizer, resolve_device, resolve_dtype
 
 COMMANDS = "/reset starts a new conversation, /quit leaves"
 
@@ -146,7 +146,7 @@ def open_speakers(model: str | None, *, compare: bool, ref_model: str | None, ch
     policy = load_for_scoring(model, dtype=dtype, device=device, tokenizer=tokenizer)
     if not compare:
         return [Speaker("assistant", policy, describe(model))], tokenizer
-    from smolalign.evaluate_command import starting_model_of_run
+    from smolalign.evaluation.command import starting_model_of_run
 
     reference_name = ref_model or (starting_model_of_run(model) if model else None)
     if reference_name:

@@ -1,4 +1,4 @@
-"""One benchmark run in its own process: `python -m smolalign.bench_worker SPEC.json RESULT.json`.
+"""One benchmark run in its own process: `python -m smolalign.bench.worker SPEC.json RESULT.json`.
 
 SPEC names the framework (`smolalign`, `trl`, or `trl_liger`: TRL with `use_liger_kernel=True`),
 algorithm, model folder, pairs file, steps, batch size, max_length, device, LoRA or not, and whether the
@@ -16,15 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from smolalign.cpu_memory import keep_freed_memory
+from smolalign.models.memory import keep_freed_memory
 
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}  # the same for every framework
 
 
 def run_smolalign(spec: dict, output_dir: Path) -> dict:
-    from smolalign.config import load_config
+    from smolalign.config.train import load_config
     from smolalign.metrics import read_metrics
-    from smolalign.train import train
+    from smolalign.training.loop import train
 
     config = load_config(None, {
         "model": spec["model"], "dataset": spec["dataset"], "algorithm": spec["algorithm"],

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import yaml
 
-from smolalign.config import flatten
+from smolalign.config.train import flatten
 from smolalign.errors import UserError
 from smolalign.metrics import last_values, read_metrics
-from smolalign.plots import CURVES, logps_unit, plot_curves, plot_sweep, plot_win_rates, run_colors
+from smolalign.report.plots import CURVES, logps_unit, plot_curves, plot_sweep, plot_win_rates, run_colors
 from smolalign.stats import ACCURACY_METRICS, CHANCE, Proportion, interval_keys
 
 MAX_SAMPLES = 8  # prompts shown side by side: enough to get a feel for the answers, few enough to read

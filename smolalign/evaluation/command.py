@@ -19,15 +19,17 @@ import torch
 import yaml
 from peft import PeftModel
 
-from smolalign.config import TrainConfig
-from smolalign.cpu_memory import keep_freed_memory
+from smolalign.config.train import TrainConfig
+from smolalign.core.heldout import format_summary_table, preference_summary, score_pairs, write_pair_rows
+from smolalign.core.layouts import choose_layout
+from smolalign.core.logprobs import PairLogps, SequenceScorer
+from smolalign.core.reference import ModelReference, ReferenceCache
 from smolalign.data.prepare import read_pairs, tokenize_and_fit
 from smolalign.data.tokenize import TokenizedPair
-from smolalign.drift import answer_statistics, generate_answers
 from smolalign.errors import UserError
-from smolalign.evaluate import format_summary_table, preference_summary, score_pairs, write_pair_rows
-from smolalign.logprobs import PairLogps, SequenceScorer, choose_layout
-from smolalign.models import (
+from smolalign.evaluation.drift import answer_statistics
+from smolalign.evaluation.generation import generate_answers
+from smolalign.models.loading import (
     load_for_scoring,
     load_tokenizer,
     model_source,
@@ -35,7 +37,7 @@ from smolalign.models import (
     resolve_dtype,
     run_folder_of,
 )
-from smolalign.reference import ModelReference, ReferenceCache
+from smolalign.models.memory import keep_freed_memory
 
 log = logging.getLogger("smolalign")
 
@@ -193,7 +195,7 @@ def check_judge_args(args, *, has_reference: bool) -> None:
     """A judge needs generations and a reference to compare with: checked before any work is done."""
     if not (args.judge or args.judge_url):
         return
-    from smolalign.judge import check_judge_options
+    from smolalign.evaluation.judge import check_judge_options
 
     check_judge_options(reward_model=args.judge, url=args.judge_url, model=args.judge_model)
     if not args.generate:
@@ -203,7 +205,7 @@ def check_judge_args(args, *, has_reference: bool) -> None:
 
 
 def build_judge_from_args(args, device: torch.device):
-    from smolalign.judge import build_judge
+    from smolalign.evaluation.judge import build_judge
 
     return build_judge(reward_model=args.judge, url=args.judge_url, model=args.judge_model,
                        api_key_env=args.judge_api_key_env, device=device)
@@ -211,7 +213,7 @@ def build_judge_from_args(args, device: torch.device):
 
 def judge_generations(judge, rows: list[dict]) -> dict:
     """Verdicts of `judge` on each row (added to the rows) and the win rate of the policy."""
-    from smolalign.judge import win_rate_summary
+    from smolalign.evaluation.judge import win_rate_summary
 
     verdicts = judge.judge([r["prompt"] for r in rows], [r["policy"] for r in rows], [r["reference"] for r in rows])
     for row, verdict in zip(rows, verdicts, strict=True):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from smolalign.config import TrainConfig, changed_settings, load_config, save_config
+from smolalign.config.train import TrainConfig, changed_settings, load_config, save_config
 from smolalign.errors import RunError, UserError, writes_reported
 
 STATE_FILE = "smolalign_state.json"

@@ -30,16 +30,16 @@ from pathlib import Path
 
 import torch
 
-from smolalign.batching import padded_tokens
+from smolalign.core.layouts import padded_tokens
+from smolalign.core.losses import OBJECTIVES
 from smolalign.data.prepare import read_pairs, tokenize_and_fit
 from smolalign.data.tokenize import TokenizedPair
 from smolalign.errors import UserError
-from smolalign.losses import OBJECTIVES
-from smolalign.models import load_tokenizer, model_source, resolve_device
+from smolalign.models.loading import load_tokenizer, model_source, resolve_device
 
 FRAMEWORKS = ("smolalign", "trl", "trl_liger")
 BASELINES = {"trl": "TRL", "trl_liger": "TRL+Liger"}
-MODEL_CONFIGS = Path(__file__).parent / "bundled" / "model-configs"  # shipped in the wheel
+MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "bundled" / "model-configs"  # shipped in the wheel
 
 
 @dataclass
@@ -196,7 +196,7 @@ def run_framework(spec: dict, run_dir: Path) -> tuple[dict, float, int]:
     env = {**os.environ, "SMOLALIGN_REFERENCE_CACHE": str(run_dir / "reference-cache"), "TQDM_DISABLE": "1"}
     start = time.perf_counter()
     with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "smolalign.bench_worker", str(spec_path), str(result_path)],
+        process = subprocess.Popen([sys.executable, "-m", "smolalign.bench.worker", str(spec_path), str(result_path)],
                                    env=env, stdout=subprocess.DEVNULL, stderr=log)
         _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
