@@ -227,9 +227,9 @@ def _run_sweep(args, rest: list[str]) -> None:
 
 
 def _run_compare(args, rest: list[str]) -> None:
-    from smolalign.report.sections import compare_runs
+    from smolalign.report.write import write_report
 
-    print(f"report: {compare_runs([Path(run) for run in args.runs], Path(args.output_dir))}")
+    print(f"report: {write_report([Path(run) for run in args.runs], Path(args.output_dir))}")
 
 
 def _run_chat(args, rest: list[str]) -> None:

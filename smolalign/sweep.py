@@ -65,7 +65,7 @@ def check_same_settings(folder: Path, config: TrainConfig) -> None:
 
 def run_sweep(config_path: str | None, grid_specs: list[str], overrides: dict) -> Path:
     """Train every grid point not yet finished, then write the compare report; returns its path."""
-    from smolalign.report.sections import compare_runs
+    from smolalign.report.write import write_report
     from smolalign.training.loop import train
 
     if config_path is not None:
@@ -85,4 +85,4 @@ def run_sweep(config_path: str | None, grid_specs: list[str], overrides: dict) -
             log.info("[%d/%d] %s", number, len(points), folder.name)
         config: TrainConfig = load_config(config_path, settings)
         train(config)
-    return compare_runs([folder for folder, _ in points], root, sweep_keys=list(grid))
+    return write_report([folder for folder, _ in points], root, sweep_keys=list(grid))

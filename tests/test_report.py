@@ -16,7 +16,9 @@ from conftest import read_jsonl
 
 from smolalign.errors import UserError
 from smolalign.report.plots import curve_panels
-from smolalign.report.sections import MAX_SAMPLES, compare_runs, read_runs, write_report
+from smolalign.report.runs import read_runs
+from smolalign.report.sections import MAX_SAMPLES
+from smolalign.report.write import write_report
 from smolalign.stats import interval_fields
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -112,7 +114,7 @@ def referenced_images(report: Path) -> list[str]:
 
 
 def test_report_compares_runs_side_by_side(tmp_path, two_runs):
-    html_path = compare_runs(two_runs, tmp_path / "out")
+    html_path = write_report(two_runs, tmp_path / "out")
     markdown = (tmp_path / "out" / "report.md").read_text()
     page = html_path.read_text()
     assert html_path == tmp_path / "out" / "report.html"
@@ -192,7 +194,7 @@ def test_the_headline_says_whether_the_effect_is_measurable(tmp_path):
     (runs[5] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in no_held_out))
     shutil.rmtree(runs[6] / "eval")
     (runs[6] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in no_held_out))
-    html_path = compare_runs(runs, tmp_path / "out")
+    html_path = write_report(runs, tmp_path / "out")
     headline = section_of((tmp_path / "out" / "report.md").read_text(), "Did it work?")
     expected = [
         f"many-pairs: measurable — {key} rose from 0.52 [0.47, 0.57], n=400 to 0.67 [0.62, 0.71], n=400, and the "
@@ -241,14 +243,14 @@ def test_dpo_and_orpo_log_probs_are_never_drawn_on_one_axis(tmp_path, two_runs):
     held_out = next(c for c in panels["accuracy"][1].curves if c.run == "dpo" and c.held_out)
     assert held_out.steps == [0, 5, 10] and held_out.band[0][-1] == pytest.approx(0.5731, abs=1e-4)
 
-    markdown = (compare_runs(two_runs, tmp_path / "out").parent / "report.md").read_text()
+    markdown = (write_report(two_runs, tmp_path / "out").parent / "report.md").read_text()
     assert (f"cannot be compared across them (dpo: {summed}; orpo: {averaged}); the log-prob figure gives each "
             "scale panels of its own.") in section_of(markdown, "Training curves")
 
 
 def test_generations_are_shown_side_by_side_escaped_and_bounded(tmp_path):
     runs = [make_run(tmp_path, "a", prompts=MAX_SAMPLES + 3), make_run(tmp_path, "b", prompts=2)]
-    page = compare_runs(runs, tmp_path / "out").read_text()
+    page = write_report(runs, tmp_path / "out").read_text()
     assert page.count('<div class="sample">') == MAX_SAMPLES
     assert page.count("user: Question 0:") == 1  # the prompt once, the answers of both runs under it
     assert "Policy answer 0 from a" in page and "Policy answer 0 from b" in page
@@ -273,12 +275,12 @@ def test_single_run_and_missing_eval_files_are_fine(tmp_path):
     metrics_only = tmp_path / "metrics_only"
     metrics_only.mkdir()
     shutil.copy(fresh / "metrics.jsonl", metrics_only)
-    assert "No run has a config.yaml." in compare_runs([metrics_only], tmp_path / "out").read_text()
+    assert "No run has a config.yaml." in write_report([metrics_only], tmp_path / "out").read_text()
 
 
 def test_runs_sharing_a_folder_name_are_told_apart(tmp_path):
     runs = [make_run(tmp_path / "sweep-a", "dpo", evaluation=False), make_run(tmp_path / "sweep-b", "dpo")]
-    markdown = (compare_runs(runs, tmp_path / "out").parent / "report.md").read_text()
+    markdown = (write_report(runs, tmp_path / "out").parent / "report.md").read_text()
     assert markdown_row(markdown, "setting")[1:] == ["sweep-a/dpo", "sweep-b/dpo"]
 
 
@@ -288,15 +290,15 @@ def test_runs_sharing_a_folder_name_are_told_apart(tmp_path):
 ])
 def test_a_folder_that_is_not_a_run_is_a_user_error(tmp_path, make_folder, message):
     with pytest.raises(UserError, match=message):
-        compare_runs([make_folder(tmp_path)], tmp_path / "out")
+        write_report([make_folder(tmp_path)], tmp_path / "out")
 
 
 def test_the_same_run_twice_or_a_bad_sweep_key_is_a_user_error(tmp_path):
     run = make_run(tmp_path, "dpo", evaluation=False)
     with pytest.raises(UserError, match="given twice"):
-        compare_runs([run, tmp_path / "." / "dpo"], tmp_path / "out")
+        write_report([run, tmp_path / "." / "dpo"], tmp_path / "out")
     with pytest.raises(UserError, match="sweep key 'gamma'"):
-        compare_runs([run], tmp_path / "out", sweep_keys=["gamma"])
+        write_report([run], tmp_path / "out", sweep_keys=["gamma"])
 
 
 def test_sweep_plots_final_metrics_against_the_swept_values(tmp_path):
@@ -305,7 +307,7 @@ def test_sweep_plots_final_metrics_against_the_swept_values(tmp_path):
     for run, loss_type in zip(runs, ["sigmoid", "ipo"] * 3, strict=True):
         config = yaml.safe_load((run / "config.yaml").read_text()) | {"loss_type": loss_type}
         (run / "config.yaml").write_text(yaml.safe_dump(config))
-    html_path = compare_runs(runs, tmp_path / "out", sweep_keys=["beta", "loss_type"])
+    html_path = write_report(runs, tmp_path / "out", sweep_keys=["beta", "loss_type"])
     assert (tmp_path / "out" / "plots" / "sweep.png").stat().st_size > 5000
     assert "plots/sweep.png" in referenced_images(html_path)
     markdown = (tmp_path / "out" / "report.md").read_text()
@@ -319,7 +321,7 @@ def test_chromium_renders_the_report_with_every_image(tmp_path, two_runs):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    html_path = compare_runs(two_runs, tmp_path / "out")
+    html_path = write_report(two_runs, tmp_path / "out")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

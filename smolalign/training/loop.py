@@ -50,7 +50,7 @@ from smolalign.models.loading import (
     resolve_precision,
 )
 from smolalign.models.memory import keep_freed_memory
-from smolalign.report.sections import write_report
+from smolalign.report.write import write_report
 from smolalign.training.checkpoint import (
     RunProgress,
     list_checkpoints,

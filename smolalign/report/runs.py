@@ -1,0 +1,106 @@
+"""Run folders as the report reads them: config.yaml, metrics.jsonl, eval/eval.json, eval/generations.jsonl."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from smolalign.config.train import flatten
+from smolalign.errors import UserError
+from smolalign.metrics import read_metrics
+
+# Algorithms whose `logps/*` metrics are mean token log-probs of an answer (losses.py); the others log sums.
+AVERAGED_LOGPS = ("orpo", "simpo")
+
+
+@dataclass
+class Run:
+    """One run folder as the report reads it; whatever the folder lacks is empty."""
+
+    name: str
+    path: Path
+    config: dict[str, object]  # flattened: `lora: {r: 8}` is `lora.r`
+    records: list[dict]  # metrics.jsonl, training and held-out lines interleaved
+    evaluation: dict  # eval/eval.json
+    generations: list[dict]  # eval/generations.jsonl
+
+    @property
+    def train_records(self) -> list[dict]:
+        return [r for r in self.records if not _is_held_out(r)]
+
+    @property
+    def eval_records(self) -> list[dict]:
+        return [r for r in self.records if _is_held_out(r)]
+
+    @property
+    def logps_scale(self) -> str | None:
+        """"mean" or "sum": how the run's `logps/*` metrics are scaled; None without an algorithm in config.yaml."""
+        algorithm = self.config.get("algorithm")
+        if algorithm is None:
+            return None
+        return "mean" if algorithm in AVERAGED_LOGPS else "sum"
+
+
+def read_runs(run_dirs: list[Path]) -> list[Run]:
+    """Every run folder read whole; a folder that is not a run is the user's mistake, said in one sentence."""
+    for path in run_dirs:
+        if not (path / "config.yaml").is_file() and not (path / "metrics.jsonl").is_file():
+            raise UserError(f"'{path}' is not a run folder: it has neither config.yaml nor metrics.jsonl.")
+    return [
+        Run(
+            name=name,
+            path=path,
+            config=flatten(_read_yaml(path / "config.yaml")),
+            records=read_metrics(path / "metrics.jsonl"),
+            evaluation=_read_json(path / "eval" / "eval.json"),
+            generations=read_metrics(path / "eval" / "generations.jsonl"),  # any JSONL, torn lines skipped
+        )
+        for name, path in zip(run_names(run_dirs), run_dirs, strict=True)
+    ]
+
+
+def run_names(run_dirs: list[Path]) -> list[str]:
+    """Folder names; runs that share one get as many parent folders as it takes (`a/dpo`, `b/dpo`)."""
+    paths = [path.resolve() for path in run_dirs]
+    for i, path in enumerate(paths):
+        if path in paths[:i]:
+            raise UserError(f"'{run_dirs[i]}' is given twice: name each run folder once.")
+    names = [path.name for path in paths]
+    depth = 1
+    while len(set(names)) < len(names):
+        depth += 1
+        names = ["/".join(path.parts[-depth:]) if names.count(name) > 1 else name
+                 for path, name in zip(paths, names, strict=True)]
+    return names
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise UserError(f"{path} is not valid YAML: fix it or rerun the training that wrote it.") from None
+    return config if isinstance(config, dict) else {}
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON (line {error.lineno}): rerun `smolalign eval` to rewrite it.") from None
+
+
+def _is_held_out(record: dict) -> bool:
+    return any(key.startswith("eval_") for key in record)
+
+
+def check_sweep_keys(runs: list[Run], sweep_keys: list[str]) -> None:
+    for key in sweep_keys:
+        if not any(key in run.config for run in runs):
+            raise UserError(f"sweep key '{key}' is in no run's config.yaml (nested keys are written like lora.r).")
