@@ -161,9 +161,10 @@ def test_report_compares_runs_side_by_side(tmp_path, two_runs):
         assert all((tmp_path / "out" / image).stat().st_size > 5000 for image in images)
 
 
-def held_out_run(root: Path, name: str, *, before: tuple[int, int] | None, after: tuple[int, int]) -> Path:
+def held_out_run(root: Path, name: str, *, before: tuple[int, int] | None, after: tuple[int, int],
+                 rewards_after: tuple[int, int] | None = None) -> Path:
     """A run folder with only held-out lines: (pairs right, pairs) at step 0 (None: no step-0 evaluation)
-    and at step 10."""
+    and at step 10; `rewards_after` adds the reward accuracy (DPO's implicit reward) at step 10."""
     run = root / name
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"algorithm": "dpo"}))
@@ -173,13 +174,17 @@ def held_out_run(root: Path, name: str, *, before: tuple[int, int] | None, after
             right, pairs = counts
             records.append({"step": step, "eval_logps/mean_accuracy": right / pairs, "eval_pairs": pairs,
                             **interval_fields("eval_logps/mean_accuracy", right, pairs)})
+    if rewards_after is not None:
+        right, pairs = rewards_after
+        records[-1] |= {"eval_rewards/accuracies": right / pairs, **interval_fields("eval_rewards/accuracies", right, pairs)}
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return run
 
 
 def test_the_headline_says_whether_the_effect_is_measurable(tmp_path):
-    """The before/after intervals (Wilson, hand-checked numbers) decide; without a step-0 evaluation, or from
-    eval.json alone, chance (0.5) does; without a pair count the report says it cannot tell."""
+    """The before/after intervals (Wilson, hand-checked numbers) decide; without a step-0 evaluation, for the
+    held-out reward accuracy (DPO's implicit reward, 0 at step 0) and for eval.json, chance (0.5) does; any
+    measurable part makes the run's effect measurable; without a pair count the report says it cannot tell."""
     key = "held-out `eval_logps/mean_accuracy`"
     runs = [
         make_run(tmp_path, "many-pairs", evaluation=False, eval_pairs=400),  # 208/400 → 268/400
@@ -189,6 +194,7 @@ def test_the_headline_says_whether_the_effect_is_measurable(tmp_path):
         make_run(tmp_path, "old-version", evaluation=False, eval_pairs=None),
         make_run(tmp_path, "eval-only"),  # eval.json: 22 of 32 pairs
         make_run(tmp_path, "unevaluated", evaluation=False),
+        held_out_run(tmp_path, "dpo-rewards", before=(50, 120), after=(55, 120), rewards_after=(74, 120)),
     ]
     no_held_out = [r for r in read_jsonl(runs[5] / "metrics.jsonl") if "eval_loss" not in r]
     (runs[5] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in no_held_out))
@@ -199,8 +205,9 @@ def test_the_headline_says_whether_the_effect_is_measurable(tmp_path):
     expected = [
         f"many-pairs: measurable — {key} rose from 0.52 [0.47, 0.57], n=400 to 0.67 [0.62, 0.71], n=400, and the "
         "before/after 95% intervals do not overlap; after training its interval excludes chance (0.5).",
-        f"few-pairs: not measurable — {key} went from 0.52 [0.42, 0.62], n=100 to 0.67 [0.57, 0.75], n=100, but "
-        "the before/after 95% intervals overlap; after training its interval excludes chance (0.5).",
+        "few-pairs: measurable — held-out `eval_rewards/accuracies` after training is 0.65 [0.55, 0.74], n=100, "
+        f"whose 95% interval excludes chance (0.5). {key} went from 0.52 [0.42, 0.62], n=100 to 0.67 [0.57, 0.75], "
+        "n=100, but the before/after 95% intervals overlap; after training its interval excludes chance (0.5).",
         f"worse: measurable, for the worse — {key} fell from 0.80 [0.71, 0.87], n=100 to 0.50 [0.40, 0.60], "
         "n=100, and the before/after 95% intervals do not overlap; after training its interval includes chance (0.5).",
         f"no-step-0: not measurable — {key} after training is 0.55 [0.45, 0.64], n=100, whose 95% interval "
@@ -211,9 +218,13 @@ def test_the_headline_says_whether_the_effect_is_measurable(tmp_path):
         "interval excludes chance (0.5).",
         "unevaluated: not measured: no held-out accuracy (give the run an eval_dataset or a test_split_size, or "
         "run `smolalign eval` on its final model).",
+        "dpo-rewards: measurable — held-out `eval_rewards/accuracies` after training is 0.62 [0.53, 0.70], n=120, "
+        "whose 95% interval excludes chance (0.5). held-out `eval_logps/mean_accuracy` went from 0.42 [0.33, 0.51], "
+        "n=120 to 0.46 [0.37, 0.55], n=120, but the before/after 95% intervals overlap; after training its interval "
+        "includes chance (0.5).",
     ]
-    for sentence in expected:
-        assert f"\n{sentence}\n" in headline, sentence
+    for sentence in expected:  # each verdict's paragraph; runs with a reward accuracy add its own sentence
+        assert f"\n{sentence}" in headline, sentence
     assert markdown_row(headline, "many-pairs")[4:6] == ["0.52 [0.47, 0.57], n=400", "0.67 [0.62, 0.71], n=400"]
     assert markdown_row(headline, "old-version")[4:6] == ["0.52 (n not recorded)", "0.67 (n not recorded)"]
     assert markdown_row(headline, "no-step-0")[4:6] == ["–", "0.55 [0.45, 0.64], n=100"]

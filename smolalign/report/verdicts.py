@@ -47,23 +47,31 @@ def effect_verdict(run: Run, held_out_key: str) -> str:
     """In words, whether the run's effect on held-out accuracy is larger than its uncertainty.
 
     Held out during training, the effect is the change from step 0 to the last evaluation: measurable
-    when the two 95% intervals do not overlap (a conservative test: they rest on the same pairs).
-    Without a step-0 evaluation, or from `smolalign eval` alone, it is the distance from chance:
-    measurable when the interval excludes 0.5.
+    when the two 95% intervals do not overlap (a conservative test: they rest on the same pairs). The
+    held-out reward accuracy at the last evaluation (DPO's implicit reward against the reference, which
+    is 0 at step 0 and so has no "before"), and `smolalign eval`'s, are measured against chance:
+    measurable when the interval excludes 0.5. The run's effect is measurable when any of these is.
     """
     done = outcomes(run, held_out_key)
     before, after = done.get("held-out accuracy before"), done.get("held-out accuracy")
+    rewards_key = "eval_rewards/accuracies"
+    held_out_rewards = held_out_before_after(run, rewards_key)[1] if held_out_key != rewards_key else None
     evaluation = done.get("eval.json reward accuracy")
     parts = []
     if after is not None:
         parts.append(_change_verdict(held_out_key, before, after))
+    if held_out_rewards is not None and held_out_rewards.has_interval:
+        parts.append(_chance_verdict(f"held-out `{rewards_key}` after training", held_out_rewards))
     if evaluation is not None:
         parts.append(_chance_verdict("`smolalign eval`'s `rewards/accuracies`", evaluation))
     if not parts:
         return (f"{run.name}: not measured: no held-out accuracy (give the run an eval_dataset or a "
                 "test_split_size, or run `smolalign eval` on its final model).")
-    (label, reason), *others = parts  # the first part names the verdict; the others add their reasons
-    return f"{run.name}: {label} — {reason}." + "".join(f" {other_reason}." for _, other_reason in others)
+    labels = [label for label, _ in parts]
+    label = next((wanted for wanted in ("measurable", "measurable, for the worse") if wanted in labels), labels[0])
+    deciding = next(part for part in parts if part[0] == label)  # its reason comes first
+    reasons = [deciding[1], *(reason for part in parts if part is not deciding for _, reason in [part])]
+    return f"{run.name}: {label} — " + " ".join(f"{reason}." for reason in reasons)
 
 
 def _change_verdict(key: str, before: Proportion | None, after: Proportion) -> tuple[str, str]:
