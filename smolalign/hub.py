@@ -26,6 +26,13 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def hub_failure_reason(error: Exception) -> str:
+    """Why something named by a Hub id could not be loaded, for the end of an error sentence."""
+    if not hub_reachable():
+        return "the Hugging Face Hub is unreachable and it is not in the local cache"
+    return f"the Hugging Face Hub could not provide it ({type(error).__name__})"
+
+
 def prefer_local_cache() -> bool:
     """Switch this process to offline mode when the Hub cannot be reached; returns True if offline."""
     if hub_reachable():

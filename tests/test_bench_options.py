@@ -4,7 +4,6 @@ architectures, LoRA for every framework, warm-up steps left out of the timings, 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from smolalign.bench.command import (
     model_config_file,
     training_flops,
 )
+from smolalign.config.commands import BenchConfig
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
 from smolalign.errors import UserError
@@ -28,12 +28,10 @@ def pairs_file(tmp_path_factory, hh_rows):
     return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", hh_rows[100:116])
 
 
-def bench_args(tmp_path, pairs_file, **overrides) -> SimpleNamespace:
-    settings = {"algorithm": "dpo", "model": None, "dataset": str(pairs_file), "steps": 2, "batch_size": 2,
-                "max_length": 256, "frameworks": "smolalign", "repeats": 1, "output_dir": str(tmp_path / "bench"),
-                "trl_keep_freed_memory": False, "device": "cpu", "lora": False, "warmup_steps": 0,
-                "model_config": None}
-    return SimpleNamespace(**{**settings, **overrides})
+def bench_args(tmp_path, pairs_file, **overrides) -> BenchConfig:
+    settings = {"dataset": str(pairs_file), "steps": 2, "batch_size": 2, "max_length": 256, "frameworks": "smolalign",
+                "output_dir": str(tmp_path / "bench"), "device": "cpu"}
+    return BenchConfig.from_values({**settings, **overrides})
 
 
 @pytest.mark.parametrize("name, parameters", [("smollm2-135m", 134.5e6), ("smollm2-1.7b", 1711.4e6)])
@@ -71,8 +69,12 @@ def test_lora_bench_of_a_random_model_against_trl(tmp_path, tokenizer, pairs_fil
 def test_bench_refuses_what_cannot_run_here(tmp_path, pairs_file):
     with pytest.raises(UserError, match="CUDA"):
         bench(bench_args(tmp_path, pairs_file, frameworks="smolalign,trl_liger"))
-    with pytest.raises(UserError, match="smaller than --steps"):
-        bench(bench_args(tmp_path, pairs_file, warmup_steps=2))
+    with pytest.raises(UserError, match="'warmup_steps' \\(2\\) must be smaller than 'steps' \\(2\\)"):
+        bench_args(tmp_path, pairs_file, warmup_steps=2)
+    with pytest.raises(UserError, match="'frameworks' must be one of smolalign, trl, trl_liger, not 'tlr'"):
+        bench_args(tmp_path, pairs_file, frameworks="smolalign,tlr")
+    with pytest.raises(UserError, match="'algorithm' must be one of dpo, orpo, simpo, not 'sft'"):
+        bench_args(tmp_path, pairs_file, algorithm="dpo, sft")
     with pytest.raises(UserError, match="smollm2-135m"):
         bench(bench_args(tmp_path, pairs_file, model_config="gpt-5"))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import shutil
 import subprocess
@@ -16,13 +15,15 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from smolalign.cli import main
+from smolalign.config.commands import ChatConfig
+from smolalign.config.fields import parse_override_args
 from smolalign.errors import UserError
 from smolalign.evaluation import chat
-from smolalign.evaluation.chat import GenerationSettings, chat_loop, generation_settings, open_speakers
+from smolalign.evaluation.chat import chat_loop, open_speakers, sampling_options
 
 CPU = {"device": torch.device("cpu"), "dtype": torch.float32, "chat_template": None, "ref_model": None}
 # A random tiny model answers greedily with newlines only; sampling gives words to check.
-SAMPLING = GenerationSettings(max_new_tokens=6, do_sample=True, seed=3)
+SAMPLING = ChatConfig(max_new_tokens=6, do_sample=True, seed=3)
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def full_run(tiny_model, tmp_path_factory) -> Path:
     return run
 
 
-def talk(speakers, tokenizer, text: str, settings: GenerationSettings = SAMPLING) -> str:
+def talk(speakers, tokenizer, text: str, settings: ChatConfig = SAMPLING) -> str:
     out = io.StringIO()
     chat_loop(speakers, tokenizer, settings, input_stream=io.StringIO(text), out=out)
     return out.getvalue()
@@ -70,7 +71,7 @@ def talk(speakers, tokenizer, text: str, settings: GenerationSettings = SAMPLING
 def test_answers_stream_and_history_accumulates(tiny_model, generate_calls):
     speakers, tokenizer = open_speakers(str(tiny_model(0)), compare=False, **CPU)
     [assistant] = speakers
-    settings = GenerationSettings(max_new_tokens=6, do_sample=True, seed=3, system_prompt="Be brief.")
+    settings = ChatConfig(max_new_tokens=6, do_sample=True, seed=3, system_prompt="Be brief.")
     transcript = talk(speakers, tokenizer, "hello there\n\nwhat next?\n", settings)
 
     first_answer = assistant.messages[1]["content"]
@@ -155,24 +156,20 @@ def test_compare_without_a_reference_is_a_user_error(tiny_model):
         open_speakers(str(tiny_model(0)), compare=True, **CPU)
 
 
-def test_generation_settings_from_flags():
+def test_sampling_options_from_flags():
     def parse(*flags):
-        parser = argparse.ArgumentParser()
-        for name, kind in (("--temperature", float), ("--top_p", float), ("--max_new_tokens", int),
-                           ("--system_prompt", str), ("--seed", int)):
-            parser.add_argument(name, type=kind)
-        parser.add_argument("--do_sample", action="store_true")
-        parser.set_defaults(top_p=1.0, max_new_tokens=8, seed=0)
-        return generation_settings(parser.parse_args(list(flags)))
+        return sampling_options(ChatConfig.from_values(parse_override_args(list(flags))))
 
-    assert parse().do_sample is False
-    assert parse("--temperature", "0.7").do_sample is True and parse("--temperature", "0.7").temperature == 0.7
-    assert parse("--do_sample").do_sample is True and parse("--do_sample").temperature == 1.0
-    assert parse("--temperature", "0").do_sample is False
-    with pytest.raises(UserError, match="--temperature"):
+    assert parse() == {"do_sample": False}
+    assert parse("--temperature", "0.7") == {"do_sample": True, "temperature": 0.7, "top_p": 1.0}
+    assert parse("--do_sample") == {"do_sample": True, "temperature": 1.0, "top_p": 1.0}
+    assert parse("--temperature", "0") == {"do_sample": False}
+    with pytest.raises(UserError, match="'temperature' must be >= 0"):
         parse("--temperature", "-1")
-    with pytest.raises(UserError, match="--top_p"):
+    with pytest.raises(UserError, match="'top_p' must lie in"):
         parse("--top_p", "0")
+    with pytest.raises(UserError, match="unknown config key 'temprature'; did you mean 'temperature'"):
+        parse("--temprature", "0.5")
 
 
 def test_chat_command_through_standard_input(tiny_model):

@@ -91,6 +91,24 @@ def test_eval_and_inspect_mistakes(tmp_path, capsys, tiny_model, good_data):
     assert "does not exist" in fail(capsys, ["data", "inspect", str(tmp_path / "missing.jsonl")])
 
 
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["eval", "--model", "m", "--dataset", "d", "--bta", "0.3"], "unknown config key 'bta'; did you mean 'beta'?"),
+    (["eval", "--model", "m", "--dataset", "d", "--batch_layout", "packd"],
+     "'batch_layout' must be one of auto, padded, packed, prefix_shared, not 'packd' (did you mean 'packed'?)."),
+    (["eval", "--model", "m", "--dataset", "d", "--max_length", "many"], "'max_length' must be of type int"),
+    (["eval", "--model", "m", "--dataset", "d", "--beta", "0"], "'beta' must be > 0, not 0."),
+    (["eval", "--dataset", "d"], "missing 'model'"),
+    (["bench", "--algorithm", "dpo,sft"], "'algorithm' must be one of dpo, orpo, simpo, not 'sft'."),
+    (["bench", "--steps", "2", "--warmup_steps", "2"], "'warmup_steps' (2) must be smaller than 'steps' (2)."),
+    (["chat", "--top_p", "0"], "'top_p' must lie in (0, 1], not 0.0."),
+    (["data", "inspect", "d.jsonl", "--max_lenght", "64"], "did you mean 'max_length'?"),
+    (["data", "inspect", "d.jsonl", "--max_prompt_length", "64", "--max_length", "64"], "'max_prompt_length' (64)"),
+])
+def test_command_flags_are_checked_like_config_keys(capsys, argv, expected):
+    """eval, bench, chat and data inspect read their flags as train reads its keys: same errors, before any work."""
+    assert expected in fail(capsys, argv)
+
+
 def test_real_process_prints_one_line_and_exits_2(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "smolalign", "train", "--dataset", str(tmp_path / "nope.jsonl")],

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from smolalign.config.train import (
-    RECIPES_DIR,
-    LoraSettings,
-    TrainConfig,
-    load_config,
-    parse_override_args,
-    save_config,
-    validate,
-)
+from smolalign.config.commands import BenchConfig, ChatConfig, EvalConfig, InspectConfig
+from smolalign.config.fields import parse_override_args
+from smolalign.config.files import RECIPES_DIR, save_config
+from smolalign.config.train import LoraSettings, TrainConfig, load_config
 from smolalign.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -350,7 +346,7 @@ def test_validate_checks_a_config_changed_after_loading():
     config.algorithm = "orpo"
     config.ref_model = "some/model"
     with pytest.raises(UserError, match="ref_model"):
-        validate(config)
+        config.validate()
 
 
 # -- saving and loading -------------------------------------------------------------------------
@@ -403,4 +399,73 @@ def test_every_recipe_loads_and_validates():
             config = load_config(recipe)
         except UserError as error:
             pytest.fail(f"{recipe.relative_to(REPO_ROOT)}: {error}")
-        validate(config)
+        config.validate()
+
+
+# -- one definition of every name and default ---------------------------------------------------------
+
+
+def test_registries_name_exactly_the_configs_choices():
+    from smolalign.config.choices import ALGORITHM_TITLES, ALGORITHMS, DPO_LOSS_TYPES
+    from smolalign.core.losses import DPO_LOSSES, OBJECTIVES
+
+    assert set(OBJECTIVES) == set(ALGORITHMS) == set(ALGORITHM_TITLES)
+    assert set(DPO_LOSSES) == set(DPO_LOSS_TYPES)
+
+
+def test_defaults_shared_with_training_are_train_configs():
+    from smolalign.core.losses import LossSettings
+
+    train = TrainConfig()
+    assert all(getattr(LossSettings(), f.name) == getattr(train, f.name) for f in dataclasses.fields(LossSettings))
+    assert LossSettings.from_config(train) == LossSettings()
+    inspect = InspectConfig(dataset="d")
+    assert (inspect.max_length, inspect.split) == (train.max_length, train.dataset_split)
+    evaluate = EvalConfig(model="m", dataset="d")
+    assert (evaluate.split, evaluate.batch_size) == (train.eval_split, train.per_device_eval_batch_size)
+
+
+def test_changed_settings_are_those_that_change_the_numbers():
+    from smolalign.config.files import changed_settings
+
+    before = load_config(None, {"lora": {"r": 8}})
+    bookkeeping = load_config(None, {"lora": {"r": 8}, "logging_steps": 1, "output_dir": "elsewhere",
+                                     "logprob_chunk_size": 64, "report_to": "tensorboard"})
+    assert changed_settings(before, bookkeeping) == []
+    other = load_config(None, {"lora": {"r": 4}, "beta": 0.2})
+    assert changed_settings(before, other) == ["lora.r: 8 -> 4", "beta: 0.1 -> 0.2"]
+
+
+# -- the other commands' configs ------------------------------------------------------------------------
+
+
+COMMAND_CONFIGS = {("eval",): EvalConfig, ("bench",): BenchConfig, ("chat",): ChatConfig,
+                   ("data", "inspect"): InspectConfig}
+
+
+@pytest.mark.parametrize("command", list(COMMAND_CONFIGS), ids=" ".join)
+def test_command_flags_are_the_config_fields(command):
+    """Each command's flags are derived from its config: one per field, no more, no less."""
+    from smolalign.cli import _parser
+
+    parser = _parser()
+    for name in command:
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = subparsers.choices[name]
+    flags = {action.dest for action in parser._actions if action.dest != "help"}
+    assert flags == {f.name for f in dataclasses.fields(COMMAND_CONFIGS[command])}
+
+
+def test_command_configs_are_built_from_keyword_values_like_train_config():
+    config = EvalConfig.from_values({"model": "runs/a/final", "dataset": "d.jsonl", "beta": "0.2", "generate": 4.0})
+    assert (config.beta, config.generate, config.max_length) == (0.2, 4, None)
+    with pytest.raises(UserError, match="unknown config key 'bta'; did you mean 'beta'"):
+        EvalConfig.from_values({"model": "m", "dataset": "d", "bta": 0.2})
+    with pytest.raises(UserError, match="unknown config key 'zzzz'.*smolalign eval --help"):
+        EvalConfig.from_values({"model": "m", "dataset": "d", "zzzz": 1})
+    with pytest.raises(UserError, match="missing 'dataset'"):
+        EvalConfig.from_values({"model": "m"})
+    with pytest.raises(UserError, match="'generate' must be >= 0"):
+        EvalConfig.from_values({"model": "m", "dataset": "d", "generate": -1})
+    bench = BenchConfig.from_values({"algorithm": "dpo, orpo", "frameworks": "smolalign"})
+    assert (bench.algorithm, bench.frameworks) == (["dpo", "orpo"], ["smolalign"])

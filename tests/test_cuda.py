@@ -25,8 +25,9 @@ from test_trl_parity import (  # noqa: F401 (its fixtures, reused here)
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from smolalign.config.choices import LAYOUTS
 from smolalign.config.train import load_config
-from smolalign.core.layouts import LAYOUTS, block_tokens, build_batch
+from smolalign.core.layouts import block_tokens, build_batch
 from smolalign.core.logprobs import SequenceScorer, score_batch
 from smolalign.core.scoring import activation_bytes_per_token, default_max_tokens_per_forward
 from smolalign.data.formats import to_pair

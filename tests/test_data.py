@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import types
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +12,7 @@ from conftest import write_jsonl
 from trl.data_utils import _tokenize as trl_tokenize
 from trl.data_utils import common_prefix_length
 
+from smolalign.config.commands import InspectConfig
 from smolalign.config.train import load_config
 from smolalign.data.formats import PreferencePair
 from smolalign.data.inspect import inspect_dataset
@@ -600,10 +600,8 @@ def test_tokenize_and_fit_logs_counts(tokenizer, tmp_path, caplog):
 # -- inspect ----------------------------------------------------------------------------------------
 
 
-def inspect_args(dataset, **changes):
-    values = dict(dataset=str(dataset), split="train", model=None, max_length=64, max_prompt_length=None,
-                  chat_template=None, system_prompt=None)
-    return types.SimpleNamespace(**{**values, **changes})
+def inspect_args(dataset, **changes) -> InspectConfig:
+    return InspectConfig.from_values({"dataset": str(dataset), "max_length": 64, **changes})
 
 
 def test_inspect_reports_format_counts_lengths_truncation_and_problems(tokenizer, tmp_path):

@@ -7,11 +7,17 @@ import re
 
 import pytest
 import torch
+import yaml
 from conftest import read_jsonl, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from smolalign.cli import main
+from smolalign.config.commands import EvalConfig
+from smolalign.config.train import TrainConfig
+from smolalign.core.scoring import PairScoring
 from smolalign.data.formats import _parse_hh
+from smolalign.errors import UserError
+from smolalign.evaluation.command import with_run_settings
 from smolalign.models.embedded import embedded_model_dir
 from smolalign.stats import wilson_interval
 
@@ -81,17 +87,15 @@ def test_eval_on_the_embedded_model_matches_plain_transformers(tmp_path, hh_rows
 
 def test_eval_of_a_run_uses_the_runs_own_beta_and_lengths(tmp_path, tiny_model, hh_rows, monkeypatch):
     """A run trained at beta 0.5 and max_length 128 is scored with both unless the command says otherwise."""
-    import smolalign.evaluation.command
-
     data = write_jsonl(tmp_path / "pairs.jsonl", hh_rows[800:808])  # longer than 128 tokens: cut to fit
     run = tmp_path / "run"
     monkeypatch.setenv("SMOLALIGN_REFERENCE_CACHE", str(tmp_path / "cache"))
     main(["train", "--model", str(tiny_model(0)), "--dataset", str(data), "--beta", "0.5", "--max_length", "128",
           "--max_steps", "2", "--per_device_train_batch_size", "4", "--output_dir", str(run)])
     calls = []
-    original = smolalign.evaluation.command.score_pairs
-    monkeypatch.setattr(smolalign.evaluation.command, "score_pairs",
-                        lambda *a, **k: calls.append(k.get("desc")) or original(*a, **k))
+    original = PairScoring.logps
+    monkeypatch.setattr(PairScoring, "logps",
+                        lambda self, *a, **k: calls.append(k.get("desc")) or original(self, *a, **k))
     main(["eval", "--model", str(run / "final"), "--dataset", str(data)])
     # The reference came from training's cache, whose keys are the token ids: cut at the run's max_length.
     assert calls == ["scoring policy"]
@@ -101,8 +105,26 @@ def test_eval_of_a_run_uses_the_runs_own_beta_and_lengths(tmp_path, tiny_model, 
     margins = [(r["logps_chosen"] - r["ref_logps_chosen"]) - (r["logps_rejected"] - r["ref_logps_rejected"])
                for r in rows]
     assert summary["rewards/margins"] == pytest.approx(0.5 * sum(margins) / len(margins), rel=1e-5)
+    chosen = [r["logps_chosen"] - r["ref_logps_chosen"] for r in rows]
+    assert summary["rewards/chosen"] == pytest.approx(0.5 * sum(chosen) / len(chosen), rel=1e-5, abs=1e-6)
 
     main(["eval", "--model", str(run / "final"), "--dataset", str(data), "--beta", "0.2", "--max_length", "1024",
           "--output_dir", str(tmp_path / "explicit")])
     assert json.loads((tmp_path / "explicit" / "eval.json").read_text())["beta"] == 0.2  # the flags win
     assert calls[1:] == ["scoring policy", "scoring reference"]  # other token ids: not in the cache
+
+
+def test_unset_run_settings_come_from_the_run_else_from_training_defaults(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"beta": 0.5, "max_length": 128,
+                                                                     "chat_template": "chatml"}))
+    final = str(tmp_path / "run" / "final")
+    config = with_run_settings(EvalConfig.from_values({"model": final, "dataset": "d.jsonl"}))
+    assert (config.beta, config.max_length, config.chat_template) == (0.5, 128, "chatml")
+    assert (config.logprob_chunk_size, config.max_prompt_length) == (TrainConfig.logprob_chunk_size, None)
+    flagged = with_run_settings(EvalConfig.from_values({"model": final, "dataset": "d.jsonl", "beta": 0.2}))
+    assert (flagged.beta, flagged.max_length) == (0.2, 128)  # a flag wins over the run's value
+    plain = with_run_settings(EvalConfig.from_values({"model": str(tmp_path / "model"), "dataset": "d.jsonl"}))
+    assert (plain.beta, plain.max_length) == (TrainConfig.beta, TrainConfig.max_length)  # no run: training's
+    with pytest.raises(UserError, match="'max_prompt_length' \\(200\\) must be >= 1 and below max_length \\(128\\)"):
+        with_run_settings(EvalConfig.from_values({"model": final, "dataset": "d.jsonl", "max_prompt_length": 200}))

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from smolalign.cli import main
 from smolalign.core.logprobs import SequenceScorer
-from smolalign.core.reference import ModelReference
+from smolalign.core.scoring import NoGradScorer, PairScoring
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
 from smolalign.evaluation.drift import answer_statistics
@@ -54,16 +54,15 @@ def test_kl_and_perplexity_match_a_full_logits_computation(tiny_model, tokenizer
     policy = AutoModelForCausalLM.from_pretrained(tiny_model(0))
     reference = AutoModelForCausalLM.from_pretrained(tiny_model(1))
     pairs = tokenize_pairs([to_pair(r, i, "hh_rlhf") for i, r in enumerate(rows)], tokenizer)
-    ours = answer_statistics(ModelReference(SequenceScorer(policy)), ModelReference(SequenceScorer(reference)), pairs,
-                             name="chosen", layout="prefix_shared", pad_token_id=tokenizer.pad_token_id,
-                             device=torch.device("cpu"), max_tokens=300)
+    cpu = torch.device("cpu")
+    ours = answer_statistics(NoGradScorer(SequenceScorer(policy)), NoGradScorer(SequenceScorer(reference)), pairs,
+                             name="chosen", scoring=PairScoring("prefix_shared", tokenizer.pad_token_id, cpu, 300))
     expected = full_logits_statistics(policy, reference, pairs)
     assert ours.keys() == expected.keys()
     for key, value in expected.items():
         assert ours[key] == pytest.approx(value, rel=1e-4), key
-    same = answer_statistics(ModelReference(SequenceScorer(policy)), ModelReference(SequenceScorer(policy)), pairs,
-                             name="chosen", layout="padded", pad_token_id=tokenizer.pad_token_id,
-                             device=torch.device("cpu"))
+    same = answer_statistics(NoGradScorer(SequenceScorer(policy)), NoGradScorer(SequenceScorer(policy)), pairs,
+                             name="chosen", scoring=PairScoring("padded", tokenizer.pad_token_id, cpu, 1024))
     assert same["kl/chosen_per_token"] == pytest.approx(0.0, abs=1e-6)  # a model does not drift from itself
 
 
@@ -176,9 +175,7 @@ def test_a_trained_reward_model_judges_generations(tmp_path, tiny_model, rows):
 
 
 def test_a_bad_judge_url_is_rejected_before_any_scoring(tmp_path, tiny_model, rows, capsys, monkeypatch):
-    import smolalign.evaluation.command
-
-    monkeypatch.setattr(smolalign.evaluation.command, "score_pairs", lambda *a, **k: pytest.fail("scored first"))
+    monkeypatch.setattr(PairScoring, "logps", lambda *a, **k: pytest.fail("scored first"))
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--model", str(tiny_model(0)), "--dataset", str(data), "--ref_model", str(tiny_model(1)),
@@ -192,4 +189,4 @@ def test_generate_rejects_a_negative_count(tmp_path, tiny_model, rows, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--model", str(tiny_model(0)), "--dataset", str(data), "--generate", "-1"])
     assert exit_info.value.code == 2
-    assert "--generate" in capsys.readouterr().err
+    assert "'generate' must be >= 0, not -1." in capsys.readouterr().err

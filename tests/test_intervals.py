@@ -9,14 +9,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from smolalign.core.heldout import evaluate_objective, format_summary_table, preference_summary, score_pairs
+from smolalign.core.heldout import format_summary_table, preference_summary
 from smolalign.core.logprobs import PairLogps, SequenceScorer
 from smolalign.core.losses import OBJECTIVES, LossSettings
 from smolalign.core.reference import model_reference
+from smolalign.core.scoring import NoGradScorer, PairScoring
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
 from smolalign.evaluation.judge import Verdict, win_rate_summary
 from smolalign.stats import Z_95, Proportion, wilson_interval
+from smolalign.training.bookkeeping import evaluate_objective
 from smolalign.training.step import PairRunner
 
 
@@ -91,15 +93,15 @@ def test_held_out_lines_carry_intervals_over_all_eval_pairs(tiny_model, tokenize
     reference_model = AutoModelForCausalLM.from_pretrained(tiny_model(1))
     objective = OBJECTIVES[algorithm]
     reference = model_reference(reference_model, 16) if objective.needs_reference else None
+    scoring = PairScoring("padded", tokenizer.pad_token_id, torch.device("cpu"), 10**6)
     runner = PairRunner(SequenceScorer(policy_model, 16), reference, objective, LossSettings(beta=0.3, simpo_gamma=0.0),
-                        "padded", tokenizer.pad_token_id, torch.device("cpu"), 10**6)
+                        scoring)
     record = evaluate_objective(runner, pairs, batch_size=2)
 
-    score = {"layout": "padded", "batch_size": 5, "pad_token_id": tokenizer.pad_token_id, "device": torch.device("cpu")}
-    policy = score_pairs(SequenceScorer(policy_model), pairs, **score)
+    policy = scoring.logps(NoGradScorer(SequenceScorer(policy_model)), pairs)
     mean_wins = (policy.chosen_mean > policy.rejected_mean).tolist()
     if algorithm == "dpo":
-        ref = score_pairs(SequenceScorer(reference_model), pairs, **score)
+        ref = scoring.logps(NoGradScorer(SequenceScorer(reference_model)), pairs)
         reward_wins = ((policy.chosen - ref.chosen) > (policy.rejected - ref.rejected)).tolist()
     else:  # SimPO's rewards are beta times the mean token log-probs
         reward_wins = mean_wins

@@ -10,7 +10,8 @@ from torch.nn.attention.flex_attention import flex_attention
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import smolalign.core.logprobs
-from smolalign.core.layouts import LAYOUTS, build_batch
+from smolalign.config.choices import LAYOUTS
+from smolalign.core.layouts import build_batch
 from smolalign.core.logprobs import RewardScorer, SequenceScorer, score_batch, token_logprobs
 from smolalign.core.losses import OBJECTIVES, LossSettings
 from smolalign.core.reference import adapter_disabled_reference, model_reference

@@ -132,7 +132,7 @@ def expected_dpo_metrics(beta: float = BETA) -> dict[str, float]:
 
 
 def test_dpo_losses_registry_matches_config_choices():
-    from smolalign.config.train import DPO_LOSS_TYPES
+    from smolalign.config.choices import DPO_LOSS_TYPES
 
     assert set(DPO_LOSSES) == set(EXPECTED_PER_PAIR) == set(DPO_LOSS_TYPES)
 
@@ -423,6 +423,19 @@ def test_objectives_registry_declares_what_each_needs():
         assert objective.needs_prompt_logps == (name == "orpo"), name
         assert objective.needs_rejected == (name != "sft"), name
         assert objective.reward_model == (name == "reward"), name
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "orpo", "simpo", "sft"])
+def test_logps_metrics_scale_is_the_one_config_choices_names(algorithm):
+    """The report reads MEAN_LOGPS_ALGORITHMS to keep summed and averaged log-probs off one axis: it must say
+    what each objective logs."""
+    from smolalign.config.choices import MEAN_LOGPS_ALGORITHMS
+
+    policy = pair_logps(POLICY)
+    out = OBJECTIVES[algorithm].compute(policy, pair_logps(REFERENCE), LossSettings(beta=BETA))
+    means = algorithm in MEAN_LOGPS_ALGORITHMS
+    assert out.metrics["logps/chosen"].item() == pytest.approx(
+        (policy.chosen_mean if means else policy.chosen).mean().item(), rel=1e-6)
 
 
 def test_bradley_terry_reward_loss_by_hand():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import read_jsonl, write_jsonl
 
-from smolalign.config.train import RECIPES_DIR, load_config
+from smolalign.config.files import RECIPES_DIR
+from smolalign.config.train import load_config
 from smolalign.training.loop import train
 
 RECIPES = sorted(RECIPES_DIR.glob("**/*.yaml"))

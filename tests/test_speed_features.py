@@ -8,7 +8,6 @@ import logging
 import platform
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,14 +16,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import smolalign.core.reference
-import smolalign.evaluation.command
 from smolalign.bench.command import bench
 from smolalign.cli import main
+from smolalign.config.commands import BenchConfig
 from smolalign.config.train import load_config
 from smolalign.core.layouts import block_tokens, choose_layout
 from smolalign.core.logprobs import PairLogps, SequenceScorer
 from smolalign.core.losses import OBJECTIVES, LossSettings
 from smolalign.core.reference import model_reference
+from smolalign.core.scoring import PairScoring
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
 from smolalign.models.loading import base_model_of
@@ -47,7 +47,7 @@ def run_once(model, reference_model, pairs, algorithm, max_tokens, pad_token_id)
     objective = OBJECTIVES[algorithm]
     reference = model_reference(reference_model, 16) if objective.needs_reference else None
     runner = PairRunner(SequenceScorer(model, 16), reference, objective, LossSettings(beta=0.3, rpo_alpha=0.1),
-                        "prefix_shared", pad_token_id, torch.device("cpu"), max_tokens)
+                        PairScoring("prefix_shared", pad_token_id, torch.device("cpu"), max_tokens))
     model.zero_grad()
     result = runner.run(pairs, backward=lambda loss: loss.backward())
     return result, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -110,7 +110,7 @@ def test_precomputed_reference_matches_a_frozen_copy_and_is_cached(tmp_path, tin
     def no_scoring(*args, **kwargs):
         raise AssertionError("the cache should have every pair")
 
-    monkeypatch.setattr(smolalign.core.reference, "build_batch", no_scoring)
+    monkeypatch.setattr(PairScoring, "logps", no_scoring)
     _, again = run("again")
     assert again[0]["loss"] == pytest.approx(precomputed_metrics[0]["loss"], abs=1e-7)
 
@@ -138,9 +138,9 @@ def test_lora_precomputes_the_reference_of_its_base_model(tmp_path, tiny_model, 
                 assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
 
     calls = []
-    original = smolalign.evaluation.command.score_pairs
-    monkeypatch.setattr(smolalign.evaluation.command, "score_pairs",
-                        lambda *a, **k: calls.append(k.get("desc")) or original(*a, **k))
+    original = PairScoring.logps
+    monkeypatch.setattr(PairScoring, "logps",
+                        lambda self, *a, **k: calls.append(k.get("desc")) or original(self, *a, **k))
     main(["eval", "--model", str(tmp_path / "precomputed" / "final"), "--dataset", str(pairs_file),
           "--max_pairs", "4", "--max_length", "1024"])
     assert calls == ["scoring policy"]  # the base model's log-probs came from the training cache
@@ -193,9 +193,9 @@ def test_eval_reuses_the_reference_cache_of_training(tmp_path, tiny_model, pairs
                              "eval_dataset": str(pairs_file), "max_steps": 1, "precompute_ref_log_probs": True,
                              "output_dir": str(tmp_path / "run")}))
     calls = []
-    original = smolalign.evaluation.command.score_pairs
-    monkeypatch.setattr(smolalign.evaluation.command, "score_pairs",
-                        lambda *a, **k: calls.append(k.get("desc")) or original(*a, **k))
+    original = PairScoring.logps
+    monkeypatch.setattr(PairScoring, "logps",
+                        lambda self, *a, **k: calls.append(k.get("desc")) or original(self, *a, **k))
     main(["eval", "--model", str(policy), "--ref_model", str(reference), "--dataset", str(pairs_file),
           "--output_dir", str(tmp_path / "eval")])
     assert calls == ["scoring policy"]  # the reference came from the cache the training run filled
@@ -257,9 +257,9 @@ def test_training_with_a_token_budget(tmp_path, tiny_model, pairs_file):
 
 @pytest.mark.parametrize("trl_keeps", [False, True], ids=["trl-default-malloc", "trl-keeps-freed-memory"])
 def test_bench_runs_both_frameworks_and_reports_ratios(tmp_path, tiny_model, pairs_file, trl_keeps):
-    args = SimpleNamespace(algorithm="dpo", model=str(tiny_model(0)), dataset=str(pairs_file), steps=1, batch_size=2,
-                           max_length=256, frameworks="smolalign,trl", repeats=1, output_dir=str(tmp_path / "bench"),
-                           trl_keep_freed_memory=trl_keeps)
+    args = BenchConfig.from_values(dict(
+        algorithm="dpo", model=str(tiny_model(0)), dataset=str(pairs_file), steps=1, batch_size=2, max_length=256,
+        frameworks="smolalign,trl", repeats=1, output_dir=str(tmp_path / "bench"), trl_keep_freed_memory=trl_keeps))
     report = bench(args)
     saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert [row["framework"] for row in saved["rows"]] == ["smolalign", "trl"]
@@ -287,9 +287,9 @@ def test_bench_repeats_each_pay_for_their_own_reference(tmp_path, tiny_model, pa
         return result
 
     monkeypatch.setattr(smolalign.bench.command, "run_framework", recording)
-    args = SimpleNamespace(algorithm="dpo", model=str(tiny_model(0)), dataset=str(pairs_file), steps=1, batch_size=2,
-                           max_length=256, frameworks="smolalign", repeats=2, output_dir=str(tmp_path / "bench"),
-                           trl_keep_freed_memory=False)
+    args = BenchConfig.from_values(dict(
+        algorithm="dpo", model=str(tiny_model(0)), dataset=str(pairs_file), steps=1, batch_size=2, max_length=256,
+        frameworks="smolalign", repeats=2, output_dir=str(tmp_path / "bench"), trl_keep_freed_memory=False))
     bench(args)
     assert len(caches) == 2 and all(len(files) == 1 for files in caches)  # each run computed and cached its own
 
@@ -313,9 +313,9 @@ def test_eval_of_a_full_fine_tuning_run_uses_its_starting_model_as_reference(tmp
     final = train(load_config(None, {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_steps": 1,
                                      "per_device_train_batch_size": 16, "output_dir": str(tmp_path / "run")}))
     calls = []
-    original = smolalign.evaluation.command.score_pairs
-    monkeypatch.setattr(smolalign.evaluation.command, "score_pairs",
-                        lambda *a, **k: calls.append(k.get("desc")) or original(*a, **k))
+    original = PairScoring.logps
+    monkeypatch.setattr(PairScoring, "logps",
+                        lambda self, *a, **k: calls.append(k.get("desc")) or original(self, *a, **k))
     main(["eval", "--model", str(final), "--dataset", str(pairs_file), "--max_pairs", "4"])
     assert calls == ["scoring policy"]  # the reference log-probs were precomputed by training and cached
     summary = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())

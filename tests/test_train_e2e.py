@@ -13,13 +13,14 @@ from conftest import read_jsonl, write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import smolalign.training.step
+from smolalign.cli import main
 from smolalign.config.train import load_config
-from smolalign.core.layouts import block_tokens, build_batch
+from smolalign.core.layouts import block_tokens
 from smolalign.data.prepare import prepare_data
 from smolalign.errors import UserError
 from smolalign.training.loop import train
 from smolalign.training.plan import StepPlan
+from smolalign.training.step import PairRunner
 
 TRL_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
              "logps/chosen", "logps/rejected")
@@ -52,7 +53,11 @@ def generate(model, tokenizer) -> list[int]:
 
 def test_full_dpo_run_writes_a_complete_run_folder(tmp_path, tiny_model, pairs_file):
     policy = tiny_model(0)
-    final, folder = run(tmp_path, "dpo", model=str(policy), dataset=str(pairs_file), test_split_size=4, eval_steps=2)
+    folder = tmp_path / "dpo"
+    main(["train", "--model", str(policy), "--dataset", str(pairs_file), "--test_split_size", "4", "--eval_steps", "2",
+          "--max_steps", "4", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "1",
+          "--max_length", "256", "--output_dir", str(folder)])  # the command, which also writes the report
+    final = folder / "final"
 
     records = read_jsonl(folder / "metrics.jsonl")
     train_records = [r for r in records if "loss" in r]
@@ -111,11 +116,13 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model, pairs_file
     batches: dict[str, list[list[int]]] = {"straight": [], "crashed": []}
     current = ["straight"]
 
-    def recording_build_batch(pairs, *args, **kwargs):
-        batches[current[0]].append([pair.index for pair in pairs])
-        return build_batch(pairs, *args, **kwargs)
+    run_pairs = PairRunner.run
 
-    monkeypatch.setattr(smolalign.training.step, "build_batch", recording_build_batch)
+    def recording_run(runner, pairs, *args, **kwargs):
+        batches[current[0]].append([pair.index for pair in pairs])
+        return run_pairs(runner, pairs, *args, **kwargs)
+
+    monkeypatch.setattr(PairRunner, "run", recording_run)
     final, folder = run(tmp_path, "straight", **settings)
     assert [p.name for p in folder.glob("checkpoint-*")] == ["checkpoint-3"]
 

@@ -11,7 +11,8 @@ from conftest import write_jsonl
 
 from smolalign.cli import main
 from smolalign.config import trl as trl_config
-from smolalign.config.train import LoraSettings, TrainConfig, load_config, parse_override_args
+from smolalign.config.fields import parse_override_args
+from smolalign.config.train import LoraSettings, TrainConfig, load_config
 from smolalign.errors import UserError
 
 # The LoRA example of TRL's DPO script (trl/scripts/dpo.py), as a `trl dpo --config` YAML file.

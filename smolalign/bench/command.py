@@ -18,6 +18,7 @@ peak seen).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,16 +31,16 @@ from pathlib import Path
 
 import torch
 
+from smolalign.config.commands import BUNDLED_ARCHITECTURES, BenchConfig
 from smolalign.core.layouts import padded_tokens
 from smolalign.core.losses import OBJECTIVES
 from smolalign.data.prepare import read_pairs, tokenize_and_fit
+from smolalign.data.sources import bundled_dataset
 from smolalign.data.tokenize import TokenizedPair
 from smolalign.errors import UserError
 from smolalign.models.loading import load_tokenizer, model_source, resolve_device
 
-FRAMEWORKS = ("smolalign", "trl", "trl_liger")
 BASELINES = {"trl": "TRL", "trl_liger": "TRL+Liger"}
-MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "bundled" / "model-configs"  # shipped in the wheel
 
 
 @dataclass
@@ -155,13 +156,13 @@ def training_flops(config, pairs: list[TokenizedPair], *, algorithm: str, framew
 
 def model_config_file(name: str) -> Path:
     """A bundled architecture (`smollm2-135m`, `smollm2-1.7b`) or a config.json file."""
-    bundled = MODEL_CONFIGS / f"{name}.json"
+    bundled = BUNDLED_ARCHITECTURES / f"{name}.json"
     if bundled.is_file():
         return bundled
     if Path(name).is_file():
         return Path(name)
-    names = ", ".join(sorted(p.stem for p in MODEL_CONFIGS.glob("*.json")))
-    raise UserError(f"--model_config takes {names} or a config.json file, not '{name}'.")
+    names = ", ".join(sorted(p.stem for p in BUNDLED_ARCHITECTURES.glob("*.json")))
+    raise UserError(f"'model_config' takes {names} or a config.json file, not '{name}'.")
 
 
 def build_random_model(config_file: Path, tokenizer, folder: Path, device: torch.device) -> Path:
@@ -207,37 +208,25 @@ def run_framework(spec: dict, run_dir: Path) -> tuple[dict, float, int]:
     return json.loads(result_path.read_text()), seconds, usage.ru_maxrss * max_rss_unit
 
 
-def bench(args) -> dict:
-    """Run the benchmark described by the CLI arguments; writes bench.json and bench.md."""
+def bench(config: BenchConfig) -> dict:
+    """Run the benchmark `config` describes; writes bench.json and bench.md."""
     from transformers import AutoConfig
 
-    frameworks = [f.strip() for f in args.frameworks.split(",")]
-    algorithms = [a.strip() for a in args.algorithm.split(",")]
-    device = resolve_device(getattr(args, "device", "auto"))
-    lora = getattr(args, "lora", False)
-    warmup_steps = getattr(args, "warmup_steps", 0)
-    model_config = getattr(args, "model_config", None)
-    for name in frameworks:
-        if name not in FRAMEWORKS:
-            raise UserError(f"--frameworks accepts {', '.join(FRAMEWORKS)}, not '{name}'.")
-    for name in algorithms:
-        if name not in ("dpo", "orpo", "simpo"):
-            raise UserError(f"--algorithm accepts dpo, orpo and simpo, not '{name}'.")
-    if warmup_steps >= args.steps:
-        raise UserError(f"--warmup_steps ({warmup_steps}) must be smaller than --steps ({args.steps}).")
-    if "trl_liger" in frameworks and device.type != "cuda":
-        raise UserError("trl_liger needs a CUDA GPU (Liger's kernels are Triton kernels); leave it out of --frameworks.")
-    frameworks = [name for name in frameworks if _framework_available(name)]
+    config = dataclasses.replace(config, dataset=config.dataset or bundled_dataset("train"))
+    device = resolve_device(config.device)
+    if "trl_liger" in config.frameworks and device.type != "cuda":
+        raise UserError("trl_liger needs a CUDA GPU (Liger's kernels are Triton kernels); leave it out of 'frameworks'.")
+    frameworks = [name for name in config.frameworks if _framework_available(name)]
     if not frameworks:
-        raise UserError("nothing to measure: the packages of the frameworks named in --frameworks are not installed.")
+        raise UserError("nothing to measure: the packages of the frameworks named in 'frameworks' are not installed.")
 
-    tokenizer = load_tokenizer(args.model)
-    read = read_pairs(args.dataset, limit=args.steps * args.batch_size)
-    if len(read.pairs) < args.steps * args.batch_size:
-        raise UserError(f"'{args.dataset}' has {len(read.pairs)} usable pairs; {args.steps} steps of "
-                        f"{args.batch_size} need {args.steps * args.batch_size}.")
-    pairs = tokenize_and_fit(read, tokenizer, max_length=args.max_length, max_prompt_length=None)
-    output_dir = Path(args.output_dir)
+    tokenizer = load_tokenizer(config.model)
+    read = read_pairs(config.dataset, limit=config.steps * config.batch_size)
+    if len(read.pairs) < config.steps * config.batch_size:
+        raise UserError(f"'{config.dataset}' has {len(read.pairs)} usable pairs; {config.steps} steps of "
+                        f"{config.batch_size} need {config.steps * config.batch_size}.")
+    pairs = tokenize_and_fit(read, tokenizer, max_length=config.max_length, max_prompt_length=None)
+    output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -245,26 +234,26 @@ def bench(args) -> dict:
     peaks: list[float] = []
     with tempfile.TemporaryDirectory(prefix="smolalign-bench-") as scratch:
         workdir = Path(scratch)
-        if model_config:
-            print(f"building a model with random weights from {model_config} ...", flush=True)
-            model = str(build_random_model(model_config_file(model_config), tokenizer, workdir / "model", device))
+        if config.model_config:
+            print(f"building a model with random weights from {config.model_config} ...", flush=True)
+            model = str(build_random_model(model_config_file(config.model_config), tokenizer, workdir / "model", device))
         else:
-            model = model_source(args.model)
+            model = model_source(config.model)
         architecture = AutoConfig.from_pretrained(model)
         data = workdir / "pairs.jsonl"  # the same normalised pairs for every framework
         data.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
                                 for p in read.pairs))
         tokens = sum(padded_tokens(p) for p in pairs)
-        for algorithm in algorithms:
+        for algorithm in config.algorithm:
             for framework in frameworks:
                 spec = {"framework": framework, "algorithm": algorithm, "model": model, "dataset": str(data),
-                        "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-                        "device": device.type, "lora": lora,
-                        "keep_freed_memory": framework == "smolalign" or args.trl_keep_freed_memory}
-                flops = training_flops(architecture, pairs, algorithm=algorithm, framework=framework, lora=lora)
+                        "steps": config.steps, "batch_size": config.batch_size, "max_length": config.max_length,
+                        "device": device.type, "lora": config.lora,
+                        "keep_freed_memory": framework == "smolalign" or config.trl_keep_freed_memory}
+                flops = training_flops(architecture, pairs, algorithm=algorithm, framework=framework, lora=config.lora)
                 runs = []
-                for repeat in range(args.repeats):
-                    print(f"running {algorithm} with {framework} ({repeat + 1}/{args.repeats}) ...", flush=True)
+                for repeat in range(config.repeats):
+                    print(f"running {algorithm} with {framework} ({repeat + 1}/{config.repeats}) ...", flush=True)
                     peaks.append(matmul_peak_flops(device, matmul_dtype))
                     run_dir = workdir / f"{algorithm}-{framework}-{repeat}"
                     try:
@@ -274,13 +263,13 @@ def bench(args) -> dict:
                         shutil.copy(run_dir / "stderr.log", output_dir / "logs" / f"{run_dir.name}.log")
                     runs.append(BenchResult(framework, algorithm, seconds, result["step_seconds"], tokens,
                                             result.get("cuda_peak_bytes", peak_rss), flops,
-                                            result["kept_freed_memory"], warmup_steps,
+                                            result["kept_freed_memory"], config.warmup_steps,
                                             result.get("trainable_parameters")))
                 # The fastest repeat is the least disturbed by the machine's neighbours; memory is the highest seen.
                 best = min(runs, key=lambda r: r.process_seconds)
                 best.peak_bytes = max(r.peak_bytes for r in runs)
                 results.append(best)
-    report = summarise(results, max(peaks), args, device)
+    report = summarise(results, max(peaks), config, device)
     (output_dir / "bench.json").write_text(json.dumps(report, indent=2))
     (output_dir / "bench.md").write_text(report["markdown"])
     print(report["markdown"])
@@ -313,27 +302,25 @@ def versions() -> dict[str, str]:
     return found
 
 
-def summarise(results: list[BenchResult], peak: float, args, device: torch.device) -> dict:
+def summarise(results: list[BenchResult], peak: float, config: BenchConfig, device: torch.device) -> dict:
     memory = "peak CUDA memory" if device.type == "cuda" else "peak RSS"
     trl_kept = [r.kept_freed_memory for r in results if r.framework == "trl"]  # what the TRL processes did
     trl_malloc = ""
     if device.type == "cpu" and trl_kept:
         trl_malloc = ("; TRL also keeps freed memory (--trl_keep_freed_memory)" if all(trl_kept)
                       else "; TRL with glibc's default malloc settings")
-    lora = getattr(args, "lora", False)
-    warmup_steps = getattr(args, "warmup_steps", 0)
-    model = getattr(args, "model_config", None) or args.model or "embedded"
+    model = config.model_config or config.model or "embedded"
     if device.type == "cuda":
         where = f"{torch.cuda.get_device_name()}, bf16 autocast"
         rate = f"measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s"
     else:
         where = f"cpu, {torch.get_num_threads()} threads"
         rate = f"measured matmul peak {peak / 1e9:.0f} GFLOP/s"
-    timed = f" (step times without the first {warmup_steps})" if warmup_steps else ""
+    timed = f" (step times without the first {config.warmup_steps})" if config.warmup_steps else ""
     rows = []
     lines = [
-        f"{model}: {args.steps} steps of {args.batch_size} pairs{timed}, max_length {args.max_length}, "
-        f"{'LoRA' if lora else 'full fine-tuning'}, {where}, best of {args.repeats} process runs; {rate}{trl_malloc}",
+        f"{model}: {config.steps} steps of {config.batch_size} pairs{timed}, max_length {config.max_length}, "
+        f"{'LoRA' if config.lora else 'full fine-tuning'}, {where}, best of {config.repeats} process runs; {rate}{trl_malloc}",
         "",
         f"| algorithm | framework | whole process (s) | s/step | tokens/s | {memory} (GB) | MFU |",
         "|---|---|---|---|---|---|---|",
@@ -365,10 +352,10 @@ def summarise(results: list[BenchResult], peak: float, args, device: torch.devic
     lines += ["", "versions: " + ", ".join(f"{name} {version}" for name, version in versions().items())]
     markdown = "\n".join(lines) + "\n"
     return {"matmul_peak_flops": peak, "rows": rows, "ratios": ratios, "markdown": markdown,
-            "settings": {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-                         "repeats": args.repeats, "trl_keep_freed_memory": args.trl_keep_freed_memory,
-                         "model": args.model or "embedded", "model_config": getattr(args, "model_config", None),
-                         "lora": lora, "warmup_steps": warmup_steps, "dataset": args.dataset,
+            "settings": {"steps": config.steps, "batch_size": config.batch_size, "max_length": config.max_length,
+                         "repeats": config.repeats, "trl_keep_freed_memory": config.trl_keep_freed_memory,
+                         "model": config.model or "embedded", "model_config": config.model_config,
+                         "lora": config.lora, "warmup_steps": config.warmup_steps, "dataset": config.dataset,
                          "device": device.type,
                          "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                          "versions": versions()}}

@@ -28,7 +28,8 @@ import functools
 import logging
 from typing import Any
 
-from smolalign.config.train import TrainConfig, unknown_key_message
+from smolalign.config.fields import unknown_key_message
+from smolalign.config.train import TrainConfig
 from smolalign.errors import UserError
 
 log = logging.getLogger("smolalign")
@@ -121,6 +122,7 @@ HANDLED = {"trl_config", "use_peft", *LORA_KEYS, "bf16", "fp16", "use_cpu", "eva
            "dataset_test_split"}
 
 TRL_CLASSES = {"dpo": ("DPOConfig", "dpo"), "orpo": ("ORPOConfig", "orpo"), "cpo": ("CPOConfig", "simpo")}
+TRL_ALGORITHMS = tuple(algorithm for _, algorithm in TRL_CLASSES.values())  # what TRL's trainers also train
 # TRL's defaults that differ from smolalign's and change what a run computes.
 TRL_DEFAULTS = {"num_train_epochs": 3.0}
 CPO_DEFAULTS = {"cpo_alpha": 1.0}
@@ -200,7 +202,8 @@ def _trl_class(values: dict[str, Any], marker: Any) -> tuple[str, str]:
     if marker is not None:
         name = str(marker).lower().removesuffix("config")
         if name not in TRL_CLASSES:
-            raise UserError(f"'trl_config' must be DPOConfig, ORPOConfig or CPOConfig, not '{marker}'.")
+            *others, last = (class_name for class_name, _ in TRL_CLASSES.values())
+            raise UserError(f"'trl_config' must be {', '.join(others)} or {last}, not '{marker}'.")
     elif values.get("algorithm") is not None:
         name = {"simpo": "cpo"}.get(str(values["algorithm"]), str(values["algorithm"]))
     else:
@@ -260,7 +263,8 @@ def _evaluation(values: dict[str, Any], resolved: dict[str, Any], ignored: list[
     elif test_split is not None:
         ignored.append("dataset_test_split")  # no evaluation, or held-out pairs from elsewhere
     if strategy == "steps":
-        out["eval_steps"] = values.pop("eval_steps", None) or resolved.get("logging_steps", 10)  # TRL's fallback
+        # TRL's fallback: evaluate as often as it logs
+        out["eval_steps"] = values.pop("eval_steps", None) or resolved.get("logging_steps", TrainConfig.logging_steps)
     elif strategy == "epoch":
         ignored.append("eval_strategy: epoch (evaluated at the end)")
     return out

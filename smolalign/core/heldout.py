@@ -1,22 +1,16 @@
-"""Held-out evaluation: objective metrics during training, and per-pair log-probs for `smolalign eval`."""
+"""Held-out preference numbers from per-pair log-probs: `smolalign eval`'s summary (eval.json), its rows
+(eval_pairs.jsonl) and its table, and the policy-only accuracy that evaluation during training logs too."""
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from smolalign.core.layouts import build_batch
-from smolalign.core.logprobs import PairLogps, concat_pair_logps, score_batch
+from smolalign.core.logprobs import PairLogps
 from smolalign.data.tokenize import TokenizedPair
-from smolalign.metrics import MetricWindow
 from smolalign.stats import ACCURACY_METRICS, Proportion, interval_fields, interval_keys
-from smolalign.training.step import PairRunner
-
-log = logging.getLogger("smolalign")
 
 
 def mean_logps_wins(policy: PairLogps) -> torch.Tensor:
@@ -26,47 +20,6 @@ def mean_logps_wins(policy: PairLogps) -> torch.Tensor:
     policy = reference), is meaningful before and after training and for every algorithm.
     """
     return policy.chosen_mean > policy.rejected_mean
-
-
-@torch.no_grad()
-def evaluate_objective(runner: PairRunner, pairs: list[TokenizedPair], *, batch_size: int) -> dict[str, float]:
-    """The objective's loss and metrics on held-out pairs, averaged over batches as TRL's evaluate does;
-    for each accuracy also its 95% interval (`eval_<name>_ci_low`, `eval_<name>_ci_high`), and the
-    number of pairs (`eval_pairs`).
-
-    The interval is Wilson's for the pairs the accuracy got right out of all pairs. The logged accuracy
-    is TRL's mean of batch means, which is that same share when every batch is full; a smaller last
-    batch weighs as much as a full one in TRL's number, so the two may then differ a little.
-    """
-    window = MetricWindow()
-    wins: dict[str, int] = dict.fromkeys(ACCURACY_METRICS, 0)
-    for start in tqdm(range(0, len(pairs), batch_size), desc="evaluating", leave=False, unit="batch"):
-        batch = pairs[start : start + batch_size]
-        result = runner.run(batch)
-        metrics = {"loss": result.output.loss, **result.output.metrics}
-        if runner.objective.needs_rejected and not runner.objective.reward_model:
-            metrics["logps/mean_accuracy"] = mean_logps_wins(result.policy).float().mean()
-        window.add(metrics)
-        for name in wins.keys() & metrics.keys():  # an accuracy is a share of the batch: back to a count
-            wins[name] += round(float(metrics[name]) * len(batch))
-    summary = window.mean()
-    for name in [name for name in ACCURACY_METRICS if name in summary]:
-        summary |= interval_fields(name, wins[name], len(pairs))
-    summary["pairs"] = len(pairs)
-    return {f"eval_{name}": value for name, value in summary.items()}
-
-
-@torch.no_grad()
-def score_pairs(
-    scorer, pairs: list[TokenizedPair], *, layout: str, batch_size: int, pad_token_id: int, device: torch.device,
-    desc: str = "scoring",
-) -> PairLogps:
-    """Per-pair log-prob sums and token counts for every pair, in order (concatenated over batches)."""
-    parts = []
-    for start in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch"):
-        batch = build_batch(pairs[start : start + batch_size], layout, pad_token_id=pad_token_id).to(device)
-        parts.append(score_batch(scorer, batch))
-    return concat_pair_logps(parts).cpu()
 
 
 def preference_summary(policy: PairLogps, reference: PairLogps | None, *, beta: float) -> dict[str, float]:

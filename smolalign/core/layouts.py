@@ -36,7 +36,6 @@ log = logging.getLogger("smolalign")
 
 CHOSEN, REJECTED, PROMPT = 0, 1, 2  # parts of a pair whose log-probs are summed separately
 PARTS_PER_PAIR = 3
-LAYOUTS = ("padded", "packed", "prefix_shared")
 
 
 @dataclass

@@ -17,23 +17,25 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from smolalign.config.choices import Algorithm, DpoLossType
+from smolalign.config.train import TrainConfig
 from smolalign.core.logprobs import PairLogps
 
 
 @dataclass(frozen=True)
 class LossSettings:
-    """The hyperparameters objectives read; built from a TrainConfig (same key names as TRL)."""
+    """The hyperparameters objectives read: TrainConfig's keys (TRL's names), with its defaults."""
 
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    rpo_alpha: float | None = None
-    simpo_gamma: float = 0.5
-    cpo_alpha: float = 0.0
-    center_rewards_coefficient: float | None = None
+    beta: float = TrainConfig.beta
+    loss_type: DpoLossType = TrainConfig.loss_type
+    label_smoothing: float = TrainConfig.label_smoothing
+    rpo_alpha: float | None = TrainConfig.rpo_alpha
+    simpo_gamma: float = TrainConfig.simpo_gamma
+    cpo_alpha: float = TrainConfig.cpo_alpha
+    center_rewards_coefficient: float | None = TrainConfig.center_rewards_coefficient
 
     @classmethod
-    def from_config(cls, config) -> LossSettings:
+    def from_config(cls, config: TrainConfig) -> LossSettings:
         return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
 
 
@@ -117,7 +119,8 @@ def dpo_apo_down(chosen, rejected, *, beta, **_):
     return torch.sigmoid(beta * chosen) + (1 - torch.sigmoid(beta * (chosen - rejected)))
 
 
-DPO_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+# One function per name of config.choices.DPO_LOSS_TYPES (the tests check they agree).
+DPO_LOSSES: dict[DpoLossType, Callable[..., torch.Tensor]] = {
     "sigmoid": dpo_sigmoid,
     "hinge": dpo_hinge,
     "ipo": dpo_ipo,
@@ -253,7 +256,8 @@ class Objective:
         return self.loss_fn(policy, reference, settings, totals or BatchTotals.of(policy))
 
 
-OBJECTIVES = {
+# One objective per name of config.choices.ALGORITHMS (the tests check they agree).
+OBJECTIVES: dict[Algorithm, Objective] = {
     "dpo": Objective("dpo", dpo, needs_reference=True),
     "orpo": Objective("orpo", orpo, needs_reference=False, needs_prompt_logps=True),
     "simpo": Objective("simpo", simpo, needs_reference=False),

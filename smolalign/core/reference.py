@@ -13,22 +13,22 @@ merge, and a file is replaced atomically, so a reader never sees half of one.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from smolalign.core.layouts import Batch, build_batch, split_by_tokens
-from smolalign.core.logprobs import PairLogps, SequenceScorer, concat_pair_logps, score_batch
+from smolalign.core.layouts import Batch
+from smolalign.core.logprobs import PairLogps, SequenceScorer
+from smolalign.core.scoring import NoGradScorer, PairScoring
 from smolalign.data.tokenize import TokenizedPair
 from smolalign.locks import exclusive_file_lock
 from smolalign.models.embedded import cache_root
@@ -37,39 +37,34 @@ from smolalign.models.loading import frozen_copy, load_frozen
 log = logging.getLogger("smolalign")
 
 
-class Reference:
-    """Reference log-probs of a batch of pairs."""
+class Reference(Protocol):
+    """Where a step's reference log-probs come from: a model run on the step's batch (a `NoGradScorer`), or
+    values precomputed per pair (`PrecomputedReference`)."""
 
     def logps(self, batch: Batch, pairs: list[TokenizedPair]) -> PairLogps:
-        raise NotImplementedError
+        """Reference log-probs of `pairs`, which `batch` lays out."""
+        ...
 
 
-class ModelReference(Reference):
-    """A frozen model run on the same batch under no_grad; `context` puts it in its reference state."""
-
-    def __init__(self, scorer: nn.Module, context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
-        self.scorer = scorer
-        self.context = context
-
-    @torch.no_grad()
-    def logps(self, batch: Batch, pairs: list[TokenizedPair]) -> PairLogps:
-        with self.context():
-            return score_batch(self.scorer, batch)
-
-
-def adapter_disabled_reference(policy_scorer: nn.Module, peft_model) -> ModelReference:
+def adapter_disabled_reference(policy_scorer: nn.Module, peft_model: PeftModel) -> NoGradScorer:
     """LoRA: the reference is the base model, i.e. the policy with adapters switched off."""
-    return ModelReference(policy_scorer, context=peft_model.disable_adapter)
+    return NoGradScorer(policy_scorer, context=peft_model.disable_adapter)
 
 
-def model_reference(model: nn.Module, chunk_size: int) -> ModelReference:
-    return ModelReference(SequenceScorer(model, chunk_size=chunk_size))
+def model_reference(model: nn.Module, chunk_size: int) -> NoGradScorer:
+    """A separate frozen model as the reference."""
+    return NoGradScorer(SequenceScorer(model, chunk_size=chunk_size))
+
+
+def precomputes_reference(config) -> bool:
+    """Whether reference log-probs are computed once before training (`precompute_ref_log_probs`; by default
+    yes, unless a separate `ref_model` is given)."""
+    return config.precompute_ref_log_probs if config.precompute_ref_log_probs is not None else not config.ref_model
 
 
 def reference_source(
     config, *, policy: nn.Module, policy_scorer: nn.Module, tokenizer, dtype: torch.dtype, device: torch.device,
-    precompute: bool,
-) -> tuple[ModelReference, nn.Module]:
+) -> tuple[NoGradScorer, nn.Module]:
     """Where reference log-probs come from, and the module whose weights identify them in the cache.
 
     `ref_model` if set; else the initial policy: under LoRA the policy with adapters disabled, for full
@@ -80,13 +75,13 @@ def reference_source(
         return model_reference(model, config.logprob_chunk_size), model
     if isinstance(policy, PeftModel):
         return adapter_disabled_reference(policy_scorer, policy), policy
-    if precompute:
-        return ModelReference(policy_scorer), policy
+    if precomputes_reference(config):
+        return NoGradScorer(policy_scorer), policy
     model = frozen_copy(policy)
     return model_reference(model, config.logprob_chunk_size), model
 
 
-class PrecomputedReference(Reference):
+class PrecomputedReference:
     """Reference log-probs looked up by pair, from `ReferenceCache.fill`."""
 
     def __init__(self, by_pair: dict[int, tuple[float, float]]):
@@ -202,23 +197,15 @@ class ReferenceCache:
 
 
 def precompute_reference(
-    reference: ModelReference,
+    reference: NoGradScorer,
     reference_weights: nn.Module,
     pairs: list[TokenizedPair],
+    scoring: PairScoring,
     *,
-    layout: str,
-    pad_token_id: int,
-    device: torch.device,
-    max_tokens_per_forward: int,
     cache_folder: Path | None = None,
+    desc: str = "reference log-probs",
 ) -> PrecomputedReference:
     """Reference log-probs of `pairs`, from the cache of `reference_weights` or scored once now."""
-
-    def score(missing: list[TokenizedPair]) -> PairLogps:
-        parts = []
-        for chunk in tqdm(split_by_tokens(missing, max_tokens_per_forward), desc="reference log-probs", unit="chunk"):
-            batch = build_batch(chunk, layout, pad_token_id=pad_token_id).to(device)
-            parts.append(reference.logps(batch, chunk))
-        return concat_pair_logps(parts)
-
-    return ReferenceCache(reference_weights, cache_folder).fill(pairs, score)
+    return ReferenceCache(reference_weights, cache_folder).fill(
+        pairs, lambda missing: scoring.logps(reference, missing, desc=desc)
+    )

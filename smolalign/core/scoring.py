@@ -1,16 +1,73 @@
-"""The scoring path: tokenized pairs -> batches of one layout -> per-pair log-probs, in a token budget."""
+"""The scoring path: tokenized pairs -> batches of one layout -> per-pair log-probs, in a token budget.
+
+Training steps, the reference pass, held-out evaluation and drift all batch pairs through `PairScoring`,
+so a layout, a padding id, a device and a token budget are chosen once per run and travel together.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
-from smolalign.core.logprobs import KEEP_SOFTMAX_ELEMENTS
+from smolalign.core.layouts import Batch, build_batch, split_by_tokens
+from smolalign.core.logprobs import KEEP_SOFTMAX_ELEMENTS, PairLogps, concat_pair_logps, score_batch
+from smolalign.data.tokenize import TokenizedPair
 from smolalign.models.attention import FLEX_IMPLEMENTATIONS
 from smolalign.models.loading import base_model_of
 
 log = logging.getLogger("smolalign")
+
+
+@dataclass(frozen=True)
+class NoGradScorer:
+    """A scorer run without gradients inside `context`, which puts its model in the state to score in: the
+    policy as it is (evaluation, drift), or a PEFT policy's `disable_adapter` (its own reference)."""
+
+    scorer: nn.Module  # a SequenceScorer (or RewardScorer), possibly wrapped by Accelerate
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    @torch.no_grad()
+    def logps(self, batch: Batch, pairs: list[TokenizedPair] | None = None) -> PairLogps:
+        """Per-pair log-probs of `batch` (its `pairs` are not needed: the batch holds their tokens)."""
+        with self.context():
+            return score_batch(self.scorer, batch)
+
+
+@dataclass(frozen=True)
+class PairScoring:
+    """How pairs become model input: batches in `layout`, padded with `pad_token_id`, on `device`, of whole
+    pairs up to `max_tokens` tokens each (a longer pair goes alone). Layouts and token budgets change no
+    number beyond float noise; they bound the memory of one forward pass."""
+
+    layout: str
+    pad_token_id: int
+    device: torch.device
+    max_tokens: int
+
+    def chunks(self, pairs: list[TokenizedPair]) -> list[list[TokenizedPair]]:
+        """Consecutive chunks of `pairs`, each one forward pass."""
+        return split_by_tokens(pairs, self.max_tokens)
+
+    def batch(self, chunk: list[TokenizedPair], *, score_prompt: bool = False, score_ends: bool = False) -> Batch:
+        """The model input of one chunk, on the device (`build_batch` says what is scored)."""
+        return build_batch(chunk, self.layout, pad_token_id=self.pad_token_id, score_prompt=score_prompt,
+                           score_ends=score_ends).to(self.device)
+
+    def batches(self, pairs: list[TokenizedPair], *, desc: str | None = None
+                ) -> Iterator[tuple[list[TokenizedPair], Batch]]:
+        """Each chunk of `pairs` with its batch (answer tokens scored), with a progress bar when `desc` is given."""
+        for chunk in tqdm(self.chunks(pairs), desc=desc, unit="chunk", disable=desc is None):
+            yield chunk, self.batch(chunk)
+
+    def logps(self, scorer: NoGradScorer, pairs: list[TokenizedPair], *, desc: str | None = None) -> PairLogps:
+        """Per-pair answer log-prob sums and token counts of every pair, in order, on the CPU."""
+        return concat_pair_logps([scorer.logps(batch, chunk) for chunk, batch in self.batches(pairs, desc=desc)]).cpu()
 
 CPU_MAX_TOKENS_PER_FORWARD = 256  # about one HH-RLHF pair: a CPU gains nothing from larger forward passes
 GPU_MAX_TOKENS_PER_FORWARD = 32768  # a GPU is saturated well before; larger chunks would only cost memory

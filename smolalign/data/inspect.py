@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from smolalign.config.commands import InspectConfig
 from smolalign.data.formats import FORMAT_DESCRIPTIONS
 from smolalign.data.prepare import read_pairs
 from smolalign.data.tokenize import fit_to_length, tokenize_pairs
@@ -11,16 +12,16 @@ PERCENTILES = (50, 90, 99, 100)
 SHOWN_PROBLEMS = 20
 
 
-def inspect_dataset(args) -> str:
+def inspect_dataset(config: InspectConfig) -> str:
     """A plain-text report: format, counts, token-length percentiles, truncation, problems by row."""
-    read = read_pairs(args.dataset, split=args.split, system_prompt=args.system_prompt, allow_empty=True)
+    read = read_pairs(config.dataset, split=config.split, system_prompt=config.system_prompt, allow_empty=True)
     lines = [
-        f"dataset:  {args.dataset}" + (f" (split {args.split})" if args.split != "train" else ""),
+        f"dataset:  {config.dataset}" + (f" (split {config.split})" if config.split != "train" else ""),
         f"format:   {FORMAT_DESCRIPTIONS[read.data_format]}",
         f"rows:     {read.num_rows}, usable pairs: {len(read.pairs)}, unusable rows: {len(read.problems)}",
     ]
     if read.pairs:
-        tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
+        tokenizer = load_tokenizer(config.model, chat_template=config.chat_template)
         tokenized = tokenize_pairs(read.pairs, tokenizer)
         lengths = {
             "prompt": [len(p.prompt_ids) for p in tokenized],
@@ -28,18 +29,18 @@ def inspect_dataset(args) -> str:
             "rejected": [len(p.rejected_ids) for p in tokenized if p.rejected_ids is not None],
             "longest sequence": [p.longest_sequence for p in tokenized],
         }
-        name = args.model or "embedded SmolLM2-135M-Instruct"
+        name = config.model or "embedded SmolLM2-135M-Instruct"
         header = "".join(f"{'p' + str(q) if q < 100 else 'max':>8}" for q in PERCENTILES)
         lines += ["", f"token lengths ({name} tokenizer):", f"  {'':<18}{header}"]
         for part, values in lengths.items():
             if values:
                 lines.append(f"  {part:<18}" + "".join(f"{_percentile(values, q):>8}" for q in PERCENTILES))
-        fitted = [fit_to_length(p, max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+        fitted = [fit_to_length(p, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
                   for p in tokenized]
         truncated = sum(1 for f in fitted if f is not None and f.truncated)
         dropped = sum(1 for f in fitted if f is None)
-        limits = f"max_length={args.max_length}" + (
-            f", max_prompt_length={args.max_prompt_length}" if args.max_prompt_length else ""
+        limits = f"max_length={config.max_length}" + (
+            f", max_prompt_length={config.max_prompt_length}" if config.max_prompt_length else ""
         )
         lines += ["", f"with {limits}: {truncated} pairs would be truncated, {dropped} dropped (cannot fit)"]
     if read.problems:

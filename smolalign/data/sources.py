@@ -7,7 +7,7 @@ from pathlib import Path
 import datasets
 
 from smolalign.errors import UserError, first_line
-from smolalign.hub import looks_like_path, prefer_local_cache
+from smolalign.hub import hub_failure_reason, looks_like_path, prefer_local_cache
 
 # The bundled HH-RLHF harmless sample (MIT, Anthropic) ships inside the package: a folder with
 # train.jsonl, test.jsonl and LICENSE, named `hh-rlhf-harmless` wherever a dataset is expected.
@@ -71,7 +71,7 @@ def _load_folder(path: Path, split: str) -> datasets.Dataset:
 
 
 def _load_hub(name: str, split: str, config_name: str | None) -> datasets.Dataset:
-    offline = prefer_local_cache()
+    prefer_local_cache()
     try:
         return datasets.load_dataset(name, config_name, split=split)
     except ValueError as error:
@@ -79,10 +79,7 @@ def _load_hub(name: str, split: str, config_name: str | None) -> datasets.Datase
             raise UserError(f"dataset '{name}' has no split '{split}'; {first_line(error)}") from None
         raise UserError(f"cannot load dataset '{name}' from the Hub: {first_line(error)}") from None
     except Exception as error:  # connection errors, missing repos, offline mode
-        reason = "the Hugging Face Hub is unreachable and it is not cached" if offline else (
-            f"the Hugging Face Hub could not provide it ({type(error).__name__})"
-        )
         raise UserError(
-            f"cannot load dataset '{name}': no such local file, and {reason}; check the name and the network, "
-            "or omit 'dataset' for the bundled HH-RLHF pairs."
+            f"cannot load dataset '{name}': no such local file, and {hub_failure_reason(error)}; check the name "
+            "and the network, or omit 'dataset' for the bundled HH-RLHF pairs."
         ) from None

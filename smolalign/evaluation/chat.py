@@ -19,6 +19,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
+from smolalign.config.commands import ChatConfig
 from smolalign.errors import UserError
 from smolalign.models.embedded import EMBEDDED_NAME, is_embedded
 from smolalign.models.loading import load_for_scoring, load_tokenizer, resolve_device, resolve_dtype
@@ -38,16 +39,6 @@ class Speaker:
     messages: list[dict[str, str]] = field(default_factory=list)
 
 
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = 256
-    do_sample: bool = False  # greedy by default: the same message gets the same answer, policy vs reference
-    temperature: float = 1.0
-    top_p: float = 1.0
-    system_prompt: str | None = None
-    seed: int = 0  # sampling: the i-th message of the session is answered with seed + i by every speaker
-
-
 class StreamTo(TextStreamer):
     """transformers' TextStreamer (new text only, whole words at a time), writing to `out` instead of stdout."""
 
@@ -64,29 +55,27 @@ class StreamTo(TextStreamer):
         self.out.flush()
 
 
-def answer(speaker: Speaker, text: str, tokenizer: PreTrainedTokenizerBase, settings: GenerationSettings,
+def answer(speaker: Speaker, text: str, tokenizer: PreTrainedTokenizerBase, config: ChatConfig,
            out: TextIO) -> str:
     """Add the user's `text` to the speaker's conversation, stream its answer to `out`, and keep the answer
     in the conversation (the next turn's prompt holds the whole history)."""
     speaker.messages.append({"role": "user", "content": text})
-    system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
+    system = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
     prompt = tokenizer.apply_chat_template(system + speaker.messages, tokenize=False, add_generation_prompt=True)
     device = next(speaker.model.parameters()).device
     input_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-    sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} if (
-        settings.do_sample) else {"do_sample": False}
     with torch.no_grad(), speaker.context():
         output = speaker.model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=settings.max_new_tokens,
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=config.max_new_tokens,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            streamer=StreamTo(tokenizer, out), **sampling,
+            streamer=StreamTo(tokenizer, out), **sampling_options(config),
         )
     reply = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
     speaker.messages.append({"role": "assistant", "content": reply})
     return reply
 
 
-def chat_loop(speakers: list[Speaker], tokenizer: PreTrainedTokenizerBase, settings: GenerationSettings, *,
+def chat_loop(speakers: list[Speaker], tokenizer: PreTrainedTokenizerBase, config: ChatConfig, *,
               input_stream: TextIO, out: TextIO) -> None:
     """Read a message a line, answer it with every speaker in turn, until /quit or the end of the input."""
     interactive = input_stream is sys.stdin and sys.stdin.isatty()
@@ -110,8 +99,8 @@ def chat_loop(speakers: list[Speaker], tokenizer: PreTrainedTokenizerBase, setti
             for speaker in speakers:
                 out.write(f"{speaker.name}> ")
                 out.flush()
-                torch.manual_seed(settings.seed + messages_asked)  # policy and reference draw the same numbers
-                answer(speaker, line, tokenizer, settings, out)
+                torch.manual_seed(config.seed + messages_asked)  # policy and reference draw the same numbers
+                answer(speaker, line, tokenizer, config, out)
             messages_asked += 1
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat; the unanswered turn is forgotten
             for speaker, length in zip(speakers, lengths, strict=True):
@@ -164,27 +153,23 @@ def describe(model: str | None) -> str:
     return model if model and not is_embedded(model) else EMBEDDED_NAME
 
 
-def generation_settings(args) -> GenerationSettings:
-    """--temperature alone asks for sampling; 0 means greedy."""
-    if args.temperature is not None and args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, not {args.temperature}.")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top_p must lie in (0, 1], not {args.top_p}.")
-    temperature = 1.0 if args.temperature is None else args.temperature
-    do_sample = (args.do_sample or args.temperature is not None) and temperature > 0
-    return GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=do_sample, temperature=temperature,
-                              top_p=args.top_p, system_prompt=args.system_prompt, seed=args.seed)
+def sampling_options(config: ChatConfig) -> dict:
+    """generate()'s sampling arguments. Greedy by default, so the same message gets the same answer from
+    policy and reference; a temperature alone asks for sampling, and 0 means greedy."""
+    temperature = 1.0 if config.temperature is None else config.temperature
+    if (config.do_sample or config.temperature is not None) and temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": config.top_p}
+    return {"do_sample": False}
 
 
-def run_chat(args, *, input_stream: TextIO | None = None, out: TextIO | None = None) -> None:
+def run_chat(config: ChatConfig, *, input_stream: TextIO | None = None, out: TextIO | None = None) -> None:
     """`smolalign chat`: load the model (and its reference), then chat until /quit or the end of input."""
-    settings = generation_settings(args)
-    device = resolve_device(args.device)
-    speakers, tokenizer = open_speakers(args.model, compare=args.compare, ref_model=args.ref_model,
-                                        chat_template=args.chat_template, device=device,
-                                        dtype=resolve_dtype(args.dtype, device))
+    device = resolve_device(config.device)
+    speakers, tokenizer = open_speakers(config.model, compare=config.compare, ref_model=config.ref_model,
+                                        chat_template=config.chat_template, device=device,
+                                        dtype=resolve_dtype(config.dtype, device))
     out = out or sys.stdout
     for speaker in speakers:
         out.write(f"{speaker.name}: {speaker.source}\n")
     out.write(f"({COMMANDS})\n")
-    chat_loop(speakers, tokenizer, settings, input_stream=input_stream or sys.stdin, out=out)
+    chat_loop(speakers, tokenizer, config, input_stream=input_stream or sys.stdin, out=out)

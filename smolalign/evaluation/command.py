@@ -19,11 +19,13 @@ import torch
 import yaml
 from peft import PeftModel
 
+from smolalign.config.commands import EvalConfig
 from smolalign.config.train import TrainConfig
-from smolalign.core.heldout import format_summary_table, preference_summary, score_pairs, write_pair_rows
+from smolalign.core.heldout import preference_summary, write_pair_rows
 from smolalign.core.layouts import choose_layout
-from smolalign.core.logprobs import PairLogps, SequenceScorer
-from smolalign.core.reference import ModelReference, ReferenceCache
+from smolalign.core.logprobs import SequenceScorer
+from smolalign.core.reference import precompute_reference
+from smolalign.core.scoring import NoGradScorer, PairScoring
 from smolalign.data.prepare import read_pairs, tokenize_and_fit
 from smolalign.data.tokenize import TokenizedPair
 from smolalign.errors import UserError
@@ -54,19 +56,16 @@ def run_config_of(model: str) -> dict:
     return (yaml.safe_load((run / "config.yaml").read_text()) or {}) if run else {}
 
 
-# Options that, left unset, take the value the evaluated run trained with, else the training default.
-SETTINGS_FROM_RUN = ("beta", "max_length", "max_prompt_length", "chat_template", "system_prompt",
-                     "logprob_chunk_size")
-
-
-def fill_settings_from_run(args) -> None:
-    """Unset options of `smolalign eval` take the run's own values (its beta, lengths, chat template and
-    head chunk), so a run's final/ is scored as it was trained."""
-    config = run_config_of(args.model)
-    defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
-    for key in SETTINGS_FROM_RUN:
-        if getattr(args, key, None) is None:
-            setattr(args, key, config.get(key, defaults[key]))
+def with_run_settings(config: EvalConfig) -> EvalConfig:
+    """`config` with its unset run settings (the fields marked `from_run`: beta, lengths, chat template,
+    head chunk) taken from the run whose final/ is evaluated, else from training's defaults, so a run's
+    final/ is scored as it was trained."""
+    run = run_config_of(config.model)
+    unset = [f.name for f in dataclasses.fields(config)
+             if f.metadata.get("from_run") and getattr(config, f.name) is None]
+    config = dataclasses.replace(config, **{key: run.get(key, getattr(TrainConfig, key)) for key in unset})
+    config.validate()  # a flag's value against the run's (max_prompt_length below the run's max_length)
+    return config
 
 
 def starting_model_of_run(model: str) -> str | None:
@@ -79,38 +78,33 @@ def starting_model_of_run(model: str) -> str | None:
     return config.get("ref_model") or model_source(config.get("model"))
 
 
-def cached_reference_logps(weights, scorer, pairs: list[TokenizedPair], score: dict) -> PairLogps:
-    """Reference sums per pair, reusing (and filling) the cache that training runs share."""
-    reference = ReferenceCache(weights).fill(
-        pairs, lambda missing: score_pairs(scorer, missing, desc="scoring reference", **score)
-    )
-    return reference.of_pairs(pairs)
-
-
-def run_eval(args) -> dict:
+def run_eval(config: EvalConfig) -> dict:
     """Score every pair with the model (and the reference), measure drift, generate and judge."""
-    fill_settings_from_run(args)
-    ref_model = args.ref_model or starting_model_of_run(args.model)
-    check_judge_args(args, has_reference=bool(ref_model) or is_adapter(args.model))
-    device = resolve_device(args.device)
+    config = with_run_settings(config)
+    ref_model = config.ref_model or starting_model_of_run(config.model)
+    check_judge_settings(config, has_reference=bool(ref_model) or is_adapter(config.model))
+    device = resolve_device(config.device)
     if device.type == "cpu":
         keep_freed_memory()
-    dtype = resolve_dtype(args.dtype, device)
-    tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
-    read = read_pairs(args.dataset, split=args.split, system_prompt=args.system_prompt, limit=args.max_pairs)
-    pairs = tokenize_and_fit(read, tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+    dtype = resolve_dtype(config.dtype, device)
+    tokenizer = load_tokenizer(config.model, chat_template=config.chat_template)
+    read = read_pairs(config.dataset, split=config.split, system_prompt=config.system_prompt,
+                      limit=config.max_pairs)
+    pairs = tokenize_and_fit(read, tokenizer, max_length=config.max_length,
+                             max_prompt_length=config.max_prompt_length)
 
-    model = load_for_scoring(args.model, dtype=dtype, device=device, tokenizer=tokenizer)
-    layout = choose_layout(args.batch_layout, model)
-    score = {"layout": layout, "batch_size": args.batch_size, "pad_token_id": tokenizer.pad_token_id, "device": device}
-    policy_scorer = SequenceScorer(model, args.logprob_chunk_size)
-    policy = score_pairs(policy_scorer, pairs, desc="scoring policy", **score)
+    model = load_for_scoring(config.model, dtype=dtype, device=device, tokenizer=tokenizer)
+    # A forward pass holds up to batch_size pairs' worth of tokens (max_length each).
+    scoring = PairScoring(choose_layout(config.batch_layout, model), tokenizer.pad_token_id, device,
+                          max_tokens=config.batch_size * config.max_length)
+    policy_view = NoGradScorer(SequenceScorer(model, config.logprob_chunk_size))
+    policy = scoring.logps(policy_view, pairs, desc="scoring policy")
 
     # The reference: --ref_model, the model a run's final/ started from, or the base model of a LoRA
     # adapter (the adapter switched off).
     reference_model, reference_context = None, contextlib.nullcontext
     if ref_model:
-        if not args.ref_model:
+        if not config.ref_model:
             log.info("reference: %s, the model this run started from (--ref_model names another)", ref_model)
         reference_model = load_for_scoring(ref_model, dtype=dtype, device=device, tokenizer=tokenizer)
     elif isinstance(model, PeftModel):
@@ -119,27 +113,26 @@ def run_eval(args) -> dict:
     reference_view = None
     reference = None
     if reference_model is not None:
-        reference_view = ModelReference(SequenceScorer(reference_model, args.logprob_chunk_size), reference_context)
-        with reference_context():
-            reference = cached_reference_logps(reference_model, reference_view.scorer, pairs, score)
+        reference_view = NoGradScorer(SequenceScorer(reference_model, config.logprob_chunk_size), reference_context)
+        # Reusing (and filling) the cache of reference log-probs that training runs share.
+        reference = precompute_reference(reference_view, reference_model, pairs, scoring,
+                                         desc="scoring reference").of_pairs(pairs)
 
-    summary = preference_summary(policy, reference, beta=args.beta)
-    policy_view = ModelReference(policy_scorer)
-    drift = {"layout": layout, "pad_token_id": tokenizer.pad_token_id, "device": device}
+    summary = preference_summary(policy, reference, beta=config.beta)
     if reference_view is not None:
-        summary.update(answer_statistics(policy_view, reference_view, pairs, name="chosen", **drift))
+        summary.update(answer_statistics(policy_view, reference_view, pairs, name="chosen", scoring=scoring))
     else:  # without a reference there is no KL, and the policy's log-probs of the chosen answers are known
         summary["perplexity/chosen"] = math.exp(-policy.chosen.sum().item() / policy.chosen_tokens.sum().item())
 
-    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model)
+    output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config.model)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if args.generate:
-        shown = pairs[: args.generate]
+    if config.generate:
+        shown = pairs[: config.generate]
         prompts = [p.prompt_ids for p in shown]
-        sampling = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
-                    "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
+        sampling = {"max_new_tokens": config.max_new_tokens, "do_sample": config.do_sample,
+                    "temperature": config.temperature, "top_p": config.top_p, "seed": config.seed,
                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "device": device,
-                    "batch_size": args.generation_batch_size}
+                    "batch_size": config.generation_batch_size}
         policy_answers = generate_answers(model, prompts, desc="generating (policy)", **sampling)
         reference_answers = None
         if reference_model is not None:
@@ -147,18 +140,17 @@ def run_eval(args) -> dict:
                                                  desc="generating (reference)", **sampling)
             generated = [TokenizedPair(p.index, p.prompt_ids, a, None) for p, a in zip(shown, policy_answers,
                                                                                      strict=True) if a]
-            summary.update(answer_statistics(policy_view, reference_view, generated, name="generated", **drift))
+            summary.update(answer_statistics(policy_view, reference_view, generated, name="generated",
+                                              scoring=scoring))
         rows = generation_rows(shown, read, tokenizer, policy_answers, reference_answers)
         summary["generation/policy_mean_tokens"] = sum(r["policy_tokens"] for r in rows) / len(rows)
         if reference_answers is not None:
             summary["generation/reference_mean_tokens"] = sum(r["reference_tokens"] for r in rows) / len(rows)
-    write_results(output_dir, summary, rows if args.generate else None)
+    write_results(output_dir, summary, rows if config.generate else None)
     write_pair_rows(output_dir / "eval_pairs.jsonl", pairs, policy, reference)
-    if args.judge or args.judge_url:  # after the results are safe on disk: an endpoint may give up
-        summary.update(judge_generations(build_judge_from_args(args, device), rows))
+    if config.judge or config.judge_url:  # after the results are safe on disk: an endpoint may give up
+        summary.update(judge_generations(build_judge_from_settings(config, device), rows))
         write_results(output_dir, summary, rows)
-    print(f"{args.model} on {args.dataset} ({summary['pairs']} pairs):\n{format_summary_table(summary)}")
-    print(f"wrote {output_dir}/eval.json, eval_pairs.jsonl" + (", generations.jsonl" if args.generate else ""))
     return summary
 
 
@@ -191,24 +183,24 @@ def is_adapter(model: str) -> bool:
     return (Path(model_source(model)) / "adapter_config.json").exists()
 
 
-def check_judge_args(args, *, has_reference: bool) -> None:
+def check_judge_settings(config: EvalConfig, *, has_reference: bool) -> None:
     """A judge needs generations and a reference to compare with: checked before any work is done."""
-    if not (args.judge or args.judge_url):
+    if not (config.judge or config.judge_url):
         return
     from smolalign.evaluation.judge import check_judge_options
 
-    check_judge_options(reward_model=args.judge, url=args.judge_url, model=args.judge_model)
-    if not args.generate:
+    check_judge_options(reward_model=config.judge, url=config.judge_url, model=config.judge_model)
+    if not config.generate:
         raise UserError("a judge compares generated answers: add --generate N (e.g. --generate 32).")
     if not has_reference:
         raise UserError("a judge compares the policy with its reference: give --ref_model (or a LoRA adapter).")
 
 
-def build_judge_from_args(args, device: torch.device):
+def build_judge_from_settings(config: EvalConfig, device: torch.device):
     from smolalign.evaluation.judge import build_judge
 
-    return build_judge(reward_model=args.judge, url=args.judge_url, model=args.judge_model,
-                       api_key_env=args.judge_api_key_env, device=device)
+    return build_judge(reward_model=config.judge, url=config.judge_url, model=config.judge_model,
+                       api_key_env=config.judge_api_key_env, device=device)
 
 
 def judge_generations(judge, rows: list[dict]) -> dict:

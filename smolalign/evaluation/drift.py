@@ -12,11 +12,10 @@ from __future__ import annotations
 import logging
 
 import torch
-from tqdm.auto import tqdm
 
-from smolalign.core.layouts import CHOSEN, PARTS_PER_PAIR, build_batch, split_by_tokens
+from smolalign.core.layouts import CHOSEN, PARTS_PER_PAIR
 from smolalign.core.logprobs import chunk_logits, token_logprobs
-from smolalign.core.reference import ModelReference
+from smolalign.core.scoring import NoGradScorer, PairScoring
 from smolalign.data.tokenize import TokenizedPair
 
 log = logging.getLogger("smolalign")
@@ -37,23 +36,19 @@ def token_kl(policy_hidden, policy_head, reference_hidden, reference_head, chunk
 
 @torch.no_grad()
 def answer_statistics(
-    policy: ModelReference,
-    reference: ModelReference | None,
+    policy: NoGradScorer,
+    reference: NoGradScorer | None,
     answers: list[TokenizedPair],
     *,
     name: str,
-    layout: str,
-    pad_token_id: int,
-    device: torch.device,
-    max_tokens: int = 1024,
+    scoring: PairScoring,
 ) -> dict[str, float]:
     """Perplexity of `answers` (their chosen side) under the policy and the reference, and the KL."""
     answers = [TokenizedPair(p.index, p.prompt_ids, p.chosen_ids, None) for p in answers]
     logp_sum = ref_logp_sum = kl_sum = 0.0
     tokens = 0
     kl_per_answer = []
-    for chunk in tqdm(split_by_tokens(answers, max_tokens), desc=f"drift on {name} answers", unit="chunk"):
-        batch = build_batch(chunk, layout, pad_token_id=pad_token_id).to(device)
+    for chunk, batch in scoring.batches(answers, desc=f"drift on {name} answers"):
         inputs = (batch.input_ids, batch.position_ids, batch.attention_mask, batch.score_positions)
         with policy.context():
             hidden = policy.scorer.hidden_at(*inputs)

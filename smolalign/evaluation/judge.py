@@ -15,24 +15,20 @@ labellers did; a judge says whether its own answers got better. Two kinds, one i
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
 import requests
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from smolalign.errors import UserError, first_line
-from smolalign.hub import hub_reachable
-from smolalign.models.loading import model_source, resolve_dtype
+from smolalign.models.loading import load_reward_model, load_tokenizer, resolve_dtype
 from smolalign.stats import wilson_interval
 
 log = logging.getLogger("smolalign")
@@ -108,41 +104,8 @@ class RewardModelJudge:
         self.name = name
         self.device = device
         self.batch_size = batch_size
-        source = model_source(name)
-        options = {
-            "dtype": resolve_dtype("auto", device),
-            "output_loading_info": True,
-            **_adapter_options(source),
-        }
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source)
-            model, loading = AutoModelForSequenceClassification.from_pretrained(source, **options)
-        except Exception as error:  # missing repo, no network, not a classification architecture
-            if Path(source).is_dir():
-                raise UserError(
-                    f"cannot load a reward model from '{name}': {first_line(error)}"
-                ) from None
-            reason = (
-                "the Hub is unreachable and it is not in the local cache"
-                if not hub_reachable()
-                else f"the Hub could not provide it ({type(error).__name__})"
-            )
-            raise UserError(
-                f"cannot load the reward model '{name}': {reason}; check the name and the network."
-            ) from None
-        if loading["missing_keys"]:
-            raise UserError(
-                f"'{name}' is not a reward model: it has no trained classification head "
-                f"({', '.join(sorted(loading['missing_keys']))} missing); "
-                "give a model saved by a reward trainer."
-            )
-        if model.config.num_labels != 1:
-            raise UserError(
-                f"'{name}' is not a reward model: its head has {model.config.num_labels} outputs, "
-                "not one score."
-            )
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = load_reward_model(name, dtype=resolve_dtype("auto", device), trained_head=True)
+        self.tokenizer = load_tokenizer(name)
         self.tokenizer.padding_side = "right"  # as in training; the model reads its last non-pad token
         # Sequence classification models find each row's last token through config.pad_token_id.
         model.config.get_text_config().pad_token_id = self.tokenizer.pad_token_id
@@ -193,20 +156,6 @@ class RewardModelJudge:
             Verdict(_winner(policy - reference), policy, reference)
             for policy, reference in zip(policy_scores, reference_scores, strict=True)
         ]
-
-
-def _adapter_options(source: str) -> dict:
-    """For a LoRA reward adapter (TRL's RewardTrainer with a peft_config), the one-output head to load it on.
-
-    Its base is usually a causal LM, whose config does not say num_labels=1; transformers then builds a
-    two-output head that the adapter's trained head does not fit.
-    """
-    adapter_config = Path(source) / "adapter_config.json"
-    if not adapter_config.exists():
-        return {}
-    if json.loads(adapter_config.read_text()).get("task_type") != "SEQ_CLS":
-        raise UserError(f"'{source}' is a LoRA adapter of a language model, not of a reward model (SEQ_CLS).")
-    return {"num_labels": 1}
 
 
 def _winner(policy_margin: float) -> str:

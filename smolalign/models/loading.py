@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from transformers import (
 )
 
 from smolalign.errors import UserError, first_line
-from smolalign.hub import hub_reachable, looks_like_path, prefer_local_cache
+from smolalign.hub import hub_failure_reason, looks_like_path, prefer_local_cache
 from smolalign.models.attention import describe_attention, resolve_attention
 from smolalign.models.embedded import EMBEDDED_NAME, embedded_model_dir, embedded_tokenizer_dir, is_embedded
 
@@ -120,12 +121,9 @@ def model_source(name: str | None) -> str:
 
 
 def _hub_failure(name: str, error: Exception) -> UserError:
-    reason = "the Hugging Face Hub is unreachable and it is not in the local cache" if not hub_reachable() else (
-        f"the Hugging Face Hub could not provide it ({type(error).__name__})"
-    )
     return UserError(
-        f"cannot load '{name}': it is not a local folder and {reason}; check the name and the network, "
-        f"or omit --model to use the embedded {EMBEDDED_NAME}."
+        f"cannot load '{name}': it is not a local folder and {hub_failure_reason(error)}; check the name and the "
+        f"network, or omit --model to use the embedded {EMBEDDED_NAME}."
     )
 
 
@@ -169,22 +167,21 @@ def load_model(
 ) -> PreTrainedModel:
     """A causal LM in `dtype` on `device`, dropout off (as TRL), vocabulary grown to the tokenizer's.
 
-    With `reward_head`, the same backbone with a one-output sequence-classification head (a new, randomly
-    initialised head for a causal LM checkpoint), the format TRL's RewardTrainer saves and loads.
-    `attention` chooses the kernel of the packed and prefix-shared layouts (attention.resolve_attention).
+    With `reward_head`, the same backbone with a one-output sequence-classification head to train (see
+    load_reward_model). `attention` chooses the kernel of the packed and prefix-shared layouts
+    (attention.resolve_attention).
     """
     source = model_source(name)
     implementation = attention_implementation(attention, device)
-    try:
-        if reward_head:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                source, dtype=dtype, num_labels=1, attn_implementation=implementation)
-        else:
+    if reward_head:
+        model = load_reward_model(name, dtype=dtype, trained_head=False, attn_implementation=implementation)
+    else:
+        try:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=implementation)
-    except Exception as error:
-        if Path(source).is_dir():
-            raise UserError(f"cannot load a causal language model from '{name}': {first_line(error)}") from None
-        raise _hub_failure(name, error) from None
+        except Exception as error:
+            if Path(source).is_dir():
+                raise UserError(f"cannot load a causal language model from '{name}': {first_line(error)}") from None
+            raise _hub_failure(name, error) from None
     if tokenizer is not None:
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
@@ -194,6 +191,47 @@ def load_model(
             config.eos_token_id = tokenizer.eos_token_id
     _disable_dropout(model)
     return model.to(device)
+
+
+def load_reward_model(
+    name: str, *, dtype: torch.dtype, trained_head: bool, attn_implementation: str | None = None
+) -> PreTrainedModel:
+    """A sequence-classification model with one output, the format TRL's RewardTrainer saves and loads.
+
+    To train one (`trained_head=False`), a causal LM checkpoint gets a new, randomly initialised head.
+    To score with one, the head must be there and trained, with one output; a LoRA reward adapter (PEFT
+    task SEQ_CLS) is loaded on its base model.
+    """
+    source = model_source(name)
+    options = {"dtype": dtype, "attn_implementation": attn_implementation, "output_loading_info": True}
+    if not trained_head or _is_reward_adapter(source):
+        # A causal LM's config does not say num_labels=1: transformers would build a two-output head.
+        options["num_labels"] = 1
+    try:
+        model, loading = AutoModelForSequenceClassification.from_pretrained(source, **options)
+    except Exception as error:  # missing repo, no network, not a classification architecture
+        if Path(source).is_dir():
+            raise UserError(f"cannot load a reward model from '{name}': {first_line(error)}") from None
+        raise UserError(f"cannot load the reward model '{name}': {hub_failure_reason(error)}; check the name and "
+                        "the network.") from None
+    if trained_head and loading["missing_keys"]:
+        raise UserError(f"'{name}' is not a reward model: it has no trained classification head "
+                        f"({', '.join(sorted(loading['missing_keys']))} missing); give a model saved by a reward "
+                        "trainer.")
+    if trained_head and model.config.num_labels != 1:
+        raise UserError(f"'{name}' is not a reward model: its head has {model.config.num_labels} outputs, not one "
+                        "score.")
+    return model
+
+
+def _is_reward_adapter(source: str) -> bool:
+    """Whether `source` is a LoRA adapter of a reward model (TRL's RewardTrainer with a peft_config)."""
+    adapter_config = Path(source) / "adapter_config.json"
+    if not adapter_config.exists():
+        return False
+    if json.loads(adapter_config.read_text()).get("task_type") != "SEQ_CLS":
+        raise UserError(f"'{source}' is a LoRA adapter of a language model, not of a reward model (SEQ_CLS).")
+    return True
 
 
 def load_for_scoring(

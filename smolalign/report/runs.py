@@ -8,12 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from smolalign.config.train import flatten
+from smolalign.config.choices import MEAN_LOGPS_ALGORITHMS
+from smolalign.config.files import flatten
 from smolalign.errors import UserError
 from smolalign.metrics import read_metrics
-
-# Algorithms whose `logps/*` metrics are mean token log-probs of an answer (losses.py); the others log sums.
-AVERAGED_LOGPS = ("orpo", "simpo")
 
 
 @dataclass
@@ -41,7 +39,7 @@ class Run:
         algorithm = self.config.get("algorithm")
         if algorithm is None:
             return None
-        return "mean" if algorithm in AVERAGED_LOGPS else "sum"
+        return "mean" if algorithm in MEAN_LOGPS_ALGORITHMS else "sum"
 
 
 def read_runs(run_dirs: list[Path]) -> list[Run]:

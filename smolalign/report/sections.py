@@ -47,7 +47,7 @@ def headline_section(runs: list[Run], sweep_keys: list[str]) -> Section:
         rows.append([
             run.name,
             *(_setting(run.config.get(k, _MISSING)) for k in sweep_keys),
-            *(_number(done.get(name)) for name in ("final train loss", "train reward accuracy", "train reward margin",
+            *(format_number(done.get(name)) for name in ("final train loss", "train reward accuracy", "train reward margin",
                                                    "held-out accuracy before", "held-out accuracy",
                                                    "eval.json reward accuracy", "judge win rate")),
         ])
@@ -145,7 +145,7 @@ def _metric_rows(names: list[str], columns: list[dict], pairs_key: str | None) -
     if pairs_key is not None:
         accuracies = {name for name in names if name.removeprefix("eval_") in ACCURACY_METRICS}
     folded = {key for name in accuracies for key in interval_keys(name)}
-    return [[name, *(_number(Proportion.read(values, name, n_key=pairs_key) if name in accuracies else values.get(name))
+    return [[name, *(format_number(Proportion.read(values, name, n_key=pairs_key) if name in accuracies else values.get(name))
                      for values in columns)]
             for name in names if name not in folded]
 
@@ -171,8 +171,8 @@ def judge_section(runs: list[Run], out_dir: Path) -> Section | None:
     if not judged:
         return None
     header = ["run", "judge", "prompts", "wins", "ties", "losses", "win rate [95% interval]"]
-    rows = [[run.name, *(_number(run.evaluation.get(f"judge/{k}")) for k in ("name", "n", "wins", "ties", "losses")),
-             _number(win_rate(run.evaluation))] for run in judged]
+    rows = [[run.name, *(format_number(run.evaluation.get(f"judge/{k}")) for k in ("name", "n", "wins", "ties", "losses")),
+             format_number(win_rate(run.evaluation))] for run in judged]
     rates = {run.name: (run.evaluation["judge/win_rate"], run.evaluation.get("judge/ci_low"),
                         run.evaluation.get("judge/ci_high")) for run in judged}
     chart = plot_win_rates(rates, out_dir / "plots" / "win_rates.png", run_colors([run.name for run in runs]))
@@ -184,7 +184,7 @@ def samples_section(runs: list[Run]) -> Section | None:
     by_prompt: dict[str, list[tuple[str, dict]]] = {}
     for run in runs:
         for row in run.generations:
-            by_prompt.setdefault(_prompt_text(row.get("prompt")), []).append((run.name, row))
+            by_prompt.setdefault(prompt_text(row.get("prompt")), []).append((run.name, row))
     if not by_prompt:
         return None
     shown = list(by_prompt.items())[:MAX_SAMPLES]
@@ -227,7 +227,7 @@ def _policy_answer(name: str, row: dict) -> Answer:
 # ---------------------------------------------------------------- formatting values
 
 
-def _number(value) -> str:
+def format_number(value) -> str:
     """Metric values: four decimals, small ones (learning rates) in e-notation, large ones whole; a
     proportion with its interval and count (`0.61 [0.53, 0.68], n=150`)."""
     if value is None:
@@ -258,7 +258,7 @@ def _tokens(count) -> str:
     return "" if count is None else f"{count} tokens"
 
 
-def _prompt_text(prompt) -> str:
+def prompt_text(prompt) -> str:
     """A prompt as the dataset gave it: a string, or chat messages as `role: content` paragraphs."""
     if isinstance(prompt, list):
         return "\n\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in prompt if isinstance(m, dict))

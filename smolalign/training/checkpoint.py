@@ -13,9 +13,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
-from smolalign.config.train import TrainConfig, changed_settings, load_config, save_config
+from smolalign.config.files import changed_settings, save_config
+from smolalign.config.train import TrainConfig, load_config
 from smolalign.errors import RunError, UserError, writes_reported
 
 STATE_FILE = "smolalign_state.json"
@@ -70,6 +72,20 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / STATE_FILE).exists()]
 
 
+def last_good_checkpoint(output_dir: Path) -> str:
+    """What a stopped run leaves to resume from, as part of its one sentence."""
+    checkpoints = list_checkpoints(output_dir)
+    return f"the last good checkpoint, '{checkpoints[-1]}', is kept" if checkpoints else "no checkpoint had been written yet"
+
+
+def require_finite_weights(model: torch.nn.Module, target: str, output_dir: Path) -> None:
+    """Weights that stopped being finite (a finite but huge update can overflow) are never saved."""
+    if all(bool(torch.isfinite(parameter).all()) for parameter in model.parameters()):
+        return
+    raise RunError(f"the weights are no longer finite, so {target} was not saved in '{output_dir}'; lower the "
+                   f"learning_rate; {last_good_checkpoint(output_dir)}.")
+
+
 def resolve_checkpoint(requested: str, output_dir: Path) -> Path:
     if requested == "latest":
         checkpoints = list_checkpoints(output_dir)
@@ -82,18 +98,11 @@ def resolve_checkpoint(requested: str, output_dir: Path) -> Path:
     return path
 
 
-# Settings a resumed run may change: where and how often it reports and saves, and how it splits work
-# into chunks (which changes no number). Any other change would alter the pairs or schedule of later steps.
-RESUMABLE_CHANGES = (
-    "output_dir", "resume_from_checkpoint", "run_name", "report_to", "logging_steps", "eval_steps", "eval_on_start",
-    "save_steps", "save_total_limit", "max_tokens_per_forward", "logprob_chunk_size", "per_device_eval_batch_size",
-    "max_nonfinite_steps", "push_to_hub", "hub_model_id", "hub_private",
-)
-
-
 def load_checkpoint(accelerator: Accelerator, path: Path, config: TrainConfig) -> tuple[int, RunProgress]:
     """Restore everything Accelerate prepared; returns the optimizer steps done and the progress counters."""
-    changed = changed_settings(load_config(path / "config.yaml"), config, ignore=RESUMABLE_CHANGES)
+    # A resumed run may change bookkeeping settings only: any other change would alter the pairs or the
+    # schedule of later steps.
+    changed = changed_settings(load_config(path / "config.yaml"), config)
     if changed:
         raise UserError(f"cannot resume from '{path}' with other settings ({', '.join(changed[:3])}): later steps "
                         "would see other pairs or another schedule. Resume with the checkpoint's settings.")

@@ -8,17 +8,10 @@ from pathlib import Path
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from smolalign.config.choices import ALGORITHM_TITLES
 from smolalign.config.train import TrainConfig
 from smolalign.models.embedded import EMBEDDED_NAME, WEIGHTS_NOTE, is_embedded
 from smolalign.stats import ACCURACY_METRICS, Proportion
-
-ALGORITHM_NAMES = {
-    "dpo": "Direct Preference Optimization (Rafailov et al. 2023)",
-    "orpo": "Odds Ratio Preference Optimization (Hong et al. 2024)",
-    "simpo": "Simple Preference Optimization (Meng et al. 2024)",
-    "sft": "supervised fine-tuning",
-    "reward": "a Bradley-Terry reward model (sequence classification, one output)",
-}
 
 
 def save_final_model(
@@ -62,8 +55,8 @@ def model_card(config: TrainConfig, summary: dict[str, float], *, is_adapter: bo
         "",
         f"# {Path(config.output_dir).name}",
         "",
-        f"{base} trained by smolalign as {ALGORITHM_NAMES[config.algorithm]}{variant}."
-        if config.algorithm == "reward" else f"{base} aligned with {ALGORITHM_NAMES[config.algorithm]}{variant} by smolalign.",
+        f"{base} trained by smolalign as {ALGORITHM_TITLES[config.algorithm]}{variant}."
+        if config.algorithm == "reward" else f"{base} aligned with {ALGORITHM_TITLES[config.algorithm]}{variant} by smolalign.",
         "",
     ]
     if is_embedded(config.model):

@@ -1,4 +1,4 @@
-"""One batch of pairs through policy and reference, in pieces that bound activation memory.
+"""One optimizer step: batches of pairs through policy and reference, in pieces that bound activation memory.
 
 A batch of `per_device_train_batch_size` pairs is the unit of the loss and of the logged metrics, as
 in TRL. It is run through the model in chunks of at most `max_tokens_per_forward` tokens (whole
@@ -10,16 +10,18 @@ sizes (`BatchTotals`), so the chunks' gradients add up exactly to the batch's.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 
-from smolalign.core.layouts import build_batch, split_by_tokens
 from smolalign.core.logprobs import PairLogps, concat_pair_logps, score_batch
 from smolalign.core.losses import BatchTotals, LossSettings, Objective, ObjectiveOutput
 from smolalign.core.reference import Reference
+from smolalign.core.scoring import PairScoring
 from smolalign.data.tokenize import TokenizedPair
 
 
@@ -41,16 +43,13 @@ class RunResult:
 
 @dataclass
 class PairRunner:
-    """Computes an objective on batches of pairs with a fixed model, reference and layout."""
+    """Computes an objective on batches of pairs with a fixed model, reference and scoring path."""
 
     scorer: nn.Module
-    reference: Reference | None
+    reference: Reference | None  # None when the objective needs none
     objective: Objective
     settings: LossSettings
-    layout: str
-    pad_token_id: int
-    device: torch.device
-    max_tokens_per_forward: int
+    scoring: PairScoring
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # mixed precision
 
     def run(
@@ -69,16 +68,14 @@ class PairRunner:
         """
         score_prompt = self.objective.needs_prompt_logps
         totals = totals_of(pairs, score_prompt=score_prompt)
-        chunks = split_by_tokens(pairs, self.max_tokens_per_forward)
+        chunks = self.scoring.chunks(pairs)
         policy_parts, reference_parts, tokens = [], [], 0
         for index, chunk in enumerate(chunks):
-            batch = build_batch(chunk, self.layout, pad_token_id=self.pad_token_id, score_prompt=score_prompt,
-                                score_ends=self.objective.reward_model)
-            batch = batch.to(self.device)
+            batch = self.scoring.batch(chunk, score_prompt=score_prompt, score_ends=self.objective.reward_model)
             tokens += batch.num_tokens
             # The reference pass comes first, under no_grad and in the same layout: it keeps no activations.
             with self.autocast():
-                reference = self.reference.logps(batch, chunk) if self.objective.needs_reference else None
+                reference = self.reference.logps(batch, chunk) if self.reference is not None else None
             if backward is None:
                 with torch.no_grad(), self.autocast():
                     policy = score_batch(self.scorer, batch)
@@ -92,7 +89,61 @@ class PairRunner:
             policy_parts.append(policy.detach())
             reference_parts.append(reference)
         policy = concat_pair_logps(policy_parts)
-        reference = concat_pair_logps(reference_parts) if self.objective.needs_reference else None
+        reference = concat_pair_logps(reference_parts) if self.reference is not None else None
         with torch.no_grad():  # metrics of the whole batch, from the per-pair values of all chunks
             output = self.objective.compute(policy, reference, self.settings, totals)
         return RunResult(output, policy, tokens)
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step did; `tokens` is summed over processes, `finite` agreed by all of them."""
+
+    loss: float  # mean over the micro-batches of this process
+    metrics: list[dict[str, torch.Tensor]]  # the objective's metrics, one dict per micro-batch
+    tokens: int
+    grad_norm: float  # before clipping
+    learning_rate: float  # the rate this step used
+    finite: bool  # False: a loss or the gradient norm was NaN or infinite, and the weights were not updated
+
+
+def training_step(
+    accelerator: Accelerator, runner: PairRunner, micro_batches: list[list[TokenizedPair]], *,
+    optimizer: torch.optim.Optimizer, scheduler, max_grad_norm: float,
+) -> StepOutcome:
+    """One optimizer step over the micro-batches (gradient accumulation), skipped if a number is not finite."""
+    loss, metrics, tokens = 0.0, [], 0
+    for index, pairs in enumerate(micro_batches):
+        result = runner.run(
+            pairs,
+            backward=accelerator.backward,
+            # Each micro-batch loss is a mean over its pairs; dividing by the number of micro-batches
+            # makes the accumulated gradient the mean over the step (TRL's scaling).
+            loss_scale=1 / len(micro_batches),
+            # Processes exchange gradients once per step, after the last chunk of the last micro-batch.
+            no_sync=lambda: accelerator.no_sync(runner.scorer),
+            sync_after_last_chunk=index == len(micro_batches) - 1,
+        )
+        loss += result.output.loss.item() / len(micro_batches)
+        metrics.append(result.output.metrics)
+        tokens += result.tokens
+    # The norm is measured before clipping and logged as TRL logs it; max_grad_norm=0 only measures.
+    grad_norm = float(accelerator.clip_grad_norm_(runner.scorer.parameters(), max_grad_norm or math.inf))
+    nonfinite = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    reduced = across_processes(accelerator, {"tokens": tokens, "nonfinite": float(nonfinite)}, "sum")
+    learning_rate = scheduler.get_last_lr()[0]
+    finite = reduced["nonfinite"] == 0  # every process decides alike, so their weights stay equal
+    if finite:
+        optimizer.step()
+    scheduler.step()  # a skipped step has still used its pairs and its place in the schedule
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(loss, metrics, int(reduced["tokens"]), grad_norm, learning_rate, finite)
+
+
+def across_processes(accelerator: Accelerator, values: dict[str, float], reduction: str) -> dict[str, float]:
+    """Each value summed or averaged over the processes (every process must call this at the same point)."""
+    if accelerator.num_processes == 1:
+        return values
+    reduced = accelerator.reduce(torch.tensor(list(values.values()), dtype=torch.float64,
+                                              device=accelerator.device), reduction=reduction)
+    return dict(zip(values, reduced.tolist(), strict=True))

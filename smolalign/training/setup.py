@@ -1,0 +1,170 @@
+"""What a run builds before its first step: the run folder, Accelerate, the policy, the step plan, the
+reference, the optimizer and its schedule. Each builder is small and called once, in order, by `train()`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs, is_tensorboard_available, is_wandb_available
+from transformers import get_scheduler
+
+from smolalign.config.files import flatten, save_config
+from smolalign.config.train import TrainConfig
+from smolalign.core.layouts import block_tokens, choose_layout
+from smolalign.core.losses import Objective
+from smolalign.core.reference import Reference, precompute_reference, precomputes_reference, reference_source
+from smolalign.core.scoring import PairScoring
+from smolalign.data.prepare import PreparedData
+from smolalign.errors import UserError, writes_reported
+from smolalign.metrics import MetricsFile
+from smolalign.models.loading import add_lora, base_model_of, load_model
+from smolalign.training.checkpoint import RunProgress, list_checkpoints, load_checkpoint, resolve_checkpoint
+from smolalign.training.plan import StepPlan
+
+log = logging.getLogger("smolalign")
+
+
+def make_output_dir(output_dir: Path) -> None:
+    """Create the run folder, or say in one sentence why it cannot be."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"cannot create output_dir '{output_dir}': it or a folder above it is a file.") from None
+    except OSError as error:
+        raise UserError(f"cannot write to output_dir '{output_dir}': {error.strerror or error}.") from None
+
+
+def require_trackers(names: list[str]) -> None:
+    """Accelerate skips a tracker whose package is missing with only a warning; here it is an error."""
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    for name in names:
+        if not available[name]():
+            raise UserError(f"report_to {name} needs the {name} package: pip install {name} (or smolalign[tracking]).")
+
+
+def make_accelerator(config: TrainConfig, device: torch.device, mixed_precision: str, output_dir: Path) -> Accelerator:
+    """Accelerate for this run, in a fresh state."""
+    # Accelerate keeps one state per process: without a reset, a trainer made earlier in the same process
+    # (a notebook that ran TRL first) would impose its mixed precision on this run.
+    AcceleratorState._reset_state()
+    # The schedule counts optimizer steps of the whole job, so the scheduler steps once per optimizer step
+    # (Accelerate would otherwise step it once per process).
+    # Processes may run different numbers of forward passes per step (chunks of their own pairs), so DDP
+    # must not broadcast buffers at every forward pass (the rotary tables are constant anyway).
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision,
+                       log_with=config.report_to or None, project_dir=str(output_dir),
+                       step_scheduler_with_optimizer=False,
+                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+
+
+def build_policy(config: TrainConfig, objective: Objective, tokenizer, *, dtype, device) -> tuple[torch.nn.Module, str]:
+    """The model to train (with LoRA adapters and gradient checkpointing if asked) and its batch layout."""
+    policy = load_model(config.model, dtype=dtype, device=device, tokenizer=tokenizer,
+                        reward_head=objective.reward_model)
+    if config.lora is not None:
+        policy = add_lora(policy, config.lora)
+    if config.gradient_checkpointing:
+        base_model_of(policy).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy, choose_layout(config.batch_layout, policy)
+
+
+def build_plan(config: TrainConfig, data: PreparedData, num_processes: int) -> StepPlan:
+    """Which pairs each optimizer step sees."""
+    return StepPlan(
+        num_pairs=len(data.train),
+        batch_size=config.per_device_train_batch_size * num_processes,
+        accumulation=config.gradient_accumulation_steps,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        seed=config.seed,
+        pair_tokens=tuple(block_tokens(p) for p in data.train),
+        max_tokens=config.max_tokens_per_batch,
+    )
+
+
+def build_reference(
+    config: TrainConfig, objective: Objective, *, policy: torch.nn.Module, scorer: torch.nn.Module, tokenizer,
+    dtype: torch.dtype, accelerator: Accelerator, scoring: PairScoring, plan: StepPlan, data: PreparedData,
+) -> Reference | None:
+    """The reference of every step, decided here once, before Accelerate wraps the policy; None when the
+    objective needs none.
+
+    The reference is the initial policy (or `ref_model`): by default, for full fine-tuning and LoRA alike,
+    its log-probs are computed now for every pair the run will see (under LoRA: the policy with its adapters
+    disabled) and cached on disk, so no second copy of the model is held and no step pays for a reference
+    pass. With `precompute_ref_log_probs: false` (the default with a `ref_model`) every step runs it: the
+    policy with adapters off, a frozen copy of the policy, or the `ref_model`.
+    """
+    if not objective.needs_reference:
+        return None
+    source, weights = reference_source(config, policy=policy, policy_scorer=scorer, tokenizer=tokenizer,
+                                       dtype=dtype, device=accelerator.device)
+    if not precomputes_reference(config):
+        return source
+    needed = [data.train[i] for i in plan.pairs_used()] + data.eval
+    # The main process fills the on-disk cache first; the others then read it instead of recomputing.
+    with accelerator.main_process_first(), accelerator.autocast():  # the precision the policy will train in
+        return precompute_reference(source, weights, needed, scoring)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with transformers' grouping: no weight decay on biases and normalisation weights."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel updates in place; the default multi-tensor path allocates model-sized temporaries.
+    return torch.optim.AdamW(
+        groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+        fused=True,
+    )
+
+
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """The learning-rate schedule over the run's optimizer steps."""
+    return get_scheduler(
+        config.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=config.warmup_steps or math.ceil(config.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+
+
+def open_run_folder(
+    accelerator: Accelerator, config: TrainConfig, output_dir: Path
+) -> tuple[MetricsFile, int, RunProgress]:
+    """Create or reopen the run folder: restore a checkpoint if asked, keep metrics only up to it, save
+    the resolved config, start the trackers. Returns the metrics file, the steps already done and the
+    progress counters."""
+    metrics_file = MetricsFile(output_dir / "metrics.jsonl")
+    start_step, progress = 0, RunProgress()
+    if config.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(config.resume_from_checkpoint, output_dir)
+        start_step, progress = load_checkpoint(accelerator, checkpoint, config)
+        log.info("resumed from step %d", start_step)
+    if start_step:
+        metrics_file.truncate_after(start_step)
+    elif accelerator.is_main_process:  # a fresh run replaces an earlier run in the folder, checkpoints included
+        metrics_file.path.unlink(missing_ok=True)
+        for stale in list_checkpoints(output_dir):
+            log.warning("starting afresh: removing %s of an earlier run in this folder", stale.name)
+            shutil.rmtree(stale)
+    if accelerator.is_main_process:
+        with writes_reported(output_dir / "config.yaml"):
+            save_config(config, output_dir / "config.yaml")
+    tracked = {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)  # lists become text
+               for k, v in flatten(config.to_dict()).items()}
+    accelerator.init_trackers("smolalign", config=tracked,
+                              init_kwargs={"wandb": {"name": config.run_name or output_dir.name}})
+    return metrics_file, start_step, progress
