@@ -75,7 +75,7 @@ if [ "${GPU_CHECK_TESTS:-1}" != 0 ]; then
     per_test=()  # a hanging test must not take the whole budget (pytest-timeout is on the GPU image)
     "$PYTHON" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=150)
     timeout --kill-after=10 "$tests_seconds" "$PYTHON" -m pytest -v -s -rfE -p no:cacheprovider "${per_test[@]}" \
-        -m "cuda and not slow" --durations=5 tests/test_cuda.py tests/test_layouts.py >"$OUT/pytest.log" 2>&1
+        -m "cuda and not slow" --durations=5 tests/test_cuda.py tests/core/test_layouts.py >"$OUT/pytest.log" 2>&1
     status=$?
     say ""
     say "## CUDA tests (exit status $status$([ $status = 124 ] && echo ": stopped after ${tests_seconds}s"))"

@@ -80,6 +80,27 @@ def hh_rows():
 # --- CUDA: device-agnostic tests take `device` (CPU always, CUDA when present); CUDA-only ones `cuda_device`. ---
 
 
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory, hh_rows) -> Path:
+    """16 HH-RLHF pairs as a JSONL file (rows 100-115 of the bundled train split)."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", hh_rows[100:116])
+
+
+@pytest.fixture(scope="session")
+def tokenized_pairs(hh_rows, tokenizer):
+    """6 HH-RLHF pairs (rows 500-505) tokenized with the real tokenizer's chat template."""
+    from smolalign.data.formats import to_pair
+    from smolalign.data.tokenize import tokenize_pairs
+
+    return tokenize_pairs([to_pair(row, i, "hh_rlhf") for i, row in enumerate(hh_rows[500:506])], tokenizer)
+
+
+@pytest.fixture(scope="session")
+def rows(hh_rows) -> list[dict]:
+    """6 HH-RLHF rows (60-65) for evaluation tests."""
+    return hh_rows[60:66]
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped where none is present")
 

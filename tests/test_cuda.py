@@ -14,8 +14,7 @@ import accelerate.accelerator
 import pytest
 import torch
 from conftest import read_jsonl, write_jsonl
-from datasets import Dataset
-from test_trl_parity import (  # noqa: F401 (its fixtures, reused here)
+from core.test_trl_parity import (  # noqa: F401 (its fixtures, reused here)
     SCHEDULE,
     TRL_ONLY,
     assert_same_numbers,
@@ -23,6 +22,7 @@ from test_trl_parity import (  # noqa: F401 (its fixtures, reused here)
     conversational_pairs,
     run_smolalign,
 )
+from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from smolalign.config.choices import LAYOUTS

@@ -184,10 +184,12 @@ class ReferenceCache:
 
     def fill(self, pairs: list[TokenizedPair], score: Callable[[list[TokenizedPair]], PairLogps]) -> PrecomputedReference:
         """Reference log-probs for `pairs`: cached ones are reused, the others scored and added to the cache."""
-        values = self.load()
+        shipped = _read_values(self.shipped)
+        values = {**shipped, **_read_values(self.path)}
         missing = list({pair_key(p): p for p in pairs if pair_key(p) not in values}.values())
-        log.info("reference log-probs: %d of %d pairs cached in %s, %d to compute",
-                 len(pairs) - len(missing), len(pairs), self.path.parent, len(missing))
+        from_package = sum(pair_key(p) in shipped for p in pairs)
+        log.info("reference log-probs: %d of %d pairs cached (%d shipped with smolalign, the others in %s), %d to compute",
+                 len(pairs) - len(missing), len(pairs), from_package, self.path.parent, len(missing))
         if missing:
             scored = score(missing)
             for pair, chosen, rejected in zip(missing, scored.chosen.tolist(), scored.rejected.tolist(), strict=True):

@@ -1,4 +1,5 @@
-"""`smolalign eval`: per-pair log-probs equal a plain transformers computation; summaries are consistent."""
+"""`smolalign eval`: per-pair log-probs equal a plain transformers computation; summaries are consistent;
+a run is evaluated with its own settings, against the model it started from."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from smolalign.cli import main
 from smolalign.config.commands import EvalConfig
-from smolalign.config.train import TrainConfig
+from smolalign.config.train import TrainConfig, load_config
 from smolalign.core.scoring import PairScoring
 from smolalign.data.formats import _parse_hh
 from smolalign.errors import UserError
 from smolalign.evaluation.command import with_run_settings
 from smolalign.models.embedded import embedded_model_dir
 from smolalign.stats import wilson_interval
+from smolalign.training.loop import train
 
 
 def plain_answer_logps(model, tokenizer, messages: list[dict]) -> tuple[float, int]:
@@ -128,3 +130,20 @@ def test_unset_run_settings_come_from_the_run_else_from_training_defaults(tmp_pa
     assert (plain.beta, plain.max_length) == (TrainConfig.beta, TrainConfig.max_length)  # no run: training's
     with pytest.raises(UserError, match="'max_prompt_length' \\(200\\) must be >= 1 and below max_length \\(128\\)"):
         with_run_settings(EvalConfig.from_values({"model": final, "dataset": "d.jsonl", "max_prompt_length": 200}))
+
+
+def test_eval_of_a_full_fine_tuning_run_uses_its_starting_model_as_reference(tmp_path, tiny_model, pairs_file,
+                                                                             monkeypatch):
+    monkeypatch.setenv("SMOLALIGN_REFERENCE_CACHE", str(tmp_path / "cache"))
+    final = train(load_config(None, {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_steps": 1,
+                                     "per_device_train_batch_size": 16, "output_dir": str(tmp_path / "run")}))
+    calls = []
+    original = PairScoring.logps
+    monkeypatch.setattr(PairScoring, "logps",
+                        lambda self, *a, **k: calls.append(k.get("desc")) or original(self, *a, **k))
+    main(["eval", "--model", str(final), "--dataset", str(pairs_file), "--max_pairs", "4"])
+    assert calls == ["scoring policy"]  # the reference log-probs were precomputed by training and cached
+    summary = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
+    assert "kl/chosen_per_token" in summary and summary["reward"].startswith("beta * (logps - ref_logps)")
+    rows = read_jsonl(tmp_path / "run" / "eval" / "eval_pairs.jsonl")
+    assert len(rows) == 4 and all("ref_logps_chosen" in row for row in rows)

@@ -1,5 +1,6 @@
 """Judges: a tiny reward model against scores computed independently with transformers, an LLM judge
-over real HTTP against small local OpenAI-compatible servers, and the win-rate summary by hand."""
+over real HTTP against small local OpenAI-compatible servers, the win-rate summary by hand, and
+`smolalign eval --judge` end to end."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import read_jsonl, tiny_llama_config, write_jsonl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaForSequenceClassification
 
+from smolalign.cli import main
+from smolalign.core.scoring import PairScoring
 from smolalign.errors import UserError
 from smolalign.evaluation.judge import ChatJudge, Verdict, build_judge, parse_choice, win_rate_summary
 
@@ -426,3 +429,46 @@ def test_build_judge_errors(tmp_path):
         )
     with pytest.raises(UserError, match="http"):
         build_judge(reward_model=None, url="127.0.0.1:8000/v1", model="m", api_key_env="K", device=CPU)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `smolalign eval --judge`
+
+
+def test_a_judge_needs_generations(tmp_path, tiny_model, rows, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", str(tiny_model(0)), "--dataset", str(data), "--judge", str(tiny_model(1))])
+    assert exit_info.value.code == 2
+    assert "--generate" in capsys.readouterr().err
+
+
+def test_a_trained_reward_model_judges_generations(tmp_path, tiny_model, rows):
+    """The fully local judge: `algorithm: reward` trains it, `smolalign eval --judge` uses it."""
+    from smolalign.config.train import load_config
+    from smolalign.training.loop import train
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    judge = train(load_config(None, {"model": str(tiny_model(1)), "algorithm": "reward", "dataset": str(data),
+                                     "max_steps": 1, "output_dir": str(tmp_path / "rm")}))
+    out = tmp_path / "eval"
+    main(["eval", "--model", str(tiny_model(0)), "--ref_model", str(tiny_model(1)), "--dataset", str(data),
+          "--output_dir", str(out), "--generate", "3", "--max_new_tokens", "4", "--judge", str(judge)])
+    summary = json.loads((out / "eval.json").read_text())
+    generations = read_jsonl(out / "generations.jsonl")
+    assert summary["judge/n"] == 3 == len(generations)
+    wins = sum(g["verdict"] == "policy" for g in generations)
+    ties = sum(g["verdict"] == "tie" for g in generations)
+    assert summary["judge/win_rate"] == pytest.approx((wins + ties / 2) / 3)
+    assert summary["judge/ci_low"] <= summary["judge/win_rate"] <= summary["judge/ci_high"]
+    assert all((g["policy_score"] > g["reference_score"]) == (g["verdict"] == "policy") for g in generations)
+
+
+def test_a_bad_judge_url_is_rejected_before_any_scoring(tmp_path, tiny_model, rows, capsys, monkeypatch):
+    monkeypatch.setattr(PairScoring, "logps", lambda *a, **k: pytest.fail("scored first"))
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", str(tiny_model(0)), "--dataset", str(data), "--ref_model", str(tiny_model(1)),
+              "--generate", "2", "--judge_url", "127.0.0.1:8000/v1", "--judge_model", "m"])
+    assert exit_info.value.code == 2
+    assert "http(s) URL" in capsys.readouterr().err

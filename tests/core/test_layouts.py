@@ -1,7 +1,10 @@
 """Every batch layout gives the padded layout's numbers: loss, metrics and gradients, for every objective,
-on the CPU and (where present) on a CUDA GPU, whose packed and prefix-shared layouts run FlexAttention."""
+on the CPU and (where present) on a CUDA GPU, whose packed and prefix-shared layouts run FlexAttention; and
+attention without 4D masks falls back to the padded layout."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import smolalign.core.logprobs
 from smolalign.config.choices import LAYOUTS
-from smolalign.core.layouts import build_batch
+from smolalign.core.layouts import build_batch, choose_layout
 from smolalign.core.logprobs import RewardScorer, SequenceScorer, score_batch, token_logprobs
 from smolalign.core.losses import OBJECTIVES, LossSettings
 from smolalign.core.reference import adapter_disabled_reference, model_reference
@@ -182,3 +185,13 @@ def test_block_masks_skip_the_tiles_no_query_sees():
         for k in range(5):
             seen = bool(dense[q * 128:(q + 1) * 128, k * 128:(k + 1) * 128].any())
             assert seen == bool(tiles[q, k]), (q, k)
+
+
+def test_attention_without_4d_masks_falls_back_to_padded(tiny_model, caplog):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model(0))
+    assert choose_layout("auto", model) == "prefix_shared"
+    model.config._attn_implementation = "flash_attention_2"
+    with caplog.at_level(logging.WARNING, logger="smolalign"):
+        assert choose_layout("auto", model) == "padded"
+        assert choose_layout("packed", model) == "padded"
+    assert "flash_attention_2" in caplog.text and "padded" in caplog.text

@@ -15,7 +15,7 @@ from smolalign.config.files import RECIPES_DIR, save_config
 from smolalign.config.train import LoraSettings, TrainConfig, load_config
 from smolalign.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_yaml(path: Path, values: dict) -> Path:

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from conftest import write_jsonl
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from smolalign.bench.command import (
@@ -21,11 +20,6 @@ from smolalign.config.commands import BenchConfig
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
 from smolalign.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory, hh_rows):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", hh_rows[100:116])
 
 
 def bench_args(tmp_path, pairs_file, **overrides) -> BenchConfig:
