@@ -22,10 +22,15 @@ def main(recipe: str = "demo") -> None:
     from smolalign.config.train import load_config
     from smolalign.core.logprobs import SequenceScorer
     from smolalign.core.losses import OBJECTIVES
-    from smolalign.core.scoring import PairScoring, default_max_tokens_per_forward
     from smolalign.data.prepare import prepare_data
     from smolalign.models.loading import load_tokenizer, resolve_device, resolve_precision
-    from smolalign.training.setup import build_plan, build_policy, build_reference, make_accelerator
+    from smolalign.training.setup import (
+        build_plan,
+        build_policy,
+        build_reference,
+        build_scoring,
+        make_accelerator,
+    )
 
     with tempfile.TemporaryDirectory() as scratch:
         config = load_config(recipe, {"output_dir": scratch})
@@ -36,9 +41,7 @@ def main(recipe: str = "demo") -> None:
         tokenizer = load_tokenizer(config.model, chat_template=config.chat_template)
         data = prepare_data(config, tokenizer, needs_rejected=objective.needs_rejected)
         policy, layout = build_policy(config, objective, tokenizer, dtype=dtype, device=accelerator.device)
-        max_tokens = config.max_tokens_per_forward or default_max_tokens_per_forward(
-            policy, accelerator.device, mixed_precision=mixed_precision, max_length=config.max_length)
-        scoring = PairScoring(layout, tokenizer.pad_token_id, accelerator.device, max_tokens)
+        scoring = build_scoring(config, policy, layout, tokenizer, accelerator, mixed_precision)
         build_reference(config, objective, policy=policy, scorer=SequenceScorer(policy, config.logprob_chunk_size),
                         tokenizer=tokenizer, dtype=dtype, accelerator=accelerator, scoring=scoring,
                         plan=build_plan(config, data, accelerator.num_processes), data=data)

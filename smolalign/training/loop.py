@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from smolalign.config.train import TrainConfig
 from smolalign.core.logprobs import RewardScorer, SequenceScorer
 from smolalign.core.losses import OBJECTIVES, LossSettings
-from smolalign.core.scoring import PairScoring, default_max_tokens_per_forward
 from smolalign.data.prepare import prepare_data
 from smolalign.errors import writes_reported
 from smolalign.locks import run_folder_lock
@@ -37,6 +36,7 @@ from smolalign.training.setup import (
     build_policy,
     build_reference,
     build_scheduler,
+    build_scoring,
     make_accelerator,
     make_output_dir,
     open_run_folder,
@@ -79,9 +79,7 @@ def _train(config: TrainConfig, output_dir: Path) -> Path | None:
 
     # Models: the policy, the batches it is scored in, and its reference (see build_reference).
     policy, layout = build_policy(config, objective, tokenizer, dtype=dtype, device=accelerator.device)
-    max_tokens = config.max_tokens_per_forward or default_max_tokens_per_forward(
-        policy, accelerator.device, mixed_precision=mixed_precision, max_length=config.max_length)
-    scoring = PairScoring(layout, tokenizer.pad_token_id, accelerator.device, max_tokens)
+    scoring = build_scoring(config, policy, layout, tokenizer, accelerator, mixed_precision)
     trainable, total = count_parameters(policy)
     log.info("%s on %s (%s): %d/%d parameters trainable, layout %s, %d training pairs",
              config.algorithm, accelerator.device, str(dtype).removeprefix("torch."), trainable, total, layout,

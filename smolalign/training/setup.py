@@ -20,7 +20,7 @@ from smolalign.config.train import TrainConfig
 from smolalign.core.layouts import block_tokens, choose_layout
 from smolalign.core.losses import Objective
 from smolalign.core.reference import Reference, precompute_reference, precomputes_reference, reference_source
-from smolalign.core.scoring import PairScoring
+from smolalign.core.scoring import PairScoring, default_max_tokens_per_forward
 from smolalign.data.prepare import PreparedData
 from smolalign.errors import UserError, writes_reported
 from smolalign.metrics import MetricsFile
@@ -90,6 +90,15 @@ def build_plan(config: TrainConfig, data: PreparedData, num_processes: int) -> S
         pair_tokens=tuple(block_tokens(p) for p in data.train),
         max_tokens=config.max_tokens_per_batch,
     )
+
+
+def build_scoring(config: TrainConfig, policy: torch.nn.Module, layout: str, tokenizer, accelerator: Accelerator,
+                  mixed_precision: str) -> PairScoring:
+    """How the run's pairs become batches: its layout, pad id and device, and the tokens per forward pass
+    (`max_tokens_per_forward`, or what the device's memory allows)."""
+    max_tokens = config.max_tokens_per_forward or default_max_tokens_per_forward(
+        policy, accelerator.device, mixed_precision=mixed_precision, max_length=config.max_length)
+    return PairScoring(layout, tokenizer.pad_token_id, accelerator.device, max_tokens)
 
 
 def build_reference(
