@@ -57,9 +57,7 @@ def train_config(config: str | Path | TrainConfig | None = None, **settings: Any
     """The TrainConfig that `train(config, **settings)` would run, validated (a mistake raises UserError)."""
     from smolalign.config.train import TrainConfig, load_config
 
-    if isinstance(config, TrainConfig):
-        return load_config(None, _over_config(config, _plain(settings)))
-    return load_config(None if config is None else _plain(config), _plain(settings))
+    return load_config(config if config is None or isinstance(config, TrainConfig) else _plain(config), _plain(settings))
 
 
 def evaluate(config: EvalConfig | None = None, **settings: Any) -> EvalResult:
@@ -116,14 +114,12 @@ def sweep(
     from smolalign.training.grid import plan_sweep, run_config
 
     settings = _plain(settings)
-    if isinstance(config, TrainConfig):
-        config, settings = None, _over_config(config, settings)
-    config_path = None if config is None else os.fspath(config)
+    base = config if config is None or isinstance(config, TrainConfig) else os.fspath(config)
     specs = [f"{key}={','.join(map(str, values))}" for key, values in grid.items()] if isinstance(
         grid, Mapping) else list(grid)
-    plan = plan_sweep(config_path, specs, settings)
+    plan = plan_sweep(base, specs, settings)
     for number, (folder, point) in enumerate(plan.points, start=1):
-        run = run_config(config_path, settings, folder, point, number=number, total=len(plan.points))
+        run = run_config(base, settings, folder, point, number=number, total=len(plan.points))
         if run is not None:
             train(run)
     report = write_report(plan.run_dirs, plan.root, sweep_keys=list(plan.grid))
@@ -148,18 +144,6 @@ def _quiet_libraries():
         transformers_logging.set_verbosity(verbosity)
         if bars_on:
             transformers_logging.enable_progress_bar()
-
-
-def _over_config(config: TrainConfig, settings: dict[str, Any]) -> dict[str, Any]:
-    """Overrides that rebuild `config` with `settings` over it. Both go in as dotted keys (`lora.r`), so
-    `lora={"r": 8}` changes one key of the config's LoRA section, as a flag changes one key of a YAML
-    file's, and `lora=None` removes the section."""
-    from smolalign.config.files import flatten
-
-    changes = flatten(settings)
-    kept = {key: value for key, value in flatten(config.to_dict()).items()
-            if not any(change.startswith(f"{key}.") for change in changes)}
-    return {**kept, **changes}
 
 
 def _plain(value: Any) -> Any:

@@ -2,8 +2,8 @@
 
 Lower layers never import higher ones, so each part can be read (and tested) with only what lies below it:
 foundations (errors, locks, stats, hub, metrics) < config < models < data < core < training | evaluation,
-with report beside them reading run folders only, bench on top of training, and the commands (cli, api,
-sweep) above all. Imports inside functions count: a lazy import is still a dependency.
+with report beside them reading run folders only, bench on top of training, and the API and command
+line (api, results, cli) above all. Imports inside functions count: a lazy import is still a dependency.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 SPEC names the framework (`smolalign`, `trl`, or `trl_liger`: TRL with `use_liger_kernel=True`),
 algorithm, model folder, pairs file, steps, batch size, max_length, device, LoRA or not, and whether the
-process keeps freed memory (cpu_memory.py). RESULT receives the seconds of every optimizer step, whether
+process keeps freed memory (models/memory.py). RESULT receives the seconds of every optimizer step, whether
 freed memory was kept, and on CUDA the process's peak allocated memory. The whole process's time (and
 its peak RSS on a CPU) is measured from outside, by `smolalign bench`.
 """

@@ -28,8 +28,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Settings]) -
         help = _help_text(field, annotation)
         if field.metadata.get("positional"):
             has_default = field.default is not dataclasses.MISSING
-            parser.add_argument(field.name, nargs="?" if has_default else None, default=argparse.SUPPRESS,
-                                type=FlagText, help=help)
+            # No SUPPRESS default here: argparse passes an omitted optional positional's default through
+            # `type` (Python 3.11), which would make it the text '==SUPPRESS=='. None means: not given.
+            parser.add_argument(field.name, nargs="?" if has_default else None, default=None, type=FlagText,
+                                help=help)
         elif annotation is bool and field.default is False:
             parser.add_argument(f"--{field.name}", action="store_true", default=argparse.SUPPRESS, help=help)
         else:
@@ -40,7 +42,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Settings]) -
 def config_from_args(cls: type[S], args: argparse.Namespace, rest: list[str]) -> S:
     """The validated config of the flags argparse parsed (`args`) and those it did not know (`rest`):
     an unknown flag is refused with the closest valid one."""
-    values: dict[str, Any] = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values: dict[str, Any] = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                              if getattr(args, f.name, None) is not None}
     values.update(parse_override_args(rest))
     return cls.from_values(values)
 

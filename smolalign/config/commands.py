@@ -54,7 +54,8 @@ class EvalConfig(Settings):
     chat_template: str | None = from_run("chat_template", "'chatml' for a base model without a chat template.")
     system_prompt: str | None = from_run("system_prompt", "System message for prompts that have none.")
     max_pairs: int | None = option(None, "Use only the first N pairs.")
-    batch_size: int = option(TrainConfig.per_device_eval_batch_size, "Pairs scored together.")
+    batch_size: int = option(TrainConfig.per_device_eval_batch_size, "About this many pairs per forward pass: "
+                                 "the token budget of a pass is batch_size x max_length.")
     batch_layout: BatchLayout = option(TrainConfig.batch_layout, "How pairs become rows (numbers do not change).")
     generate: int = option(0, "Answer the first N prompts with the policy and the reference, side by side.",
                            metavar="N")

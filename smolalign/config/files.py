@@ -65,5 +65,10 @@ def changed_settings(before: Any, after: Any) -> list[str]:
     a run reports and saves, how it splits work into chunks) may differ."""
     bookkeeping = {f.name for f in dataclasses.fields(after) if f.metadata.get("bookkeeping")}
     old, new = flatten(dataclasses.asdict(before)), flatten(dataclasses.asdict(after))
-    return [f"{key}: {old.get(key)!r} -> {value!r}" for key, value in new.items()
-            if key not in bookkeeping and old.get(key) != value]
+    absent = object()  # a key only one side has (a section added or removed: `lora.r` against `lora: null`)
+
+    def shown(values: dict, key: str) -> str:
+        return repr(values[key]) if key in values else "unset"
+
+    return [f"{key}: {shown(old, key)} -> {shown(new, key)}" for key in dict.fromkeys([*old, *new])
+            if key not in bookkeeping and old.get(key, absent) != new.get(key, absent)]

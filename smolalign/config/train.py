@@ -178,12 +178,15 @@ class TrainConfig(Settings):
             _check_hub_model_id(self.hub_model_id)
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults, then the YAML file, then `overrides` (key -> value; `lora.r` reaches a nested key)."""
-    values: dict[str, Any] = read_yaml(path) if path is not None else {}
-    from smolalign.config.trl import translate_trl_config  # a TRL DPOConfig / ORPOConfig / CPOConfig file
+def load_config(source: str | Path | TrainConfig | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then `source` (a YAML file or packaged recipe, or a TrainConfig to start from), then
+    `overrides` (key -> value; `lora.r` reaches a nested key)."""
+    if isinstance(source, TrainConfig):
+        values = source.to_dict()
+    else:
+        from smolalign.config.trl import translate_trl_config  # a TRL DPOConfig / ORPOConfig / CPOConfig file
 
-    values = translate_trl_config(values)
+        values = translate_trl_config(read_yaml(source) if source is not None else {})
     for key, value in nest(overrides or {}).items():
         if isinstance(value, dict) and isinstance(values.get(key), dict):
             values[key] = {**values[key], **value}  # a flag changes one key of a YAML section, not all

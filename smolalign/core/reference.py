@@ -165,7 +165,7 @@ class ReferenceCache:
         """Add `values` to the file; pairs another run saved meanwhile are kept."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with exclusive_file_lock(self.path.with_suffix(".lock")):
-            values = {**self.load(), **values}
+            values = {**_read_values(self.path), **values}  # this machine's file; shipped values stay where they are
             keys = sorted(values)
             handle, staging = tempfile.mkstemp(prefix=self.path.stem + ".", suffix=".partial", dir=self.path.parent)
             os.close(handle)
@@ -184,17 +184,19 @@ class ReferenceCache:
 
     def fill(self, pairs: list[TokenizedPair], score: Callable[[list[TokenizedPair]], PairLogps]) -> PrecomputedReference:
         """Reference log-probs for `pairs`: cached ones are reused, the others scored and added to the cache."""
+        keys = [pair_key(p) for p in pairs]
         shipped = _read_values(self.shipped)
         values = {**shipped, **_read_values(self.path)}
-        missing = list({pair_key(p): p for p in pairs if pair_key(p) not in values}.values())
-        from_package = sum(pair_key(p) in shipped for p in pairs)
+        missing = {key: pair for key, pair in zip(keys, pairs, strict=True) if key not in values}
         log.info("reference log-probs: %d of %d pairs cached (%d shipped with smolalign, the others in %s), %d to compute",
-                 len(pairs) - len(missing), len(pairs), from_package, self.path.parent, len(missing))
+                 sum(key in values for key in keys), len(pairs), sum(key in shipped for key in keys), self.path.parent,
+                 len(missing))
         if missing:
-            scored = score(missing)
-            for pair, chosen, rejected in zip(missing, scored.chosen.tolist(), scored.rejected.tolist(), strict=True):
-                values[pair_key(pair)] = (chosen, rejected)
-            self.save(values)
+            scored = score(list(missing.values()))
+            new = {key: (chosen, rejected)
+                   for key, chosen, rejected in zip(missing, scored.chosen.tolist(), scored.rejected.tolist(), strict=True)}
+            self.save(new)
+            values.update(new)
         return PrecomputedReference(values)
 
 
@@ -204,10 +206,9 @@ def precompute_reference(
     pairs: list[TokenizedPair],
     scoring: PairScoring,
     *,
-    cache_folder: Path | None = None,
     desc: str = "reference log-probs",
 ) -> PrecomputedReference:
     """Reference log-probs of `pairs`, from the cache of `reference_weights` or scored once now."""
-    return ReferenceCache(reference_weights, cache_folder).fill(
+    return ReferenceCache(reference_weights).fill(
         pairs, lambda missing: scoring.logps(reference, missing, desc=desc)
     )

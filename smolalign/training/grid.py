@@ -54,9 +54,9 @@ class SweepPlan:
         return [folder for folder, _ in self.points]
 
 
-def plan_sweep(config_path: str | None, grid_specs: list[str], overrides: dict) -> SweepPlan:
+def plan_sweep(config_path: str | TrainConfig | None, grid_specs: list[str], overrides: dict) -> SweepPlan:
     """The sweep folder and, per grid point, its run folder and settings, all validated before any training."""
-    if config_path is not None:
+    if isinstance(config_path, str):
         read_yaml(config_path)  # a missing or broken file is reported before anything else
     grid = parse_grid(grid_specs)
     base = load_config(config_path, overrides)
@@ -81,7 +81,7 @@ def check_same_settings(folder: Path, config: TrainConfig) -> None:
                         f"choose another output_dir to sweep with the new settings.")
 
 
-def run_config(config_path: str | None, overrides: dict, folder: Path, point: dict, *, number: int,
+def run_config(config_path: str | TrainConfig | None, overrides: dict, folder: Path, point: dict, *, number: int,
                total: int) -> TrainConfig | None:
     """The config to train one point with (resuming its last checkpoint, if any); None when it finished earlier."""
     settings = {**overrides, **point, "output_dir": str(folder)}

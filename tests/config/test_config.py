@@ -434,6 +434,9 @@ def test_changed_settings_are_those_that_change_the_numbers():
     assert changed_settings(before, bookkeeping) == []
     other = load_config(None, {"lora": {"r": 4}, "beta": 0.2})
     assert changed_settings(before, other) == ["lora.r: 8 -> 4", "beta: 0.1 -> 0.2"]
+    full = load_config(None, {"lora": None})  # a section removed (or added) is a change too, key by key
+    assert {"lora.r: 8 -> unset", "lora: unset -> None"} <= set(changed_settings(before, full))
+    assert {"lora.r: unset -> 8", "lora: None -> unset"} <= set(changed_settings(full, before))
 
 
 # -- the other commands' configs ------------------------------------------------------------------------

@@ -172,6 +172,17 @@ def test_sampling_options_from_flags():
         parse("--temprature", "0.5")
 
 
+def test_an_omitted_model_is_the_embedded_one():
+    """`smolalign chat` alone: the optional positional stays unset (None), whatever argparse does with defaults."""
+    from smolalign.cli import _parser
+    from smolalign.config.arguments import config_from_args
+
+    args, rest = _parser().parse_known_args(["chat"])
+    assert config_from_args(ChatConfig, args, rest).model is None
+    args, rest = _parser().parse_known_args(["chat", "some/model"])
+    assert config_from_args(ChatConfig, args, rest).model == "some/model"
+
+
 def test_chat_command_through_standard_input(tiny_model):
     result = subprocess.run(
         [sys.executable, "-m", "smolalign", "chat", str(tiny_model(0)), "--max_new_tokens", "5", "--temperature", "1"],

@@ -4,6 +4,7 @@ with other settings refused, and a bad grid rejected before any training."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import read_jsonl, write_jsonl
@@ -50,3 +51,15 @@ def test_sweep_rejects_a_bad_grid_before_training(tmp_path, tiny_model, capsys):
     with pytest.raises(SystemExit):
         main(["sweep", "--grid", "learning-rate=1e-5", "--grid", "learning_rate=2e-5", "--output_dir", "s"])
     assert "names 'learning_rate' twice" in capsys.readouterr().err
+
+
+def test_a_grid_over_a_nested_key_starts_from_a_config_object(tmp_path):
+    """A TrainConfig with a LoRA section as the base of a grid over `lora.r`: each point changes that key only."""
+    from smolalign.config.train import load_config
+    from smolalign.training.grid import plan_sweep, run_config
+
+    base = load_config(None, {"lora": {"r": 16, "lora_alpha": 32}, "output_dir": str(tmp_path / "sweep")})
+    plan = plan_sweep(base, ["lora.r=4,8"], {})
+    configs = [run_config(base, {}, folder, point, number=i, total=2) for i, (folder, point) in enumerate(plan.points)]
+    assert [(c.lora.r, c.lora.lora_alpha) for c in configs] == [(4, 32), (8, 32)]
+    assert [Path(c.output_dir).name for c in configs] == ["lora.r=4", "lora.r=8"]
