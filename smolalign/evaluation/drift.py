@@ -37,7 +37,7 @@ def token_kl(policy_hidden, policy_head, reference_hidden, reference_head, chunk
 @torch.no_grad()
 def answer_statistics(
     policy: NoGradScorer,
-    reference: NoGradScorer | None,
+    reference: NoGradScorer,
     answers: list[TokenizedPair],
     *,
     name: str,
@@ -55,21 +55,20 @@ def answer_statistics(
         head = policy.scorer.head
         logp_sum += token_logprobs(hidden, head.weight, head.bias, batch.score_targets, CHUNK).sum().item()
         tokens += len(batch.score_targets)
-        if reference is not None:
-            with reference.context():
-                reference_hidden = reference.scorer.hidden_at(*inputs)
-                reference_head = reference.scorer.head
-                ref_logp_sum += token_logprobs(
-                    reference_hidden, reference_head.weight, reference_head.bias, batch.score_targets, CHUNK
-                ).sum().item()
-                kl = token_kl(hidden, head, reference_hidden, reference_head)
-            kl_sum += kl.sum().item()
-            pair_slot = batch.score_owners // PARTS_PER_PAIR
-            assert bool((batch.score_owners % PARTS_PER_PAIR == CHOSEN).all())
-            kl_per_answer += kl.new_zeros(len(chunk)).index_add(0, pair_slot, kl).tolist()
-    stats = {f"perplexity/{name}": float(torch.tensor(-logp_sum / tokens).exp())}
-    if reference is not None:
-        stats[f"ref_perplexity/{name}"] = float(torch.tensor(-ref_logp_sum / tokens).exp())
-        stats[f"kl/{name}_per_token"] = kl_sum / tokens
-        stats[f"kl/{name}_per_answer"] = sum(kl_per_answer) / len(kl_per_answer)
-    return stats
+        with reference.context():
+            reference_hidden = reference.scorer.hidden_at(*inputs)
+            reference_head = reference.scorer.head
+            ref_logp_sum += token_logprobs(
+                reference_hidden, reference_head.weight, reference_head.bias, batch.score_targets, CHUNK
+            ).sum().item()
+            kl = token_kl(hidden, head, reference_hidden, reference_head)
+        kl_sum += kl.sum().item()
+        pair_slot = batch.score_owners // PARTS_PER_PAIR
+        assert bool((batch.score_owners % PARTS_PER_PAIR == CHOSEN).all())
+        kl_per_answer += kl.new_zeros(len(chunk)).index_add(0, pair_slot, kl).tolist()
+    return {
+        f"perplexity/{name}": float(torch.tensor(-logp_sum / tokens).exp()),
+        f"ref_perplexity/{name}": float(torch.tensor(-ref_logp_sum / tokens).exp()),
+        f"kl/{name}_per_token": kl_sum / tokens,
+        f"kl/{name}_per_answer": sum(kl_per_answer) / len(kl_per_answer),
+    }
