@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from jupyter_client import KernelManager
 from nbclient import NotebookClient
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -36,8 +37,9 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, tiny_model):
     values = {**TINY_SIZES, **NOTEBOOKS[name], "OUTPUT_DIR": str(tmp_path / "runs")}
     values = {key: str(tiny_model(0)) if value == "tiny" else value for key, value in values.items()}
     notebook = shrunk(nbformat.read(EXAMPLES / name, as_version=4), values)
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    # The kernel talks over Unix sockets in tmp_path, not TCP ports another process could take meanwhile.
+    kernel = KernelManager(kernel_name="python3", transport="ipc", ip=str(tmp_path / "kernel"))
+    NotebookClient(notebook, km=kernel, timeout=300, resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [output for cell in notebook.cells for output in cell.get("outputs", []) if output.output_type == "error"]
     assert errors == []
     shown = [output for cell in notebook.cells for output in cell.get("outputs", [])
