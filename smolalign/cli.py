@@ -7,13 +7,14 @@ losses, a failed save) with one sentence and exit status 1; never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 import warnings
 
 from smolalign.config.arguments import add_config_arguments, config_from_args
-from smolalign.config.commands import BenchConfig, ChatConfig, EvalConfig, InspectConfig
+from smolalign.config.commands import BenchConfig, ChatConfig, EvalConfig, InspectConfig, QualityConfig
 from smolalign.errors import RunError, UserError
 
 log = logging.getLogger("smolalign")
@@ -78,9 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     add_config_arguments(evaluate, EvalConfig)
     evaluate.set_defaults(run=_run_eval)
 
-    bench = commands.add_parser("bench", help="time the same job with smolalign and TRL, side by side",
-                                allow_abbrev=False)
+    bench = commands.add_parser("bench", help="time the same job with smolalign and TRL, side by side; --quality: "
+                                "the methods' held-out quality at one budget", allow_abbrev=False)
     add_config_arguments(bench, BenchConfig)
+    bench.add_argument("--quality", action="store_true", help="Instead of speed: train DPO, IPO, ORPO and SimPO at "
+                       "one budget, evaluate each on held-out pairs, judge them with a reward model.")
+    quality = bench.add_argument_group("with --quality", "algorithm (default: dpo,ipo,orpo,simpo), device and "
+                                       "output_dir (default: runs/quality) apply too")
+    add_config_arguments(quality, QualityConfig, skip=_field_names(BenchConfig))
     bench.set_defaults(run=_run_bench)
 
     sweep = commands.add_parser("sweep", help="train a grid of settings, then compare the runs", add_help=False)
@@ -132,9 +138,25 @@ def _run_eval(args, rest: list[str]) -> None:
 
 
 def _run_bench(args, rest: list[str]) -> None:
-    from smolalign.bench.command import bench
+    """The speed bench, or with --quality the quality bench; a flag of the other one is refused."""
+    chosen, other = (QualityConfig, BenchConfig) if args.quality else (BenchConfig, QualityConfig)
+    foreign = sorted(name for name in _field_names(other) - _field_names(chosen) if hasattr(args, name))
+    if foreign:
+        raise UserError(f"--{foreign[0]} belongs to " + ("the speed bench: leave out --quality or the flag."
+                                                         if args.quality else "bench --quality: add --quality."))
+    config = config_from_args(chosen, args, rest)
+    if args.quality:
+        from smolalign.bench.quality import quality_bench
 
-    bench(config_from_args(BenchConfig, args, rest))
+        quality_bench(config)
+    else:
+        from smolalign.bench.command import bench
+
+        bench(config)
+
+
+def _field_names(cls) -> frozenset[str]:
+    return frozenset(field.name for field in dataclasses.fields(cls))
 
 
 def _run_sweep(args, rest: list[str]) -> None:

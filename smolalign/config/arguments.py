@@ -19,11 +19,15 @@ from smolalign.config.fields import FlagText, Settings, parse_override_args
 S = TypeVar("S", bound=Settings)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Settings]) -> None:
-    """A flag per field of `cls` (an argument for fields marked `positional`); fields left off the
-    command line stay out of the parsed namespace, so the dataclass's defaults apply."""
+def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type[Settings], *,
+                         skip: frozenset[str] = frozenset()) -> None:
+    """A flag per field of `cls` (an argument for fields marked `positional`), but those in `skip` (flags that
+    another config of the same command already added); fields left off the command line stay out of the
+    parsed namespace, so the dataclass's defaults apply."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
         annotation = hints[field.name]
         help = _help_text(field, annotation)
         if field.metadata.get("positional"):
@@ -54,7 +58,7 @@ def _help_text(field: dataclasses.Field, annotation: Any) -> str:
         return field.metadata["help"] + ("" if field.metadata.get("positional") else " (required)")
     if default is None or default is False or field.metadata.get("from_run"):
         return field.metadata["help"]
-    shown = ",".join(default) if isinstance(default, list) else default
+    shown = ",".join(map(str, default)) if isinstance(default, list) else default
     return f"{field.metadata['help']} (default: {shown})"
 
 

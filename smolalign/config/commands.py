@@ -1,4 +1,4 @@
-"""The configs of `smolalign eval`, `bench`, `chat` and `data inspect`: typed dataclasses like TrainConfig.
+"""The configs of `smolalign eval`, `bench` (speed and `--quality`), `chat` and `data inspect`: typed dataclasses like TrainConfig.
 
 Each field has its help text, and its type says which values it takes; the command line's flags are
 derived from the fields (config/arguments.py), and the Python API builds the same configs from keyword
@@ -19,6 +19,7 @@ from smolalign.config.trl import TRL_ALGORITHMS
 
 Framework = Literal["smolalign", "trl", "trl_liger"]  # trl_liger: TRL with use_liger_kernel=True
 BenchAlgorithm = Literal[TRL_ALGORITHMS]
+QualityMethod = Literal["dpo", "ipo", "orpo", "simpo"]  # the methods `bench --quality` compares (IPO: DPO's ipo loss)
 BUNDLED_ARCHITECTURES = Path(__file__).resolve().parents[1] / "bundled" / "model-configs"  # shipped in the wheel
 
 
@@ -151,8 +152,11 @@ class BenchConfig(Settings):
     dataset: str | None = option(None, "Preference pairs; default: the bundled HH-RLHF pairs.")
     steps: int = option(6, "Optimizer steps per run.")
     warmup_steps: int = option(0, "First steps left out of step times, tokens/s and MFU (kernel compilation).")
-    batch_size: int = option(4, "Pairs per step.")
-    max_length: int = option(512, "Maximum tokens of prompt + answer.")
+    batch_size: list[int] = option([4], "Pairs per step; a comma list measures how the cost grows with it.")
+    max_length: list[int] = option([512], "Maximum tokens of prompt + answer; a comma list measures how the cost "
+                                          "grows with it (with fill).")
+    fill: bool = option(False, "Make every pair about max_length tokens long by putting earlier conversations of "
+                               "the dataset before its prompt.")
     lora: bool = option(False, "LoRA (r 16, all linear layers) instead of full fine-tuning.")
     device: Device = option(TrainConfig.device, "Where to run; auto = CUDA when available.")
     frameworks: list[Framework] = option(
@@ -160,15 +164,44 @@ class BenchConfig(Settings):
         "(CUDA only)."
     )
     repeats: int = option(1, "Runs per framework; the fastest is kept.")
+    memory_limit_gb: float | None = option(None, "Stop a run whose resident memory passes this (Linux) and record "
+                                                 "it as out of memory, instead of letting the machine swap.")
     trl_keep_freed_memory: bool = option(False, "Give the TRL runs smolalign's glibc setting that keeps freed "
                                                 "memory (CPU).")
     output_dir: str = option("runs/bench", "Where bench.json, bench.md and the runs' logs go.")
 
     def validate(self) -> None:
-        require_at_least(self, 1, "steps", "batch_size", "repeats")
+        require_at_least(self, 1, "steps", "repeats")
         require_at_least(self, 0, "warmup_steps")
-        check_lengths(self.max_length, None)
+        require(bool(self.batch_size) and min(self.batch_size) >= 1, "'batch_size' must be >= 1.")
+        require(bool(self.max_length), "'max_length' names no length.")
+        for length in self.max_length:
+            check_lengths(length, None)
+        require(self.memory_limit_gb is None or self.memory_limit_gb > 0, "'memory_limit_gb' must be > 0.")
         require(self.warmup_steps < self.steps,
                 f"'warmup_steps' ({self.warmup_steps}) must be smaller than 'steps' ({self.steps}).")
         require(bool(self.algorithm), "'algorithm' names no algorithm.")
         require(bool(self.frameworks), "'frameworks' names no framework.")
+
+
+@dataclass
+class QualityConfig(Settings):
+    """`smolalign bench --quality`: the preference methods trained at one budget and judged on held-out pairs."""
+
+    command: ClassVar[str] = "bench --quality"
+
+    algorithm: list[QualityMethod] = option(["dpo", "ipo", "orpo", "simpo"], "Methods to train and evaluate, as a "
+                                                                             "comma list.")
+    recipe: str = option("quality", "Recipe with the budget every method shares (model, pairs, steps, lengths, "
+                                    "learning rate): a packaged recipe's name or a YAML file.")
+    eval_pairs: int = option(120, "Held-out test pairs each model is scored on.")
+    judge_prompts: int = option(64, "Held-out prompts each model and its starting model answer, judged by a reward "
+                                    "model trained on the same pairs; 0 = no judge.")
+    max_new_tokens: int = option(48, "Longest judged answer, in tokens.")
+    device: Device = option(TrainConfig.device, "Where to run; auto = CUDA when available.")
+    output_dir: str = option("runs/quality", "Where quality.json, quality.md, quality.png and the runs go.")
+
+    def validate(self) -> None:
+        require_at_least(self, 1, "eval_pairs", "max_new_tokens")
+        require_at_least(self, 0, "judge_prompts")
+        require(bool(self.algorithm), "'algorithm' names no method.")

@@ -161,6 +161,8 @@ def _coerce(value: Any, annotation: Any, key: str, command: str) -> Any:
         return value
     if origin is list:
         items = [item.strip() for item in value.split(",")] if isinstance(value, str) else value
+        if args[0] in (int, float) and isinstance(items, (int, float)) and not isinstance(items, bool):
+            items = [items]  # one number where a list of numbers is taken
         if not isinstance(items, list):
             raise UserError(f"'{key}' must be a list, not {value!r}.")
         return [_coerce(item, args[0], key, command) for item in items]

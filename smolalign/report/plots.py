@@ -1,4 +1,6 @@
-"""The report's figures as PNG files: training curves, judge win rates, a sweep's final metrics.
+"""The report's figures as PNG files: training curves, judge win rates, a sweep's final metrics, and the
+quality bench's methods side by side,
+and the speed bench's growth with max_length and pairs per step.
 
 Every figure gives a run the same color (its place in the report), so a reader who learns that the
 ORPO run is orange can follow it from figure to figure; training values are solid lines, held-out
@@ -171,6 +173,72 @@ def plot_sweep(points: list[tuple[object, str, dict[str, float | Proportion]]], 
         if not numeric:
             ax.set_xticks(range(len(categories)), categories)
             ax.set_xlim(-0.5, len(categories) - 0.5)
+    return _save(figure, path)
+
+
+def plot_quality(methods: dict[str, dict[str, Proportion | float | None]],
+                 start: dict[str, Proportion | float | None], path: Path) -> Path:
+    """The quality bench: one panel per metric, a bar per method with its 95% interval as error bars.
+
+    Accuracies and win rates get the chance line (0.5); where the starting model has a value of its own
+    (mean-log-prob accuracy), it is drawn as a dashed line: the "before" the methods are measured against.
+    """
+    metrics = [m for m in dict.fromkeys(m for values in methods.values() for m in values)
+               if any(values.get(m) is not None for values in methods.values())]
+    names = list(methods)
+    colors = run_colors(names)
+    figure, axes = _panels(len(metrics), "Held-out quality of each method at the same budget", columns=2)
+    for ax, metric in zip(axes, metrics, strict=True):
+        for column, name in enumerate(names):
+            value = methods[name].get(metric)
+            if value is None:
+                continue
+            error = None
+            if isinstance(value, Proportion) and value.has_interval:
+                error = [[value.value - value.low], [value.high - value.value]]
+            ax.bar(column, value.value if isinstance(value, Proportion) else value, yerr=error,
+                   color=colors[name], capsize=4, width=0.6)
+        before = start.get(metric)
+        if isinstance(before, Proportion):
+            ax.axhline(before.value, color="black", linestyle="--", linewidth=1, label="starting model")
+            ax.axhline(CHANCE, color="gray", linestyle=":", linewidth=1, label="chance")
+        elif any(isinstance(values.get(metric), Proportion) for values in methods.values()):
+            ax.axhline(CHANCE, color="gray", linestyle=":", linewidth=1, label="chance")
+        ax.set_xticks(range(len(names)), names)
+        _label(ax, metric, "method")
+    return _save(figure, path)
+
+
+def plot_growth(rows: list[dict], path: Path) -> Path | None:
+    """The speed bench: seconds per step and peak memory against max_length and against pairs per step
+    (whichever the bench varied), a line per framework and algorithm; failed runs are left out. None when
+    nothing was varied."""
+    done = [row for row in rows if not row.get("failure")]
+    dimensions = [(key, label) for key, label in (("max_length", "max_length (tokens)"),
+                                                  ("batch_size", "pairs per step"))
+                  if len({row[key] for row in rows}) > 1]
+    if not dimensions or not done:
+        return None
+    measures = (("seconds_per_step", "seconds per step", 1.0), ("peak_bytes", "peak memory (GB)", 1e9))
+    figure, axes = _panels(2 * len(dimensions), "Cost as the work grows", columns=2)
+    lines = list(dict.fromkeys(f"{row['framework']} {row['algorithm']}" for row in done))
+    colors = run_colors(lines)
+    panels = iter(axes)
+    for key, label in dimensions:
+        other = "batch_size" if key == "max_length" else "max_length"
+        for measure, measure_label, scale in measures:
+            ax = next(panels)
+            for line in lines:
+                for fixed in sorted({row[other] for row in done}):
+                    points = sorted((row[key], row[measure] / scale) for row in done
+                                    if f"{row['framework']} {row['algorithm']}" == line and row[other] == fixed)
+                    if len(points) > 1:
+                        ax.plot(*zip(*points, strict=True), "-o", color=colors[line], markersize=4, label=line)
+            ax.set_xscale("log", base=2)
+            values = sorted({row[key] for row in done})
+            ax.set_xticks(values, [str(value) for value in values])
+            ax.set_ylim(bottom=0)
+            _label(ax, measure_label, label)
     return _save(figure, path)
 
 

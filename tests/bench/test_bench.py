@@ -38,8 +38,8 @@ def test_bench_repeats_each_pay_for_their_own_reference(tmp_path, tiny_model, pa
     caches = []
     run_framework = smolalign.bench.command.run_framework
 
-    def recording(spec, run_dir):
-        result = run_framework(spec, run_dir)
+    def recording(spec, run_dir, memory_limit_gb=None):
+        result = run_framework(spec, run_dir, memory_limit_gb)
         caches.append(sorted(p.name for p in (run_dir / "reference-cache").glob("*.safetensors")))
         return result
 
@@ -54,7 +54,7 @@ def test_bench_repeats_each_pay_for_their_own_reference(tmp_path, tiny_model, pa
 def test_bench_counts_the_same_useful_flops_for_both_frameworks(tiny_model, tokenized_pairs):
     from transformers import AutoConfig
 
-    from smolalign.bench.command import forward_flops, training_flops
+    from smolalign.bench.flops import forward_flops, training_flops
 
     config = AutoConfig.from_pretrained(tiny_model(0))
     reference = sum(forward_flops(config, p, shared_prompt=True, scored_prompt=False) for p in tokenized_pairs)

@@ -9,13 +9,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from smolalign.bench.command import (
-    BenchResult,
-    bench,
-    forward_flops,
-    model_config_file,
-    training_flops,
-)
+from smolalign.bench.command import bench, model_config_file
+from smolalign.bench.flops import forward_flops, training_flops
+from smolalign.bench.tables import BenchResult
 from smolalign.config.commands import BenchConfig
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
@@ -91,3 +87,69 @@ def test_lora_flops_count_no_weight_gradients(tiny_model, tokenizer, hh_rows):
     for framework in ("trl", "trl_liger"):  # TRL runs the reference forward in every step
         flops = training_flops(config, pairs, algorithm="dpo", framework=framework, lora=True)
         assert flops == pytest.approx(3 * forward)
+
+
+def test_filled_pairs_come_near_max_length_without_passing_it(tokenizer):
+    from smolalign.bench.pairs import bench_pairs
+    from smolalign.data.sources import bundled_dataset
+
+    read = bench_pairs(bundled_dataset("train"), tokenizer, count=4, max_length=1024, fill=True)
+    assert len(read.pairs) == 4
+    for pair in tokenize_pairs(read.pairs, tokenizer):
+        length = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+        assert 600 < length <= 1024  # earlier conversations (under 400 tokens each) fill the room
+    first = read.pairs[0]
+    assert [m["role"] for m in first.prompt[:4]] == ["user", "assistant", "user", "assistant"]
+    assert first.prompt[-1]["role"] == "user" and first.chosen[0]["role"] == "assistant"
+    unfilled = bench_pairs(bundled_dataset("train"), tokenizer, count=4, max_length=1024, fill=False)
+    assert [p.prompt[-1] for p in unfilled.pairs] == [p.prompt[-1] for p in read.pairs]  # the same questions
+
+
+def test_a_system_message_stays_first_when_pairs_are_filled(tokenizer):
+    from smolalign.bench.pairs import fill_to_length
+    from smolalign.data.formats import PreferencePair
+
+    def pair(index, question):
+        return PreferencePair(index, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question}],
+                              [{"role": "assistant", "content": "Yes."}], [{"role": "assistant", "content": "No."}])
+
+    pool = [pair(i, f"Question number {i}?") for i in range(1, 40)]
+    filled = fill_to_length(pair(0, "Last question?"), pool, tokenizer, 200)
+    roles = [m["role"] for m in filled.prompt]
+    assert roles[0] == "system" and roles.count("system") == 1 and len(roles) > 5
+    assert filled.prompt[-1]["content"] == "Last question?"
+
+
+def test_bench_measures_growth_with_max_length(tmp_path, tiny_model):
+    report = bench(BenchConfig.from_values({
+        "model": str(tiny_model(0)), "steps": 1, "batch_size": 2, "max_length": "128,256", "fill": True,
+        "frameworks": "smolalign", "output_dir": str(tmp_path / "bench"), "device": "cpu"}))
+    assert [(row["max_length"], row["batch_size"]) for row in report["rows"]] == [(128, 2), (256, 2)]
+    short, long = report["rows"]
+    assert long["peak_bytes"] > 0 and short["seconds_per_step"] > 0
+    assert "Growth with max_length and pairs per step:" in report["markdown"]
+    assert "| dpo | 256 | 2 | " in report["markdown"]
+    assert (tmp_path / "bench" / "growth.png").stat().st_size > 10_000
+
+
+def test_a_run_over_the_memory_limit_is_recorded_as_out_of_memory(tmp_path, tiny_model, pairs_file):
+    # Importing torch alone takes more than 0.2 GB.
+    with pytest.raises(UserError, match=r"the smolalign run failed: out of memory: stopped when its memory passed "
+                                        r"memory_limit_gb \(0.2 GB\)"):
+        bench(bench_args(tmp_path, pairs_file, model=str(tiny_model(0)), memory_limit_gb=0.2))
+
+
+def test_failed_runs_show_in_the_tables_and_leave_the_ratios():
+    from smolalign.bench.tables import compare_to_baselines, growth_table
+
+    def run(framework, max_length, seconds, failure=None):
+        return BenchResult(framework, "dpo", seconds, [] if failure else [seconds / 2] * 2, tokens=1000,
+                           peak_bytes=0 if failure else int(seconds * 1e8), flops=1e9, kept_freed_memory=True,
+                           max_length=max_length, batch_size=4, failure=failure)
+
+    results = [run("smolalign", 256, 10.0), run("trl", 256, 30.0), run("smolalign", 2048, 40.0),
+               run("trl", 2048, 0.0, failure="out of memory (over 20 GB)")]
+    ratios = compare_to_baselines(results)
+    assert [(r["max_length"], round(r["speedup_whole_process"], 6)) for r in ratios] == [(256, 3.0)]
+    table = growth_table(results, "peak RSS")
+    assert table[-2:] == ["| dpo | 256 | 4 | 5.00 | 15.00 | 1.00 | 3.00 |", "| dpo | 2048 | 4 | 20.00 | failed | 4.00 | failed |"]
