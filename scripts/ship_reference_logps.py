@@ -1,9 +1,11 @@
 """Write the reference log-probs of the demo's pairs into smolalign/bundled/reference-logps/.
 
-The demo's DPO run (recipes/demo.yaml) needs, before its first step, the log-probs of its 320 train and
-120 held-out pairs under the embedded model: fixed numbers for fixed weights, precision and token ids.
+The demo's DPO run (recipes/demo.yaml) needs, before its first step, the log-probs of its train and
+held-out pairs under the embedded model: fixed numbers for fixed weights, precision and token ids.
 Shipped with the package, they spare every fresh machine that pass. Rerun this after changing the demo's
-pairs, lengths or chat template (a run whose pairs are not in the file computes the missing ones itself):
+pairs, lengths or chat template (a run whose pairs are not in the file computes the missing ones itself).
+Values already in the file stay: those of the `quality` recipe's pairs (320 train and 120 held-out at
+max_length 256, the demo's earlier settings) serve `smolalign bench --quality`.
 
     .venv/bin/python scripts/ship_reference_logps.py [RECIPE]
 """

@@ -30,7 +30,8 @@ from smolalign.evaluation.command import run_eval
 from smolalign.metrics import read_metrics
 from smolalign.models.loading import model_source
 from smolalign.report.plots import plot_quality
-from smolalign.stats import CHANCE, Proportion
+from smolalign.report.verdicts import chance_label, win_rate
+from smolalign.stats import Proportion
 from smolalign.training.grid import run_config
 from smolalign.training.loop import train
 
@@ -62,10 +63,7 @@ class Evaluated:
 
     @property
     def win_rate(self) -> Proportion | None:
-        if "judge/win_rate" not in self.summary:
-            return None
-        s = self.summary
-        return Proportion(s["judge/win_rate"], s["judge/ci_low"], s["judge/ci_high"], s["judge/n"])
+        return win_rate(self.summary)
 
 
 @dataclass
@@ -149,14 +147,8 @@ def evaluate(config: QualityConfig, recipe: TrainConfig, folder: Path, *, model:
 
 
 def verdict(accuracy: Proportion | None) -> str:
-    """Whether held-out implicit-reward accuracy beats a coin flip, in words."""
-    if accuracy is None or not accuracy.has_interval:
-        return "not measured"
-    if accuracy.low > CHANCE:
-        return "above chance"
-    if accuracy.high < CHANCE:
-        return "below chance"
-    return "not distinguishable from chance"
+    """Whether held-out implicit-reward accuracy beats a coin flip, in the report's words."""
+    return chance_label(accuracy) if accuracy is not None and accuracy.has_interval else "not measured"
 
 
 def summarise(config: QualityConfig, recipe: TrainConfig, start: Evaluated, methods: list[Evaluated],
@@ -170,7 +162,7 @@ def summarise(config: QualityConfig, recipe: TrainConfig, start: Evaluated, meth
         f"{recipe.max_length}; held-out: {start.summary['pairs']} pairs of {recipe.eval_dataset} "
         f"({recipe.eval_split}). Accuracies and win rates: value [95% interval], n.",
         "",
-        "| method | settings | implicit-reward accuracy | verdict | mean-log-prob accuracy | KL/token | "
+        "| method | settings | implicit-reward accuracy | effect | mean-log-prob accuracy | KL/token | "
         "chosen perplexity | judge win rate | train (s) | eval (s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
         f"| starting model | | | | {start.accuracy('logps/mean_accuracy')} | 0 | "

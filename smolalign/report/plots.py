@@ -221,7 +221,7 @@ def plot_growth(rows: list[dict], path: Path) -> Path | None:
         return None
     measures = (("seconds_per_step", "seconds per step", 1.0), ("peak_bytes", "peak memory (GB)", 1e9))
     figure, axes = _panels(2 * len(dimensions), "Cost as the work grows", columns=2)
-    lines = list(dict.fromkeys(f"{row['framework']} {row['algorithm']}" for row in done))
+    lines = list(dict.fromkeys(_line(row) for row in done))
     colors = run_colors(lines)
     panels = iter(axes)
     for key, label in dimensions:
@@ -229,17 +229,23 @@ def plot_growth(rows: list[dict], path: Path) -> Path | None:
         for measure, measure_label, scale in measures:
             ax = next(panels)
             for line in lines:
+                failed = sorted({row[key] for row in rows if row.get("failure") and _line(row) == line})
+                legend = f"{line} (failed at {', '.join(map(str, failed))})" if failed else line
                 for fixed in sorted({row[other] for row in done}):
                     points = sorted((row[key], row[measure] / scale) for row in done
-                                    if f"{row['framework']} {row['algorithm']}" == line and row[other] == fixed)
+                                    if _line(row) == line and row[other] == fixed)
                     if len(points) > 1:
-                        ax.plot(*zip(*points, strict=True), "-o", color=colors[line], markersize=4, label=line)
+                        ax.plot(*zip(*points, strict=True), "-o", color=colors[line], markersize=4, label=legend)
             ax.set_xscale("log", base=2)
             values = sorted({row[key] for row in done})
             ax.set_xticks(values, [str(value) for value in values])
             ax.set_ylim(bottom=0)
             _label(ax, measure_label, label)
     return _save(figure, path)
+
+
+def _line(row: dict) -> str:
+    return f"{row['framework']} {row['algorithm']}"
 
 
 def _curves(runs: dict[str, list[dict]], metric: str) -> list[Curve]:

@@ -95,9 +95,14 @@ def _chance_verdict(what: str, accuracy: Proportion) -> tuple[str, str]:
     """(label, reason) for one accuracy on its own: is it distinguishable from a coin flip?"""
     if not accuracy.has_interval:
         return "cannot tell whether the effect is measurable", f"{what} is {accuracy}"
-    label = ("measurable" if accuracy.low > CHANCE else "measurable, for the worse" if accuracy.high < CHANCE
-             else "not measurable")
-    return label, f"{what} is {accuracy}, whose 95% interval {_against_chance(accuracy)}"
+    return chance_label(accuracy), f"{what} is {accuracy}, whose 95% interval {_against_chance(accuracy)}"
+
+
+def chance_label(accuracy: Proportion) -> str:
+    """Whether an accuracy with its interval beats a coin flip: 'measurable' (interval above chance),
+    'measurable, for the worse' (below it) or 'not measurable'."""
+    return ("measurable" if accuracy.low > CHANCE else "measurable, for the worse" if accuracy.high < CHANCE
+            else "not measurable")
 
 
 def _against_chance(accuracy: Proportion) -> str:

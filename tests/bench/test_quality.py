@@ -69,9 +69,9 @@ def test_quality_bench_scores_every_method_on_the_same_held_out_pairs(recipe, tm
 
 
 def test_verdict_says_whether_the_interval_excludes_chance():
-    assert verdict(Proportion(0.62, 0.53, 0.70, 120)) == "above chance"
-    assert verdict(Proportion(0.52, 0.44, 0.61, 120)) == "not distinguishable from chance"
-    assert verdict(Proportion(0.30, 0.22, 0.39, 120)) == "below chance"
+    assert verdict(Proportion(0.62, 0.53, 0.70, 120)) == "measurable"
+    assert verdict(Proportion(0.52, 0.44, 0.61, 120)) == "not measurable"
+    assert verdict(Proportion(0.30, 0.22, 0.39, 120)) == "measurable, for the worse"
     assert verdict(None) == "not measured"
 
 
