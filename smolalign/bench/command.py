@@ -13,7 +13,10 @@ weights get no gradient) over the step time and the highest dense matmul rate (b
 in the same benchmark, before every run. `--warmup_steps N` leaves the first N steps (kernel compilation
 and autotuning) out of the step times, tokens/s and MFU; the whole-process time keeps them. On a shared
 machine timings vary between runs: `--repeats N` keeps the fastest of N runs (and the highest memory
-peak seen).
+peak seen). Comma lists of `--max_length` and `--batch_size` measure every combination, and the growth
+table and plot show how time and memory grow; `--fill` makes the pairs about max_length tokens long
+(bench/pairs.py), and `--memory_limit_gb` records a run that outgrows the machine as out of memory
+instead of letting it swap.
 """
 
 from __future__ import annotations

@@ -135,8 +135,8 @@ def evaluate(config: QualityConfig, recipe: TrainConfig, folder: Path, *, model:
     if judge is not None:
         settings.update(generate=config.judge_prompts, max_new_tokens=config.max_new_tokens, judge=str(judge.model))
     done = folder / "eval" / "quality_eval.json"
-    if done.exists() and json.loads(done.read_text())["settings"] == settings:
-        earlier = json.loads(done.read_text())
+    earlier = json.loads(done.read_text()) if done.exists() else {}
+    if earlier.get("settings") == settings:
         log.info("%s: evaluated earlier, skipped", folder.name)
         return Evaluated(folder.name, earlier["summary"], train_seconds, earlier["seconds"])
     start = time.perf_counter()
