@@ -63,7 +63,6 @@ def train(config: TrainConfig) -> Path | None:
 
 
 def _train(config: TrainConfig, output_dir: Path) -> Path | None:
-    objective = OBJECTIVES[config.algorithm]
     device = resolve_device(config.device)
     if device.type == "cpu":
         keep_freed_memory()
@@ -71,6 +70,20 @@ def _train(config: TrainConfig, output_dir: Path) -> Path | None:
     check_push_access(config)  # push_to_hub: token, network and repository id, before any work
     dtype, mixed_precision = resolve_precision(config.dtype, device, lora=config.lora is not None)
     accelerator = make_accelerator(config, device, mixed_precision, output_dir)
+    final = _train_steps(accelerator, config, output_dir, dtype=dtype, mixed_precision=mixed_precision)
+    # The model and optimizer go before the process group does. Under DDP the wrapped model's reducer holds
+    # the group, and a gloo group freed with it after destroy_process_group (the main thread holding the GIL
+    # while gloo's worker threads are joined) can deadlock: a process then never exits.
+    accelerator.free_memory()
+    accelerator.end_training()
+    AcceleratorState._reset_state()  # leave the process as we found it, for whatever trains next
+    return final
+
+
+def _train_steps(accelerator: Accelerator, config: TrainConfig, output_dir: Path, *, dtype,
+                 mixed_precision: str) -> Path | None:
+    """Data, models, optimizer, steps and final/: everything that holds the model lives in here."""
+    objective = OBJECTIVES[config.algorithm]
     set_seed(config.seed)  # before LoRA: PEFT initialises the adapters randomly
 
     # Data comes first, so that a bad file fails before any weights are loaded.
@@ -109,10 +122,7 @@ def _train(config: TrainConfig, output_dir: Path) -> Path | None:
                                     max_grad_norm=config.max_grad_norm)
             books.after_step(step + 1, outcome, step_pairs, bar)
 
-    final = save_final(accelerator, scorer, tokenizer, config, metrics_file) if accelerator.is_main_process else None
-    accelerator.end_training()
-    AcceleratorState._reset_state()  # leave the process as we found it, for whatever trains next
-    return final
+    return save_final(accelerator, scorer, tokenizer, config, metrics_file) if accelerator.is_main_process else None
 
 
 def save_final(accelerator: Accelerator, scorer, tokenizer, config: TrainConfig, metrics_file: MetricsFile) -> Path:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +40,26 @@ def run(tmp_path, name, **settings):
                 "max_length": 256}
     config = load_config(None, {**defaults, **settings, "output_dir": str(tmp_path / name)})
     return train(config), tmp_path / name
+
+
+def run_with_stacks_on_timeout(command: list[str], *, timeout: float, env: dict[str, str]) -> tuple[int, str]:
+    """Run a launcher; if it outlives `timeout`, fail with the Python stacks of its workers (faulthandler prints
+    them on SIGABRT), which say where a process hung."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**env, "PYTHONFAULTHANDLER": "1"})
+    try:
+        stderr = process.communicate(timeout=timeout)[1]
+        return process.returncode, stderr
+    except subprocess.TimeoutExpired:
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+        for pid in children.read_text().split() if children.exists() else []:
+            os.kill(int(pid), signal.SIGABRT)
+        try:
+            stderr = process.communicate(timeout=30)[1]
+        finally:
+            process.kill()
+        stacks = re.findall(r"Fatal Python error.*?(?=\nExtension modules|\Z)", stderr, flags=re.DOTALL)
+        pytest.fail(f"{command[2]} ran past {timeout} s; the workers' stacks:\n" + "\n".join(stacks)[-8000:])
 
 
 def weights(folder) -> dict[str, torch.Tensor]:
@@ -184,9 +207,8 @@ def test_two_processes_train_like_one_process_with_their_whole_batch(tmp_path, t
     # released could be taken by another process before torchrun binds it).
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
               "-m", "smolalign", "train", *flags]
-    done = subprocess.run(launch, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    returncode, stderr = run_with_stacks_on_timeout(launch, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert returncode == 0, stderr[-3000:]
 
     a, b = weights(one), weights(tmp_path / "two" / "final")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
