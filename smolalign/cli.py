@@ -14,7 +14,14 @@ import sys
 import warnings
 
 from smolalign.config.arguments import add_config_arguments, config_from_args
-from smolalign.config.commands import BenchConfig, ChatConfig, EvalConfig, InspectConfig, QualityConfig
+from smolalign.config.commands import (
+    BenchConfig,
+    ChatConfig,
+    EvalConfig,
+    GenerationBenchConfig,
+    InspectConfig,
+    QualityConfig,
+)
 from smolalign.errors import RunError, UserError
 
 log = logging.getLogger("smolalign")
@@ -80,13 +87,20 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_run_eval)
 
     bench = commands.add_parser("bench", help="time the same job with smolalign and TRL, side by side; --quality: "
-                                "the methods' held-out quality at one budget", allow_abbrev=False)
+                                "the methods' held-out quality at one budget; --generation: generation speed",
+                                allow_abbrev=False)
     add_config_arguments(bench, BenchConfig)
     bench.add_argument("--quality", action="store_true", help="Instead of speed: train DPO, IPO, ORPO and SimPO at "
                        "one budget, evaluate each on held-out pairs, judge them with a reward model.")
+    bench.add_argument("--generation", action="store_true", help="Instead of training speed: time greedy answers "
+                       "from transformers' one-prompt loop and from smolalign's batched generation.")
     quality = bench.add_argument_group("with --quality", "algorithm (default: dpo,ipo,orpo,simpo), device and "
                                        "output_dir (default: runs/quality) apply too")
     add_config_arguments(quality, QualityConfig, skip=_field_names(BenchConfig))
+    generation = bench.add_argument_group("with --generation", "model, dataset (its prompts), device, max_new_tokens "
+                                          "(default: 64) and output_dir (default: runs/generation) apply too")
+    add_config_arguments(generation, GenerationBenchConfig,
+                         skip=_field_names(BenchConfig) | _field_names(QualityConfig))
     bench.set_defaults(run=_run_bench)
 
     sweep = commands.add_parser("sweep", help="train a grid of settings, then compare the runs", add_help=False)
@@ -137,18 +151,31 @@ def _run_eval(args, rest: list[str]) -> None:
     print(f"wrote {result.output_dir}/eval.json, eval_pairs.jsonl" + (", generations.jsonl" if config.generate else ""))
 
 
+# The benches of `smolalign bench`: the training speed bench, or the one its flag names.
+BENCH_MODES = {"quality": QualityConfig, "generation": GenerationBenchConfig}
+
+
 def _run_bench(args, rest: list[str]) -> None:
-    """The speed bench, or with --quality the quality bench; a flag of the other one is refused."""
-    chosen, other = (QualityConfig, BenchConfig) if args.quality else (BenchConfig, QualityConfig)
-    foreign = sorted(name for name in _field_names(other) - _field_names(chosen) if hasattr(args, name))
-    if foreign:
-        raise UserError(f"--{foreign[0]} belongs to " + ("the speed bench: leave out --quality or the flag."
-                                                         if args.quality else "bench --quality: add --quality."))
+    """The speed bench, or the bench --quality or --generation names; a flag of another bench is refused."""
+    modes = [mode for mode in BENCH_MODES if getattr(args, mode)]
+    if len(modes) > 1:
+        raise UserError("--quality and --generation are two benches: run one at a time.")
+    chosen = BENCH_MODES[modes[0]] if modes else BenchConfig
+    for flag in sorted(vars(args)):
+        owners = [cls for cls in (BenchConfig, *BENCH_MODES.values()) if flag in _field_names(cls)]
+        if owners and chosen not in owners:
+            if owners[0] is BenchConfig:
+                raise UserError(f"--{flag} belongs to the speed bench: leave out --{modes[0]} or the flag.")
+            raise UserError(f"--{flag} belongs to {owners[0].command}: add {owners[0].command.split()[1]}.")
     config = config_from_args(chosen, args, rest)
-    if args.quality:
+    if chosen is QualityConfig:
         from smolalign.bench.quality import quality_bench
 
         quality_bench(config)
+    elif chosen is GenerationBenchConfig:
+        from smolalign.bench.generation import generation_bench
+
+        generation_bench(config)
     else:
         from smolalign.bench.command import bench
 

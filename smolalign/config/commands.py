@@ -205,3 +205,23 @@ class QualityConfig(Settings):
         require_at_least(self, 1, "eval_pairs", "max_new_tokens")
         require_at_least(self, 0, "judge_prompts")
         require(bool(self.algorithm), "'algorithm' names no method.")
+
+
+@dataclass
+class GenerationBenchConfig(Settings):
+    """`smolalign bench --generation`: the same greedy answers from transformers' one-prompt loop and from
+    smolalign's batched generation, timed side by side."""
+
+    command: ClassVar[str] = "bench --generation"
+
+    model: str | None = option(None, "Model folder or Hub id; default: the embedded SmolLM2-135M-Instruct.")
+    dataset: str | None = option(None, "Preference pairs whose prompts are answered; default: the bundled HH-RLHF "
+                                       "test pairs.")
+    prompts: int = option(16, "Prompts to answer.")
+    max_new_tokens: int = option(64, "New tokens per answer at most.")
+    generation_batch_size: int = option(16, "Prompts smolalign answers together.")
+    device: Device = option(TrainConfig.device, "Where to run; auto = CUDA when available.")
+    output_dir: str = option("runs/generation", "Where generation.json and generation.md go.")
+
+    def validate(self) -> None:
+        require_at_least(self, 1, "prompts", "max_new_tokens", "generation_batch_size")
