@@ -40,6 +40,7 @@ from smolalign.bench.pairs import bench_pairs
 from smolalign.bench.tables import BenchResult, summarise
 from smolalign.config.commands import BUNDLED_ARCHITECTURES, BenchConfig
 from smolalign.core.layouts import padded_tokens
+from smolalign.core.reference import IGNORE_SHIPPED
 from smolalign.data.prepare import tokenize_and_fit
 from smolalign.data.sources import bundled_dataset
 from smolalign.data.tokenize import TokenizedPair
@@ -90,7 +91,7 @@ def run_framework(spec: dict, run_dir: Path, memory_limit_gb: float | None = Non
     run_dir.mkdir()
     spec_path, result_path, log_path = run_dir / "spec.json", run_dir / "result.json", run_dir / "stderr.log"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "SMOLALIGN_REFERENCE_CACHE": str(run_dir / "reference-cache"), "TQDM_DISABLE": "1"}
+    env = worker_environment(run_dir)
     start = time.perf_counter()
     with log_path.open("w") as log:
         process = subprocess.Popen([sys.executable, "-m", "smolalign.bench.worker", str(spec_path), str(result_path)],
@@ -104,6 +105,12 @@ def run_framework(spec: dict, run_dir: Path, memory_limit_gb: float | None = Non
         raise UserError(error[-1] if error else "no output")
     max_rss_unit = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux kilobytes
     return json.loads(result_path.read_text()), seconds, usage.ru_maxrss * max_rss_unit
+
+
+def worker_environment(run_dir: Path) -> dict[str, str]:
+    """A run's environment: its own empty reference cache, and no reference values shipped with smolalign."""
+    return {**os.environ, "SMOLALIGN_REFERENCE_CACHE": str(run_dir / "reference-cache"), IGNORE_SHIPPED: "1",
+            "TQDM_DISABLE": "1"}
 
 
 def _wait(process: subprocess.Popen, memory_limit_gb: float | None):

@@ -10,6 +10,7 @@ import pytest
 
 from smolalign.bench.command import bench
 from smolalign.config.commands import BenchConfig
+from smolalign.core.reference import IGNORE_SHIPPED
 
 
 @pytest.mark.parametrize("trl_keeps", [False, True], ids=["trl-default-malloc", "trl-keeps-freed-memory"])
@@ -49,6 +50,9 @@ def test_bench_repeats_each_pay_for_their_own_reference(tmp_path, tiny_model, pa
         frameworks="smolalign", repeats=2, output_dir=str(tmp_path / "bench"), trl_keep_freed_memory=False))
     bench(args)
     assert len(caches) == 2 and all(len(files) == 1 for files in caches)  # each run computed and cached its own
+    environment = smolalign.bench.command.worker_environment(tmp_path / "run")
+    assert environment[IGNORE_SHIPPED] == "1"  # nor does a run read the reference values shipped with smolalign
+    assert environment["SMOLALIGN_REFERENCE_CACHE"] == str(tmp_path / "run" / "reference-cache")
 
 
 def test_bench_counts_the_same_useful_flops_for_both_frameworks(tiny_model, tokenized_pairs):

@@ -59,7 +59,9 @@ def test_lora_precomputes_the_reference_of_its_base_model(tmp_path, tiny_model, 
     per_step_weights, per_step_metrics = run("per-step", precompute_ref_log_probs=False)
     assert not (tmp_path / "cache").exists()
     precomputed_weights, precomputed_metrics = run("precomputed")
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    # One cache file, the base model's own: full fine-tuning, LoRA runs and the shipped values share it.
+    base_cache = smolalign.core.reference.ReferenceCache(AutoModelForCausalLM.from_pretrained(tiny_model(0)))
+    assert [p.name for p in (tmp_path / "cache").glob("*.safetensors")] == [base_cache.path.name]
     assert all(torch.allclose(per_step_weights[k], precomputed_weights[k], atol=1e-6) for k in per_step_weights)
     for ours, theirs in zip(precomputed_metrics, per_step_metrics, strict=True):
         for key in ("loss", "rewards/margins", "logps/chosen", "eval_loss", "eval_rewards/accuracies"):
@@ -113,6 +115,10 @@ def test_reference_cache_is_kept_apart_per_precision_and_merges_concurrent_write
     shipped_only = smolalign.core.reference.ReferenceCache(model, tmp_path / "empty")
     assert shipped_only.fill(tokenized_pairs, score).of_pairs(tokenized_pairs).chosen.tolist() == [1.0] * 3 + [3.0] * 3
     assert scored == [len(tokenized_pairs), len(tokenized_pairs)]
+    # ... unless they are to be ignored, as in the benchmark's runs.
+    monkeypatch.setenv(smolalign.core.reference.IGNORE_SHIPPED, "1")
+    smolalign.core.reference.ReferenceCache(model, tmp_path / "empty-again").fill(tokenized_pairs, score)
+    assert scored == [len(tokenized_pairs)] * 3
 
 
 def test_eval_reuses_the_reference_cache_of_training(tmp_path, tiny_model, pairs_file, monkeypatch):
