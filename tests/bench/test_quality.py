@@ -87,8 +87,14 @@ def test_a_recipe_without_held_out_pairs_is_refused(tmp_path, recipe):
     (["bench", "--quality", "--repeats", "2"], "--repeats belongs to the speed bench"),
     (["bench", "--eval_pairs", "10"], "--eval_pairs belongs to bench --quality: add --quality"),
     (["bench", "--quality", "--algorithm", "kto"], "'algorithm'"),
+    (["bench", "--generation", "--repeats", "2"], "--repeats belongs to the speed bench: leave out --generation"),
+    (["bench", "--generation", "--eval_pairs", "3"], "--eval_pairs belongs to bench --quality: add --quality"),
+    (["bench", "--prompts", "4"], "--prompts belongs to bench --generation: add --generation"),
+    (["bench", "--quality", "--generation_batch_size", "4"], "--generation_batch_size belongs to bench --generation"),
+    (["bench", "--quality", "--generation"], "two benches"),
+    (["bench", "--generation", "--prompts", "0"], "'prompts'"),
 ])
-def test_bench_flags_of_the_other_kind_are_refused(argv, message, capsys):
+def test_bench_flags_of_another_bench_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2

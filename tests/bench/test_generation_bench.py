@@ -1,5 +1,6 @@
 """`smolalign bench --generation`: transformers' one-prompt loop and smolalign's generation answer the same
-prompts with the same greedy answers, timed side by side; wrong flags are refused."""
+prompts with the same greedy answers, timed side by side (its flags are checked in test_quality.py, with
+those of the other benches)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import pytest
 from conftest import write_jsonl
 
 from smolalign.bench.generation import TRANSFORMERS_LOOP, generation_bench
-from smolalign.cli import main
 from smolalign.config.commands import GenerationBenchConfig
 from smolalign.errors import UserError
 
@@ -41,18 +41,3 @@ def test_too_few_prompts_are_refused(tmp_path, tiny_model, hh_rows):
     dataset = write_jsonl(tmp_path / "test.jsonl", hh_rows[200:203])
     with pytest.raises(UserError, match="3 usable prompts, fewer than 'prompts' \\(5\\)"):
         generation_bench(bench_config(tmp_path, tiny_model(0), dataset))
-
-
-@pytest.mark.parametrize(("argv", "message"), [
-    (["bench", "--generation", "--repeats", "2"], "--repeats belongs to the speed bench: leave out --generation"),
-    (["bench", "--generation", "--eval_pairs", "3"], "--eval_pairs belongs to bench --quality: add --quality"),
-    (["bench", "--prompts", "4"], "--prompts belongs to bench --generation: add --generation"),
-    (["bench", "--quality", "--generation_batch_size", "4"], "--generation_batch_size belongs to bench --generation"),
-    (["bench", "--quality", "--generation"], "two benches"),
-    (["bench", "--generation", "--prompts", "0"], "'prompts'"),
-])
-def test_generation_bench_flags_are_checked(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    assert exit_.value.code == 2
-    assert message in capsys.readouterr().err
