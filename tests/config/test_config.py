@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smolalign.config.commands import BenchConfig, ChatConfig, EvalConfig, InspectConfig, QualityConfig
+from smolalign.cli import BENCH_MODES
+from smolalign.config.commands import BenchConfig, ChatConfig, EvalConfig, InspectConfig
 from smolalign.config.fields import parse_override_args
 from smolalign.config.files import RECIPES_DIR, save_config
 from smolalign.config.train import LoraSettings, TrainConfig, load_config
@@ -456,9 +457,10 @@ def test_command_flags_are_the_config_fields(command):
         subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         parser = subparsers.choices[name]
     flags = {action.dest for action in parser._actions if action.dest != "help"}
-    configs = [COMMAND_CONFIGS[command]] + ([QualityConfig] if command == ("bench",) else [])
+    modes = BENCH_MODES if command == ("bench",) else {}  # bench --quality, --generation: their configs' flags too
+    configs = [COMMAND_CONFIGS[command], *modes.values()]
     expected = {f.name for config in configs for f in dataclasses.fields(config)}
-    assert flags == expected | ({"quality"} if command == ("bench",) else set())  # --quality: QualityConfig's
+    assert flags == expected | set(modes)
 
 
 def test_command_configs_are_built_from_keyword_values_like_train_config():
