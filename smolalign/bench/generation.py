@@ -26,6 +26,7 @@ from smolalign.data.sources import bundled_dataset
 from smolalign.errors import UserError
 from smolalign.evaluation.generation import generate_answers
 from smolalign.models.loading import load_for_scoring, load_tokenizer, resolve_device
+from smolalign.models.memory import keep_freed_memory
 
 TRANSFORMERS_LOOP = "transformers generate, one prompt at a time"
 
@@ -60,6 +61,8 @@ def transformers_loop(model, prompts: list[list[int]], *, max_new_tokens: int, e
 def generation_bench(config: GenerationBenchConfig) -> list[GenerationTiming]:
     """Time the three ways of answering (see the module's docstring); writes generation.json and .md."""
     device = resolve_device(config.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as `smolalign eval` does; all three ways run under it
     tokenizer = load_tokenizer(config.model)
     read = read_pairs(config.dataset or bundled_dataset("test"), split="test", limit=config.prompts)
     pairs = tokenize_and_fit(read, tokenizer, max_length=TrainConfig.max_length,

@@ -10,8 +10,10 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import Cache, DynamicLayer
 
 from smolalign.errors import UserError
+from smolalign.models.packed import packed_linears
 
 log = logging.getLogger("smolalign")
 
@@ -19,7 +21,9 @@ GENERATION_BATCH_SIZE = 16
 NEAR_TIE = 3e-5
 """A choice is near-tied when its top two scores differ by less than this times max(1, |top logit|): float32
 rounding differs between a batched and a one-row run by up to 1e-4 on SmolLM2-135M's logits of ~45 (2e-6 of
-them, measured), so only such choices could come out differently, and 3e-5 leaves a margin of 15."""
+them, measured), and between packed and plain matmul kernels (models/packed.py) by up to 1.7e-4 (6.2e-6 of
+the top logit, over 16 prompts of 200-350 tokens). A gap moves by at most twice that, 1.25e-5, so only
+near-tied choices could come out differently."""
 
 
 @torch.no_grad()
@@ -44,17 +48,20 @@ def generate_answers(
 
     Batches: prompts are taken longest first, so that prompts of similar length share a batch. Each prompt
     but its last token is run alone (no padding, so no compute is spent on it: the same pass as one-at-a-time
-    generation), and the KV caches are stacked, left-padded, into one; `generate` then decodes the batch one
-    token per step with the attention mask hiding the padding, each row stopping at its own EOS (a finished
-    row is fed padding until the batch is done, and its answer is cut after its EOS).
+    generation), and the KV caches are stacked, left-padded, into buffers with room for the new tokens;
+    `generate` then decodes the batch one token per step with the attention mask hiding the padding, each row
+    stopping at its own EOS (a finished row is fed padding until the batch is done, and its answer is cut
+    after its EOS). On a CPU the linear layers multiply by packed weights (models/packed.py), which makes a
+    decoding step's matmuls twice as fast.
 
     Greedy answers are identical to one-at-a-time ones. No batching can promise that by itself: a batched
     float32 run rounds differently from a one-row run (matmul kernels depend on the batch shape: even prompts
     of equal length, with no padding at all, differ by 7e-5 on SmolLM2-135M's logits), so grouping prompts by
-    length would not give equal bits either. A choice can differ only where its top two scores are nearly
-    tied, though: every choice's margin is recorded, and an answer with a near-tie (NEAR_TIE) is generated
-    again alone, which is one-at-a-time generation itself (1 answer in 112 for SmolLM2-135M on HH-RLHF
-    prompts, 64 new tokens each). The check holds for float32 weights with full-precision float32 matmuls; in
+    length would not give equal bits either, nor would any change of matmul kernel (packed weights, another
+    PyTorch). A choice can differ only where its top two scores are nearly tied, though: every choice's
+    margin is recorded, and an answer with a near-tie (NEAR_TIE) is generated again alone, which is
+    one-at-a-time generation itself (1 answer in 112 for SmolLM2-135M on HH-RLHF prompts, 64 new tokens
+    each). The check holds for float32 weights with full-precision float32 matmuls; in
     bf16 or fp16 (or with TF32) rounding is too coarse for it, and batched answers, like answers under any
     other change of kernel, may differ from one-at-a-time ones at near-ties.
 
@@ -76,7 +83,7 @@ def generate_answers(
     answers: list[list[int]] = [[] for _ in prompts]
     new_tokens = redone = 0
     started = time.perf_counter()
-    with context(), tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
+    with context(), packed_linears(model), tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
         for start in range(0, len(prompts), batch_size):
             batch = longest_first[start:start + batch_size]
             batch_answers, margins = generate_batch(model, [prompts[i] for i in batch], [seed + i for i in batch],
@@ -119,7 +126,8 @@ def generate_batch(
     input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     choices = RecordedChoices(seeds if do_sample else None, temperature=temperature, top_p=top_p, device=device)
-    cache = stacked_prompt_cache(model, prompts, device=device) if len(prompts) > 1 else None
+    cache = (stacked_prompt_cache(model, prompts, capacity=width + max_new_tokens, device=device) if len(prompts) > 1
+             else None)
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -139,10 +147,11 @@ def generate_batch(
     return answers, closest
 
 
-def stacked_prompt_cache(model: torch.nn.Module, prompts: list[list[int]], *, device: torch.device):
+def stacked_prompt_cache(model: torch.nn.Module, prompts: list[list[int]], *, capacity: int, device: torch.device):
     """The KV cache of each prompt but its last token, each computed alone, stacked left-padded into one batch
-    cache (`generate` runs the last tokens). None where a cache is not plain keys and values per layer
-    (sliding windows, ...) or a prompt has a single token: `generate` then runs the padded prompts itself."""
+    cache with room for `capacity` positions (`generate` runs the last tokens). None where a cache is not plain
+    keys and values per layer (sliding windows, ...) or a prompt has a single token: `generate` then runs the
+    padded prompts itself."""
     if min(map(len, prompts)) < 2:
         return None
     width = max(map(len, prompts)) - 1
@@ -156,15 +165,45 @@ def stacked_prompt_cache(model: torch.nn.Module, prompts: list[list[int]], *, de
         if any(keys is None for keys, _ in layers):
             return None
         per_prompt.append(layers)
+    return PreallocatedCache([PreallocatedLayer([states for states, _ in layer], [states for _, states in layer],
+                                                width=width, capacity=capacity)
+                              for layer in zip(*per_prompt, strict=True)])
 
-    def left_pad(states: torch.Tensor) -> torch.Tensor:  # [1, heads, length, head_dim] -> [1, heads, width, ...]
-        return torch.nn.functional.pad(states, (0, 0, width - states.shape[-2], 0))
 
-    stacked = [
-        (torch.cat([left_pad(keys) for keys, _ in layer]), torch.cat([left_pad(values) for _, values in layer]))
-        for layer in zip(*per_prompt, strict=True)
-    ]
-    return DynamicCache(ddp_cache_data=stacked)
+class PreallocatedLayer(DynamicLayer):
+    """A cache layer whose keys and values sit at the front of buffers with room for `capacity` positions, so
+    that a decoding step writes its position in place instead of copying the whole cache (DynamicLayer's
+    torch.cat: 20 of a 100 ms step for 16 rows of SmolLM2-135M on 2 CPU cores). Built from one prompt's
+    [1, heads, length, head_dim] states per row, each left-padded to `width` with zeros. Should the cache
+    outgrow the buffers or be replaced (`generate` reordering it), it grows like a DynamicLayer."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], *, width: int, capacity: int):
+        super().__init__()
+        self.lazy_initialization(keys[0], values[0])
+        self.key_buffer, self.value_buffer = (
+            states[0].new_zeros(len(states), states[0].shape[1], capacity, states[0].shape[-1])
+            for states in (keys, values))
+        for row, (k, v) in enumerate(zip(keys, values, strict=True)):
+            self.key_buffer[row, :, width - k.shape[-2]:width] = k[0]
+            self.value_buffer[row, :, width - v.shape[-2]:width] = v[0]
+        self.keys, self.values = self.key_buffer[..., :width, :], self.value_buffer[..., :width, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
+        if end > self.key_buffer.shape[-2] or self.keys.data_ptr() != self.key_buffer.data_ptr():
+            return super().update(key_states, value_states, *args, **kwargs)
+        self.key_buffer[..., start:end, :] = key_states
+        self.value_buffer[..., start:end, :] = value_states
+        self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
+        return self.keys, self.values
+
+
+class PreallocatedCache(DynamicCache):
+    """A DynamicCache made of given PreallocatedLayers."""
+
+    def __init__(self, layers: list[PreallocatedLayer]):
+        Cache.__init__(self, layers=layers)
 
 
 class RecordedChoices(LogitsProcessor):

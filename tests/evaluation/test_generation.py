@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from smolalign.cli import main
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
-from smolalign.evaluation.generation import generate_answers, gumbel_scores
+from smolalign.evaluation.generation import PreallocatedLayer, generate_answers, gumbel_scores
 
 MAX_NEW_TOKENS = 12
 CPU = torch.device("cpu")
@@ -113,6 +113,26 @@ def test_a_near_tied_answer_is_generated_again_alone(tokenizer, prompts, monkeyp
                       pad_token_id=tokenizer.pad_token_id)
     assert answers == expected
     assert calls == [3, 1, 1, 1]
+
+
+def test_the_prompt_cache_grows_in_place_as_a_dynamic_cache_would():
+    """Two prompts' states (3 and 5 positions), left-padded to 5 in buffers with room for 7: each decoding step
+    writes its position in place, and the states read back are those of plain concatenation, also after the
+    buffers are outgrown."""
+    torch.manual_seed(0)
+    keys = [torch.randn(1, 2, length, 4) for length in (3, 5)]
+    values = [torch.randn(1, 2, length, 4) for length in (3, 5)]
+    layer = PreallocatedLayer(keys, values, width=5, capacity=7)
+    expected_keys = torch.cat([torch.nn.functional.pad(k, (0, 0, 5 - k.shape[-2], 0)) for k in keys])
+    expected_values = torch.cat([torch.nn.functional.pad(v, (0, 0, 5 - v.shape[-2], 0)) for v in values])
+    buffer = layer.key_buffer.data_ptr()
+    for step in range(4):
+        new_keys, new_values = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+        expected_keys, expected_values = torch.cat([expected_keys, new_keys], 2), torch.cat([expected_values, new_values], 2)
+        got_keys, got_values = layer.update(new_keys, new_values)
+        assert torch.equal(got_keys, expected_keys) and torch.equal(got_values, expected_values)
+        assert layer.get_seq_length() == 6 + step
+        assert (got_keys.data_ptr() == buffer) == (step < 2)  # in place until the 7 positions are full
 
 
 def test_sampling_is_reproducible_by_seed_whatever_the_batch_size(model, tokenizer, prompts):

@@ -1,0 +1,58 @@
+"""Linear layers on oneDNN's prepacked weights, for generation on CPUs.
+
+`F.linear` on a CPU reads a plain row-major weight. oneDNN can instead reorder ("pack") a weight once into
+the blocked layout its matmul kernel reads, as torch.compile's freezing does for inference. On the 2-core
+AVX-512 machine this project is measured on, SmolLM2-135M's linear layers took 35 instead of 67 ms for 16
+rows (one batched decoding step) and 28 instead of 46 ms for one row, where packing them all takes 0.2 s
+and as much memory as the weights. For training-sized passes the gain is small: a no-grad forward of 512
+tokens took 7% less, a LoRA forward and backward 4% less (measured, not adopted).
+
+Results equal `F.linear`'s up to float32 rounding (the kernels sum in another order), like any change of
+matmul kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def packing_available() -> bool:
+    """Whether this PyTorch has oneDNN and its prepacked linear ops (x86 and ARM CPU builds do)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _packable(module: nn.Module) -> bool:
+    """A plain float32 CPU linear layer, not packed already."""
+    return (type(module) is nn.Linear and "forward" not in module.__dict__
+            and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32)
+
+
+def _packed_forward(layer: nn.Linear, packed: torch.Tensor):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad)):
+            return nn.functional.linear(x, layer.weight, layer.bias)  # the packed op has no backward
+        return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
+    return forward
+
+
+@contextlib.contextmanager
+def packed_linears(model: nn.Module) -> Iterator[int]:
+    """Within the block, the model's float32 CPU `nn.Linear` layers multiply by a packed copy of their weight
+    (in passes that need no gradient); yields how many were packed. The weights must not change within the
+    block. Nothing is packed where oneDNN is missing or the model lives on a GPU."""
+    layers = [m for m in model.modules() if _packable(m)]
+    if not layers or not packing_available():
+        yield 0
+        return
+    try:
+        for layer in layers:
+            layer.forward = _packed_forward(layer, torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None))
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)

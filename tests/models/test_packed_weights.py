@@ -1,0 +1,77 @@
+"""Linear layers on oneDNN's packed weights (generation on CPUs): the same outputs as F.linear up to float32
+rounding, only inside the block, and never on a pass that needs gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+from transformers import LlamaForCausalLM
+
+from smolalign.models import packed
+from smolalign.models.packed import packed_linears, packing_available
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="this PyTorch has no oneDNN packed linear ops")
+
+LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config(tokenizer, initializer_range=0.2)).eval()
+
+
+def overridden(model) -> int:
+    return sum("forward" in m.__dict__ for m in model.modules())
+
+
+def test_packed_layers_give_the_plain_logits_inside_the_block_only(model):
+    ids = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with packed_linears(model) as count:
+            assert count == overridden(model) == LINEARS_PER_LAYER * model.config.num_hidden_layers + 1  # + lm_head
+            packed_logits = model(input_ids=ids).logits
+    assert overridden(model) == 0
+    torch.testing.assert_close(packed_logits, plain, rtol=1e-5, atol=1e-4)
+
+
+def test_the_packed_op_is_what_runs(model, monkeypatch):
+    calls = []
+    pointwise = torch.ops.mkldnn._linear_pointwise
+
+    class CountingOps:
+        @staticmethod
+        def _linear_pointwise(*args):
+            calls.append(args[0].shape)
+            return pointwise(*args)
+
+        _reorder_linear_weight = staticmethod(torch.ops.mkldnn._reorder_linear_weight)
+
+    monkeypatch.setattr(packed.torch.ops, "mkldnn", CountingOps)
+    with torch.no_grad(), packed_linears(model) as count:
+        model(input_ids=torch.randint(0, 1000, (1, 5)))
+    assert len(calls) == count
+
+
+def test_a_pass_that_needs_gradients_takes_the_plain_path(model):
+    ids = torch.randint(0, 1000, (1, 7))
+    model.zero_grad()
+    model(input_ids=ids).logits.sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with packed_linears(model):
+        model(input_ids=ids).logits.sum().backward()
+    for parameter, grad in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(parameter.grad, grad, rtol=0, atol=0)
+    model.zero_grad()
+
+
+def test_nothing_is_packed_in_float64_or_without_onednn(model, monkeypatch):
+    double = LlamaForCausalLM(model.config).double().eval()
+    with packed_linears(double) as count:
+        assert count == 0 and overridden(double) == 0
+    monkeypatch.setattr(packed, "packing_available", lambda: False)
+    with packed_linears(model) as count:
+        assert count == 0 and overridden(model) == 0
