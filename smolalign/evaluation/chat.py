@@ -23,6 +23,7 @@ from smolalign.config.commands import ChatConfig
 from smolalign.errors import UserError
 from smolalign.models.embedded import EMBEDDED_NAME, is_embedded
 from smolalign.models.loading import load_for_scoring, load_tokenizer, resolve_device, resolve_dtype
+from smolalign.models.packed import packed_linears
 
 COMMANDS = "/reset starts a new conversation, /quit leaves"
 
@@ -172,4 +173,7 @@ def run_chat(config: ChatConfig, *, input_stream: TextIO | None = None, out: Tex
     for speaker in speakers:
         out.write(f"{speaker.name}: {speaker.source}\n")
     out.write(f"({COMMANDS})\n")
-    chat_loop(speakers, tokenizer, config, input_stream=input_stream or sys.stdin, out=out)
+    with contextlib.ExitStack() as packed:  # the weights never change in a chat: packed once (models/packed.py)
+        for model in {id(speaker.model): speaker.model for speaker in speakers}.values():
+            packed.enter_context(packed_linears(model))
+        chat_loop(speakers, tokenizer, config, input_stream=input_stream or sys.stdin, out=out)
