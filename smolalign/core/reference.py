@@ -117,7 +117,7 @@ def weights_key(model: nn.Module) -> str:
             continue
         digest.update(name.replace("base_model.model.", "").replace(".base_layer.", ".").encode())
         digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())  # the buffer, not a copy
     return digest.hexdigest()
 
 
