@@ -14,10 +14,14 @@ matmul kernel.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
+import psutil
 import torch
 from torch import nn
+
+log = logging.getLogger("smolalign")
 
 
 def packing_available() -> bool:
@@ -44,9 +48,16 @@ def _packed_forward(layer: nn.Linear, packed: torch.Tensor):
 def packed_linears(model: nn.Module) -> Iterator[int]:
     """Within the block, the model's float32 CPU `nn.Linear` layers multiply by a packed copy of their weight
     (in passes that need no gradient); yields how many were packed. The weights must not change within the
-    block. Nothing is packed where oneDNN is missing or the model lives on a GPU."""
+    block. Nothing is packed where oneDNN is missing, the model lives on a GPU, or the copies would take more
+    than half the memory available now."""
     layers = [m for m in model.modules() if _packable(m)]
+    packed_bytes = sum(layer.weight.nbytes for layer in layers)
     if not layers or not packing_available():
+        yield 0
+        return
+    if packed_bytes > psutil.virtual_memory().available / 2:
+        log.info("linear layers not packed: their %.1f GB copy would take over half the available memory",
+                 packed_bytes / 1e9)
         yield 0
         return
     try:

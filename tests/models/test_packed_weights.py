@@ -68,10 +68,18 @@ def test_a_pass_that_needs_gradients_takes_the_plain_path(model):
     model.zero_grad()
 
 
-def test_nothing_is_packed_in_float64_or_without_onednn(model, monkeypatch):
+def test_nothing_is_packed_in_float64_without_onednn_or_without_the_memory(model, monkeypatch):
     double = LlamaForCausalLM(model.config).double().eval()
     with packed_linears(double) as count:
         assert count == 0 and overridden(double) == 0
     monkeypatch.setattr(packed, "packing_available", lambda: False)
     with packed_linears(model) as count:
         assert count == 0 and overridden(model) == 0
+    monkeypatch.undo()
+    available = 2 * sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(packed.psutil, "virtual_memory", lambda: type("Memory", (), {"available": available - 8}))
+    with packed_linears(model) as count:
+        assert count == 0 and overridden(model) == 0
+    monkeypatch.setattr(packed.psutil, "virtual_memory", lambda: type("Memory", (), {"available": available}))
+    with packed_linears(model) as count:
+        assert count > 0
