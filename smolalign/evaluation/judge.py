@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from smolalign.errors import UserError, first_line
 from smolalign.models.loading import load_reward_model, load_tokenizer, resolve_dtype
+from smolalign.models.packed import packed_linears
 from smolalign.stats import wilson_interval
 
 log = logging.getLogger("smolalign")
@@ -127,24 +128,25 @@ class RewardModelJudge:
 
     @torch.no_grad()
     def scores(self, prompts: list[Prompt], answers: list[str]) -> list[float]:
-        """One reward per (prompt, answer), in batches of `batch_size` padded texts.
+        """One reward per (prompt, answer), in batches of `batch_size` padded texts of similar lengths (little
+        padding), on packed weights on a CPU (models/packed.py).
 
         Each distinct text is scored once: the same text scored in two differently padded batches can
         differ in the last bits, and identical answers must tie exactly.
         """
         texts = [self.text(prompt, answer) for prompt, answer in zip(prompts, answers, strict=True)]
         distinct = list(dict.fromkeys(texts))
-        scores: list[float] = []
-        starts = range(0, len(distinct), self.batch_size)
-        for start in tqdm(starts, desc=f"judging with {self.name}", unit="batch"):
-            batch = self.tokenizer(
-                distinct[start : start + self.batch_size],
-                padding=True,
-                return_tensors="pt",
-                add_special_tokens=not self.tokenizer.chat_template,  # a template writes its own BOS
-            ).to(self.device)
-            scores += self.model(**batch).logits[:, 0].float().tolist()
-        score_of = dict(zip(distinct, scores, strict=True))
+        # A chat template writes its own BOS.
+        ids = self.tokenizer(distinct, add_special_tokens=not self.tokenizer.chat_template)["input_ids"]
+        shortest_first = sorted(range(len(distinct)), key=lambda i: len(ids[i]))
+        score_of: dict[str, float] = {}
+        with packed_linears(self.model):
+            for start in tqdm(range(0, len(distinct), self.batch_size), desc=f"judging with {self.name}",
+                              unit="batch"):
+                rows = shortest_first[start : start + self.batch_size]
+                batch = self.tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt").to(self.device)
+                for i, score in zip(rows, self.model(**batch).logits[:, 0].float().tolist(), strict=True):
+                    score_of[distinct[i]] = score
         return [score_of[text] for text in texts]
 
     def judge(

@@ -92,6 +92,21 @@ def test_reward_model_verdicts_follow_independent_scores(reward_model, tokenizer
     assert judge.name == str(reward_model)
 
 
+def test_reward_model_batches_texts_of_similar_lengths(reward_model):
+    """Texts are batched shortest first, so a batch pads its rows to about their own length."""
+    judge = build_judge(reward_model=str(reward_model), url=None, model=None, api_key_env="UNUSED", device=CPU)
+    judge.batch_size = 2
+    widths: list[int] = []
+    judge.model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                          with_kwargs=True)
+    answers = ["A much longer answer, with several clauses, that goes on for a while.", "Short.", "Yes.",
+               "A middling answer here.", "An answer of some length, too."]
+    judge.scores(["Hello?"] * len(answers), answers)
+    lengths = sorted(len(judge.tokenizer(judge.text("Hello?", a), add_special_tokens=False)["input_ids"])
+                     for a in answers)
+    assert widths == [max(lengths[start:start + 2]) for start in range(0, len(lengths), 2)]
+
+
 def test_reward_model_without_chat_template_scores_prompt_answer_eos(reward_model, tmp_path):
     """Without a template the text is what TRL's RewardTrainer trains on: prompt + answer + EOS (and an
     HH-RLHF transcript for a conversation)."""
