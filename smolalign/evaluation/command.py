@@ -40,6 +40,7 @@ from smolalign.models.loading import (
     run_folder_of,
 )
 from smolalign.models.memory import keep_freed_memory
+from smolalign.models.packed import packed_linears
 
 log = logging.getLogger("smolalign")
 
@@ -80,7 +81,11 @@ def starting_model_of_run(model: str) -> str | None:
 
 def run_eval(config: EvalConfig) -> dict:
     """Score every pair with the model (and the reference), measure drift, generate and judge."""
-    config = with_run_settings(config)
+    with contextlib.ExitStack() as packed:  # no weight changes in an eval: packed once (models/packed.py)
+        return _run_eval(with_run_settings(config), packed)
+
+
+def _run_eval(config: EvalConfig, packed: contextlib.ExitStack) -> dict:
     ref_model = config.ref_model or starting_model_of_run(config.model)
     check_judge_settings(config, has_reference=bool(ref_model) or is_adapter(config.model))
     device = resolve_device(config.device)
@@ -94,6 +99,7 @@ def run_eval(config: EvalConfig) -> dict:
                              max_prompt_length=config.max_prompt_length)
 
     model = load_for_scoring(config.model, dtype=dtype, device=device, tokenizer=tokenizer)
+    packed.enter_context(packed_linears(model))
     # A forward pass holds up to batch_size pairs' worth of tokens (max_length each).
     scoring = PairScoring(choose_layout(config.batch_layout, model), tokenizer.pad_token_id, device,
                           max_tokens=config.batch_size * config.max_length)
@@ -107,6 +113,7 @@ def run_eval(config: EvalConfig) -> dict:
         if not config.ref_model:
             log.info("reference: %s, the model this run started from (--ref_model names another)", ref_model)
         reference_model = load_for_scoring(ref_model, dtype=dtype, device=device, tokenizer=tokenizer)
+        packed.enter_context(packed_linears(reference_model))
     elif isinstance(model, PeftModel):
         log.info("reference: the adapter's base model (adapters disabled)")
         reference_model, reference_context = model, model.disable_adapter
