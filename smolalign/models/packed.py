@@ -14,6 +14,7 @@ matmul kernel.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 
@@ -24,10 +25,20 @@ from torch import nn
 log = logging.getLogger("smolalign")
 
 
+@functools.cache
 def packing_available() -> bool:
-    """Whether this PyTorch has oneDNN and its prepacked linear ops (x86 and ARM CPU builds do)."""
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    """Whether this PyTorch's oneDNN packs and multiplies a small weight right (x86 CPU builds do; elsewhere,
+    or in another PyTorch, the private ops may be missing or refuse)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    weight, x = torch.randn(8, 16), torch.randn(3, 16)
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError) as error:
+        log.info("linear layers not packed: oneDNN's packed ops are unavailable here (%s)", error)
+        return False
+    return torch.allclose(out, nn.functional.linear(x, weight), rtol=1e-4, atol=1e-4)
 
 
 def _packable(module: nn.Module) -> bool:

@@ -83,3 +83,14 @@ def test_nothing_is_packed_in_float64_without_onednn_or_without_the_memory(model
     monkeypatch.setattr(packed.psutil, "virtual_memory", lambda: type("Memory", (), {"available": available}))
     with packed_linears(model) as count:
         assert count > 0
+
+
+def test_a_pytorch_whose_packed_ops_fail_packs_nothing(monkeypatch):
+    class RefusingOps:
+        @staticmethod
+        def _reorder_linear_weight(*args):
+            raise RuntimeError("mkldnn_reorder_linear_weight: not supported on this platform")
+
+    assert packing_available.__wrapped__()  # the probe itself, past its cache
+    monkeypatch.setattr(packed.torch.ops, "mkldnn", RefusingOps)
+    assert not packing_available.__wrapped__()
