@@ -1,4 +1,5 @@
-"""Linear layers on oneDNN's prepacked weights, for generation on CPUs.
+"""Linear layers on oneDNN's prepacked weights on CPUs, for passes over weights that do not change:
+generation, chat, evaluation and the judge.
 
 `F.linear` on a CPU reads a plain row-major weight. oneDNN can instead reorder ("pack") a weight once into
 the blocked layout its matmul kernel reads, as torch.compile's freezing does for inference. On the 2-core
@@ -31,7 +32,7 @@ def packing_available() -> bool:
     or in another PyTorch, the private ops may be missing or refuse)."""
     if not torch.backends.mkldnn.is_available():
         return False
-    weight, x = torch.randn(8, 16), torch.randn(3, 16)
+    weight, x = torch.linspace(-1, 1, 128).reshape(8, 16), torch.linspace(1, -2, 48).reshape(3, 16)  # no RNG used
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
