@@ -101,6 +101,17 @@ def rows(hh_rows) -> list[dict]:
     return hh_rows[60:66]
 
 
+@pytest.fixture
+def reference_cache_saves(monkeypatch) -> list[int]:
+    """How many new pairs each write to a reference cache added (none when every pair was cached)."""
+    from smolalign.core.reference import ReferenceCache
+
+    saves = []
+    original = ReferenceCache.save
+    monkeypatch.setattr(ReferenceCache, "save", lambda self, values: saves.append(len(values)) or original(self, values))
+    return saves
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped where none is present")
 

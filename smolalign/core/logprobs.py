@@ -198,6 +198,11 @@ class PairLogps:
     def cpu(self) -> PairLogps:
         return PairLogps(*(getattr(self, name).cpu() for name in PairLogps.__dataclass_fields__))
 
+    def take(self, rows: list[int]) -> PairLogps:
+        """The values of the pairs at `rows`, in that order."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.chosen.device)
+        return PairLogps(*(getattr(self, name)[index] for name in PairLogps.__dataclass_fields__))
+
 
 def concat_pair_logps(parts: list[PairLogps]) -> PairLogps:
     """The per-pair values of consecutive chunks of a batch, as one PairLogps."""

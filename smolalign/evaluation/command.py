@@ -24,12 +24,12 @@ from smolalign.config.train import TrainConfig
 from smolalign.core.heldout import preference_summary, write_pair_rows
 from smolalign.core.layouts import choose_layout
 from smolalign.core.logprobs import SequenceScorer
-from smolalign.core.reference import precompute_reference
+from smolalign.core.reference import ReferenceCache, pair_key
 from smolalign.core.scoring import NoGradScorer, PairScoring
 from smolalign.data.prepare import read_pairs, tokenize_and_fit
 from smolalign.data.tokenize import TokenizedPair
 from smolalign.errors import UserError
-from smolalign.evaluation.drift import answer_statistics
+from smolalign.evaluation.drift import score_with_drift
 from smolalign.evaluation.generation import generate_answers
 from smolalign.models.loading import (
     load_for_scoring,
@@ -104,7 +104,6 @@ def _run_eval(config: EvalConfig, packed: contextlib.ExitStack) -> dict:
     scoring = PairScoring(choose_layout(config.batch_layout, model), tokenizer.pad_token_id, device,
                           max_tokens=config.batch_size * config.max_length)
     policy_view = NoGradScorer(SequenceScorer(model, config.logprob_chunk_size))
-    policy = scoring.logps(policy_view, pairs, desc="scoring policy")
 
     # The reference: --ref_model, the model a run's final/ started from, or the base model of a LoRA
     # adapter (the adapter switched off).
@@ -117,19 +116,24 @@ def _run_eval(config: EvalConfig, packed: contextlib.ExitStack) -> dict:
     elif isinstance(model, PeftModel):
         log.info("reference: the adapter's base model (adapters disabled)")
         reference_model, reference_context = model, model.disable_adapter
-    reference_view = None
-    reference = None
-    if reference_model is not None:
-        reference_view = NoGradScorer(SequenceScorer(reference_model, config.logprob_chunk_size), reference_context)
-        # Reusing (and filling) the cache of reference log-probs that training runs share.
-        reference = precompute_reference(reference_view, reference_model, pairs, scoring,
-                                         desc="scoring reference").of_pairs(pairs)
 
-    summary = preference_summary(policy, reference, beta=config.beta)
-    if reference_view is not None:
-        summary.update(answer_statistics(policy_view, reference_view, pairs, name="chosen", scoring=scoring))
-    else:  # without a reference there is no KL, and the policy's log-probs of the chosen answers are known
+    reference_view = reference = None
+    if reference_model is None:  # no KL without a reference; the policy's log-probs of the chosen answers are known
+        policy = scoring.logps(policy_view, pairs, desc="scoring policy")
+        summary = preference_summary(policy, None, beta=config.beta)
         summary["perplexity/chosen"] = math.exp(-policy.chosen.sum().item() / policy.chosen_tokens.sum().item())
+    else:
+        reference_view = NoGradScorer(SequenceScorer(reference_model, config.logprob_chunk_size), reference_context)
+        scored = score_with_drift(policy_view, reference_view, pairs, name="chosen", scoring=scoring)
+        policy = scored.policy
+        # The reference log-probs that training runs share: values cached by training are the ones used (so
+        # eval's margins are training's), those not cached yet are added.
+        row_of = {pair_key(pair): row for row, pair in enumerate(pairs)}
+        cached = ReferenceCache(reference_model).fill(
+            pairs, lambda missing: scored.reference.take([row_of[pair_key(p)] for p in missing]))
+        reference = cached.of_pairs(pairs)
+        summary = preference_summary(policy, reference, beta=config.beta)
+        summary.update(scored.statistics)
 
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config.model)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -147,8 +151,8 @@ def _run_eval(config: EvalConfig, packed: contextlib.ExitStack) -> dict:
                                                  desc="generating (reference)", **sampling)
             generated = [TokenizedPair(p.index, p.prompt_ids, a, None) for p, a in zip(shown, policy_answers,
                                                                                      strict=True) if a]
-            summary.update(answer_statistics(policy_view, reference_view, generated, name="generated",
-                                              scoring=scoring))
+            summary.update(score_with_drift(policy_view, reference_view, generated, name="generated",
+                                            scoring=scoring).statistics)
         rows = generation_rows(shown, read, tokenizer, policy_answers, reference_answers)
         summary["generation/policy_mean_tokens"] = sum(r["policy_tokens"] for r in rows) / len(rows)
         if reference_answers is not None:

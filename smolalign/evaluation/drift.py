@@ -5,16 +5,20 @@ p(v) (log p(v) - log q(v)) for the policy p and the reference q, computed in chu
 the full logits are never held. Averaged per token and summed per answer. On given answers (the
 chosen answers of held-out pairs) it measures drift where the data is; on answers sampled from the
 policy it is the per-token estimate of KL(policy || reference) along the policy's own outputs.
+
+One pass over the pairs gives both models' log-probs of every answer (what the preference metrics need)
+and the drift on the chosen answers: each batch runs through the policy and the reference once.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from smolalign.core.layouts import CHOSEN, PARTS_PER_PAIR
-from smolalign.core.logprobs import chunk_logits, token_logprobs
+from smolalign.core.logprobs import PairLogps, chunk_logits, concat_pair_logps, sum_by_pair, token_logprobs
 from smolalign.core.scoring import NoGradScorer, PairScoring
 from smolalign.data.tokenize import TokenizedPair
 
@@ -34,41 +38,51 @@ def token_kl(policy_hidden, policy_head, reference_hidden, reference_head, chunk
     return torch.cat(parts) if parts else policy_hidden.new_zeros(0, dtype=torch.float32)
 
 
+@dataclass
+class DriftScores:
+    """Both models' log-probs of every pair's answers, and the drift statistics of the chosen answers."""
+
+    policy: PairLogps
+    reference: PairLogps
+    statistics: dict[str, float]
+
+
 @torch.no_grad()
-def answer_statistics(
+def score_with_drift(
     policy: NoGradScorer,
     reference: NoGradScorer,
-    answers: list[TokenizedPair],
+    pairs: list[TokenizedPair],
     *,
     name: str,
     scoring: PairScoring,
-) -> dict[str, float]:
-    """Perplexity of `answers` (their chosen side) under the policy and the reference, and the KL."""
-    answers = [TokenizedPair(p.index, p.prompt_ids, p.chosen_ids, None) for p in answers]
-    logp_sum = ref_logp_sum = kl_sum = 0.0
-    tokens = 0
-    kl_per_answer = []
-    for chunk, batch in scoring.batches(answers, desc=f"drift on {name} answers"):
+) -> DriftScores:
+    """Log-probs of the answers of `pairs` under the policy and the reference, and on their chosen answers
+    the perplexity under each and the KL (as `perplexity/<name>`, `ref_perplexity/<name>`, `kl/<name>_...`)."""
+    policy_parts, reference_parts, kl_parts = [], [], []
+    for chunk, batch in scoring.batches(pairs, desc=f"scoring policy and reference, drift on {name} answers"):
         inputs = (batch.input_ids, batch.position_ids, batch.attention_mask, batch.score_positions)
         with policy.context():
             hidden = policy.scorer.hidden_at(*inputs)
-        head = policy.scorer.head
-        logp_sum += token_logprobs(hidden, head.weight, head.bias, batch.score_targets, CHUNK).sum().item()
-        tokens += len(batch.score_targets)
+            head = policy.scorer.head
+            logps = token_logprobs(hidden, head.weight, head.bias, batch.score_targets, policy.scorer.chunk_size)
         with reference.context():
             reference_hidden = reference.scorer.hidden_at(*inputs)
             reference_head = reference.scorer.head
-            ref_logp_sum += token_logprobs(
-                reference_hidden, reference_head.weight, reference_head.bias, batch.score_targets, CHUNK
-            ).sum().item()
-            kl = token_kl(hidden, head, reference_hidden, reference_head)
-        kl_sum += kl.sum().item()
-        pair_slot = batch.score_owners // PARTS_PER_PAIR
-        assert bool((batch.score_owners % PARTS_PER_PAIR == CHOSEN).all())
-        kl_per_answer += kl.new_zeros(len(chunk)).index_add(0, pair_slot, kl).tolist()
-    return {
-        f"perplexity/{name}": float(torch.tensor(-logp_sum / tokens).exp()),
-        f"ref_perplexity/{name}": float(torch.tensor(-ref_logp_sum / tokens).exp()),
-        f"kl/{name}_per_token": kl_sum / tokens,
-        f"kl/{name}_per_answer": sum(kl_per_answer) / len(kl_per_answer),
+            reference_logps = token_logprobs(reference_hidden, reference_head.weight, reference_head.bias,
+                                             batch.score_targets, reference.scorer.chunk_size)
+            chosen = batch.score_owners % PARTS_PER_PAIR == CHOSEN
+            kl = token_kl(hidden[chosen], head, reference_hidden[chosen], reference_head)
+        policy_parts.append(sum_by_pair(logps, batch))
+        reference_parts.append(sum_by_pair(reference_logps, batch))
+        pair_slot = batch.score_owners[chosen] // PARTS_PER_PAIR
+        kl_parts.append(kl.new_zeros(len(chunk)).index_add(0, pair_slot, kl))
+    scores = DriftScores(concat_pair_logps(policy_parts).cpu(), concat_pair_logps(reference_parts).cpu(), {})
+    tokens = scores.policy.chosen_tokens.sum().item()
+    kl_per_answer = torch.cat(kl_parts).cpu()
+    scores.statistics = {
+        f"perplexity/{name}": float(torch.tensor(-scores.policy.chosen.sum().item() / tokens).exp()),
+        f"ref_perplexity/{name}": float(torch.tensor(-scores.reference.chosen.sum().item() / tokens).exp()),
+        f"kl/{name}_per_token": kl_per_answer.sum().item() / tokens,
+        f"kl/{name}_per_answer": kl_per_answer.mean().item(),
     }
+    return scores

@@ -44,7 +44,8 @@ def test_precomputed_reference_matches_a_frozen_copy_and_is_cached(tmp_path, tin
     assert again[0]["loss"] == pytest.approx(precomputed_metrics[0]["loss"], abs=1e-7)
 
 
-def test_lora_precomputes_the_reference_of_its_base_model(tmp_path, tiny_model, pairs_file, monkeypatch):
+def test_lora_precomputes_the_reference_of_its_base_model(tmp_path, tiny_model, pairs_file, monkeypatch,
+                                                            reference_cache_saves):
     """Under LoRA the reference (adapters disabled) is precomputed by default: the same numbers as the
     adapters-off pass in every step, and a second run, or `smolalign eval`, scores no reference again."""
     settings = {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_steps": 3, "learning_rate": 1e-3,
@@ -68,13 +69,10 @@ def test_lora_precomputes_the_reference_of_its_base_model(tmp_path, tiny_model, 
             if key in theirs:
                 assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
 
-    calls = []
-    original = PairScoring.logps
-    monkeypatch.setattr(PairScoring, "logps",
-                        lambda self, *a, **k: calls.append(k.get("desc")) or original(self, *a, **k))
+    reference_cache_saves.clear()
     main(["eval", "--model", str(tmp_path / "precomputed" / "final"), "--dataset", str(pairs_file),
           "--max_pairs", "4", "--max_length", "1024"])
-    assert calls == ["scoring policy"]  # the base model's log-probs came from the training cache
+    assert reference_cache_saves == []  # the base model's log-probs came from the training cache
 
 
 def test_reference_cache_is_kept_apart_per_precision_and_merges_concurrent_writers(tmp_path, tiny_model, tokenized_pairs,
@@ -121,18 +119,16 @@ def test_reference_cache_is_kept_apart_per_precision_and_merges_concurrent_write
     assert scored == [len(tokenized_pairs)] * 3
 
 
-def test_eval_reuses_the_reference_cache_of_training(tmp_path, tiny_model, pairs_file, monkeypatch):
+def test_eval_reuses_the_reference_cache_of_training(tmp_path, tiny_model, pairs_file, monkeypatch,
+                                                     reference_cache_saves):
     monkeypatch.setenv("SMOLALIGN_REFERENCE_CACHE", str(tmp_path / "cache"))
     policy, reference = tiny_model(0), tiny_model(1)
     train(load_config(None, {"model": str(policy), "ref_model": str(reference), "dataset": str(pairs_file),
                              "eval_dataset": str(pairs_file), "max_steps": 1, "precompute_ref_log_probs": True,
                              "output_dir": str(tmp_path / "run")}))
-    calls = []
-    original = PairScoring.logps
-    monkeypatch.setattr(PairScoring, "logps",
-                        lambda self, *a, **k: calls.append(k.get("desc")) or original(self, *a, **k))
+    reference_cache_saves.clear()
     main(["eval", "--model", str(policy), "--ref_model", str(reference), "--dataset", str(pairs_file),
           "--output_dir", str(tmp_path / "eval")])
-    assert calls == ["scoring policy"]  # the reference came from the cache the training run filled
+    assert reference_cache_saves == []  # the reference came from the cache the training run filled
     rows = read_jsonl(tmp_path / "eval" / "eval_pairs.jsonl")
     assert all("ref_logps_chosen" in row for row in rows)

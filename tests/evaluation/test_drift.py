@@ -16,7 +16,7 @@ from smolalign.core.logprobs import SequenceScorer
 from smolalign.core.scoring import NoGradScorer, PairScoring
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
-from smolalign.evaluation.drift import answer_statistics
+from smolalign.evaluation.drift import score_with_drift
 
 
 def full_logits_statistics(policy, reference, pairs):
@@ -47,18 +47,23 @@ def full_logits_statistics(policy, reference, pairs):
 
 
 def test_kl_and_perplexity_match_a_full_logits_computation(tiny_model, tokenizer, rows):
-    policy = AutoModelForCausalLM.from_pretrained(tiny_model(0))
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model(1))
+    """One pass gives the drift on the chosen answers and both models' log-probs of every answer, the same
+    as scoring each model on its own."""
+    policy = NoGradScorer(SequenceScorer(AutoModelForCausalLM.from_pretrained(tiny_model(0))))
+    reference = NoGradScorer(SequenceScorer(AutoModelForCausalLM.from_pretrained(tiny_model(1))))
     pairs = tokenize_pairs([to_pair(r, i, "hh_rlhf") for i, r in enumerate(rows)], tokenizer)
-    cpu = torch.device("cpu")
-    ours = answer_statistics(NoGradScorer(SequenceScorer(policy)), NoGradScorer(SequenceScorer(reference)), pairs,
-                             name="chosen", scoring=PairScoring("prefix_shared", tokenizer.pad_token_id, cpu, 300))
-    expected = full_logits_statistics(policy, reference, pairs)
-    assert ours.keys() == expected.keys()
+    scoring = PairScoring("prefix_shared", tokenizer.pad_token_id, torch.device("cpu"), 300)
+    ours = score_with_drift(policy, reference, pairs, name="chosen", scoring=scoring)
+    expected = full_logits_statistics(policy.scorer.model, reference.scorer.model, pairs)
+    assert ours.statistics.keys() == expected.keys()
     for key, value in expected.items():
-        assert ours[key] == pytest.approx(value, rel=1e-4), key
-    same = answer_statistics(NoGradScorer(SequenceScorer(policy)), NoGradScorer(SequenceScorer(policy)), pairs,
-                             name="chosen", scoring=PairScoring("padded", tokenizer.pad_token_id, cpu, 1024))
+        assert ours.statistics[key] == pytest.approx(value, rel=1e-4), key
+    for scores, scorer in ((ours.policy, policy), (ours.reference, reference)):
+        alone = scoring.logps(scorer, pairs)
+        for part in ("chosen", "rejected", "chosen_tokens", "rejected_tokens"):
+            torch.testing.assert_close(getattr(scores, part), getattr(alone, part), rtol=1e-5, atol=1e-4)
+    padded = PairScoring("padded", tokenizer.pad_token_id, torch.device("cpu"), 1024)
+    same = score_with_drift(policy, policy, pairs, name="chosen", scoring=padded).statistics
     assert same["kl/chosen_per_token"] == pytest.approx(0.0, abs=1e-6)  # a model does not drift from itself
 
 

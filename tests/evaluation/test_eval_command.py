@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from smolalign.cli import main
 from smolalign.config.commands import EvalConfig
 from smolalign.config.train import TrainConfig, load_config
-from smolalign.core.scoring import PairScoring
 from smolalign.data.formats import _parse_hh
 from smolalign.errors import UserError
 from smolalign.evaluation.command import with_run_settings
@@ -87,20 +86,18 @@ def test_eval_on_the_embedded_model_matches_plain_transformers(tmp_path, hh_rows
     check_against_plain_transformers(embedded_model_dir(), rows, pairs, tolerance=1e-3)
 
 
-def test_eval_of_a_run_uses_the_runs_own_beta_and_lengths(tmp_path, tiny_model, hh_rows, monkeypatch):
+def test_eval_of_a_run_uses_the_runs_own_beta_and_lengths(tmp_path, tiny_model, hh_rows, monkeypatch,
+                                                          reference_cache_saves):
     """A run trained at beta 0.5 and max_length 128 is scored with both unless the command says otherwise."""
     data = write_jsonl(tmp_path / "pairs.jsonl", hh_rows[800:808])  # longer than 128 tokens: cut to fit
     run = tmp_path / "run"
     monkeypatch.setenv("SMOLALIGN_REFERENCE_CACHE", str(tmp_path / "cache"))
     main(["train", "--model", str(tiny_model(0)), "--dataset", str(data), "--beta", "0.5", "--max_length", "128",
           "--max_steps", "2", "--per_device_train_batch_size", "4", "--output_dir", str(run)])
-    calls = []
-    original = PairScoring.logps
-    monkeypatch.setattr(PairScoring, "logps",
-                        lambda self, *a, **k: calls.append(k.get("desc")) or original(self, *a, **k))
+    reference_cache_saves.clear()
     main(["eval", "--model", str(run / "final"), "--dataset", str(data)])
     # The reference came from training's cache, whose keys are the token ids: cut at the run's max_length.
-    assert calls == ["scoring policy"]
+    assert reference_cache_saves == []
     summary = json.loads((run / "eval" / "eval.json").read_text())
     rows = read_jsonl(run / "eval" / "eval_pairs.jsonl")
     assert summary["beta"] == 0.5
@@ -113,7 +110,7 @@ def test_eval_of_a_run_uses_the_runs_own_beta_and_lengths(tmp_path, tiny_model, 
     main(["eval", "--model", str(run / "final"), "--dataset", str(data), "--beta", "0.2", "--max_length", "1024",
           "--output_dir", str(tmp_path / "explicit")])
     assert json.loads((tmp_path / "explicit" / "eval.json").read_text())["beta"] == 0.2  # the flags win
-    assert calls[1:] == ["scoring policy", "scoring reference"]  # other token ids: not in the cache
+    assert reference_cache_saves == [8]  # other token ids: not in the cache, so added to it
 
 
 def test_unset_run_settings_come_from_the_run_else_from_training_defaults(tmp_path):
@@ -133,16 +130,13 @@ def test_unset_run_settings_come_from_the_run_else_from_training_defaults(tmp_pa
 
 
 def test_eval_of_a_full_fine_tuning_run_uses_its_starting_model_as_reference(tmp_path, tiny_model, pairs_file,
-                                                                             monkeypatch):
+                                                                             monkeypatch, reference_cache_saves):
     monkeypatch.setenv("SMOLALIGN_REFERENCE_CACHE", str(tmp_path / "cache"))
     final = train(load_config(None, {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_steps": 1,
                                      "per_device_train_batch_size": 16, "output_dir": str(tmp_path / "run")}))
-    calls = []
-    original = PairScoring.logps
-    monkeypatch.setattr(PairScoring, "logps",
-                        lambda self, *a, **k: calls.append(k.get("desc")) or original(self, *a, **k))
+    reference_cache_saves.clear()
     main(["eval", "--model", str(final), "--dataset", str(pairs_file), "--max_pairs", "4"])
-    assert calls == ["scoring policy"]  # the reference log-probs were precomputed by training and cached
+    assert reference_cache_saves == []  # the reference log-probs were precomputed by training and cached
     summary = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     assert "kl/chosen_per_token" in summary and summary["reward"].startswith("beta * (logps - ref_logps)")
     rows = read_jsonl(tmp_path / "run" / "eval" / "eval_pairs.jsonl")
