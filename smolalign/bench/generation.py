@@ -61,8 +61,7 @@ def transformers_loop(model, prompts: list[list[int]], *, max_new_tokens: int, e
 def generation_bench(config: GenerationBenchConfig) -> list[GenerationTiming]:
     """Time the three ways of answering (see the module's docstring); writes generation.json and .md."""
     device = resolve_device(config.device)
-    if device.type == "cpu":
-        keep_freed_memory()  # as `smolalign eval` does; all three ways run under it
+    keep_freed_memory(device)  # as `smolalign eval` does; all three ways run under it
     tokenizer = load_tokenizer(config.model)
     read = read_pairs(config.dataset or bundled_dataset("test"), split="test", limit=config.prompts)
     pairs = tokenize_and_fit(read, tokenizer, max_length=TrainConfig.max_length,

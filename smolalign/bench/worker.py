@@ -114,7 +114,7 @@ def run_trl(spec: dict, output_dir: Path) -> dict:
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     # smolalign's train() keeps freed memory on CPU anyway; TRL runs get it only when the spec asks.
-    kept = spec["device"] == "cpu" and spec["keep_freed_memory"] and keep_freed_memory()
+    kept = spec["keep_freed_memory"] and keep_freed_memory(spec["device"])
     with tempfile.TemporaryDirectory(prefix="smolalign-bench-") as scratch:
         runner = run_smolalign if spec["framework"] == "smolalign" else run_trl
         result = runner(spec, Path(scratch))

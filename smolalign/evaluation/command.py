@@ -89,8 +89,7 @@ def _run_eval(config: EvalConfig, packed: contextlib.ExitStack) -> dict:
     ref_model = config.ref_model or starting_model_of_run(config.model)
     check_judge_settings(config, has_reference=bool(ref_model) or is_adapter(config.model))
     device = resolve_device(config.device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = load_tokenizer(config.model, chat_template=config.chat_template)
     read = read_pairs(config.dataset, split=config.split, system_prompt=config.system_prompt,

@@ -64,12 +64,12 @@ def score_with_drift(
         with policy.context():
             hidden = policy.scorer.hidden_at(*inputs)
             head = policy.scorer.head
-            logps = token_logprobs(hidden, head.weight, head.bias, batch.score_targets, policy.scorer.chunk_size)
+            logps = token_logprobs(hidden, head.weight, head.bias, batch.score_targets, CHUNK)
         with reference.context():
             reference_hidden = reference.scorer.hidden_at(*inputs)
             reference_head = reference.scorer.head
             reference_logps = token_logprobs(reference_hidden, reference_head.weight, reference_head.bias,
-                                             batch.score_targets, reference.scorer.chunk_size)
+                                             batch.score_targets, CHUNK)
             chosen = batch.score_owners % PARTS_PER_PAIR == CHOSEN
             kl = token_kl(hidden[chosen], head, reference_hidden[chosen], reference_head)
         policy_parts.append(sum_by_pair(logps, batch))

@@ -13,6 +13,8 @@ import ctypes
 import logging
 import platform
 
+import torch
+
 log = logging.getLogger("smolalign")
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
@@ -20,9 +22,10 @@ M_MMAP_THRESHOLD = -3
 KEEP_BELOW_BYTES = 1 << 30  # blocks up to 1 GB come from the heap, whose top is never given back
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc to reuse freed blocks instead of returning them to the kernel; False where it does not apply."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+def keep_freed_memory(device: torch.device | str) -> bool:
+    """Ask glibc to reuse freed blocks instead of returning them to the kernel, for work on `device`; False
+    where it does not apply (a GPU's tensors do not come from malloc; other C libraries)."""
+    if torch.device(device).type != "cpu" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

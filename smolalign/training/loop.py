@@ -64,8 +64,7 @@ def train(config: TrainConfig) -> Path | None:
 
 def _train(config: TrainConfig, output_dir: Path) -> Path | None:
     device = resolve_device(config.device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     require_trackers(config.report_to)
     check_push_access(config)  # push_to_hub: token, network and repository id, before any work
     dtype, mixed_precision = resolve_precision(config.dtype, device, lora=config.lora is not None)

@@ -7,6 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from smolalign.models import memory
 
 HEAP_OF_A_FREED_BLOCK = """
 import ctypes, sys, torch
@@ -19,7 +22,7 @@ class MallInfo2(ctypes.Structure):  # glibc's malloc statistics (malloc.h), all 
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
-assert sys.argv[1] == "default" or keep_freed_memory()
+assert sys.argv[1] == "default" or keep_freed_memory("cpu")
 block = torch.ones(16 * 2**20)  # 64 MB: above glibc's largest default mmap threshold (32 MB)
 mapped_while_alive = libc.mallinfo2().hblkhd
 del block
@@ -45,3 +48,14 @@ def test_freed_tensor_memory_stays_in_the_heap_for_reuse():
     assert mapped >= block and free_in_heap < block  # its own mapping, given back to the kernel when freed
     mapped, free_in_heap = heap_after("keep")
     assert mapped < block and free_in_heap >= block  # from the heap, and kept there once freed
+
+
+def test_a_gpu_run_leaves_malloc_alone(monkeypatch):
+    """A GPU's tensors do not come from malloc: for them glibc is not even opened."""
+
+    def no_libc(name):
+        raise AssertionError(f"{name} opened for a GPU run")
+
+    monkeypatch.setattr(memory.ctypes, "CDLL", no_libc)
+    assert memory.keep_freed_memory("cuda") is False
+    assert memory.keep_freed_memory(torch.device("cuda", 0)) is False
