@@ -13,6 +13,7 @@ and the drift on the chosen answers: each batch runs through the policy and the 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,25 +65,24 @@ def score_with_drift(
         with policy.context():
             hidden = policy.scorer.hidden_at(*inputs)
             head = policy.scorer.head
-            logps = token_logprobs(hidden, head.weight, head.bias, batch.score_targets, CHUNK)
+            token_logps = token_logprobs(hidden, head.weight, head.bias, batch.score_targets, CHUNK)
         with reference.context():
             reference_hidden = reference.scorer.hidden_at(*inputs)
             reference_head = reference.scorer.head
-            reference_logps = token_logprobs(reference_hidden, reference_head.weight, reference_head.bias,
-                                             batch.score_targets, CHUNK)
+            reference_token_logps = token_logprobs(reference_hidden, reference_head.weight, reference_head.bias,
+                                                   batch.score_targets, CHUNK)
             chosen = batch.score_owners % PARTS_PER_PAIR == CHOSEN
             kl = token_kl(hidden[chosen], head, reference_hidden[chosen], reference_head)
-        policy_parts.append(sum_by_pair(logps, batch))
-        reference_parts.append(sum_by_pair(reference_logps, batch))
+        policy_parts.append(sum_by_pair(token_logps, batch))
+        reference_parts.append(sum_by_pair(reference_token_logps, batch))
         pair_slot = batch.score_owners[chosen] // PARTS_PER_PAIR
         kl_parts.append(kl.new_zeros(len(chunk)).index_add(0, pair_slot, kl))
-    scores = DriftScores(concat_pair_logps(policy_parts).cpu(), concat_pair_logps(reference_parts).cpu(), {})
-    tokens = scores.policy.chosen_tokens.sum().item()
+    policy_logps, reference_logps = concat_pair_logps(policy_parts).cpu(), concat_pair_logps(reference_parts).cpu()
+    tokens = policy_logps.chosen_tokens.sum().item()
     kl_per_answer = torch.cat(kl_parts).cpu()
-    scores.statistics = {
-        f"perplexity/{name}": float(torch.tensor(-scores.policy.chosen.sum().item() / tokens).exp()),
-        f"ref_perplexity/{name}": float(torch.tensor(-scores.reference.chosen.sum().item() / tokens).exp()),
+    return DriftScores(policy_logps, reference_logps, {
+        f"perplexity/{name}": math.exp(-policy_logps.chosen.sum().item() / tokens),
+        f"ref_perplexity/{name}": math.exp(-reference_logps.chosen.sum().item() / tokens),
         f"kl/{name}_per_token": kl_per_answer.sum().item() / tokens,
         f"kl/{name}_per_answer": kl_per_answer.mean().item(),
-    }
-    return scores
+    })
