@@ -59,11 +59,12 @@ class PairScoring:
         return build_batch(chunk, self.layout, pad_token_id=self.pad_token_id, score_prompt=score_prompt,
                            score_ends=score_ends).to(self.device)
 
-    def batches(self, pairs: list[TokenizedPair], *, desc: str | None = None
+    def batches(self, pairs: list[TokenizedPair], *, score_ends: bool = False, desc: str | None = None
                 ) -> Iterator[tuple[list[TokenizedPair], Batch]]:
-        """Each chunk of `pairs` with its batch (answer tokens scored), with a progress bar when `desc` is given."""
+        """Each chunk of `pairs` with its batch (answer tokens scored, or with `score_ends` each answer's last
+        token), with a progress bar when `desc` is given."""
         for chunk in tqdm(self.chunks(pairs), desc=desc, unit="chunk", disable=desc is None):
-            yield chunk, self.batch(chunk)
+            yield chunk, self.batch(chunk, score_ends=score_ends)
 
     def logps(self, scorer: NoGradScorer, pairs: list[TokenizedPair], *, desc: str | None = None) -> PairLogps:
         """Per-pair answer log-prob sums and token counts of every pair, in order, on the CPU."""

@@ -27,6 +27,10 @@ import requests
 import torch
 from tqdm.auto import tqdm
 
+from smolalign.core.layouts import block_tokens, choose_layout
+from smolalign.core.logprobs import RewardScorer, score_batch
+from smolalign.core.scoring import PairScoring
+from smolalign.data.tokenize import TokenizedPair
 from smolalign.errors import UserError, first_line
 from smolalign.models.loading import load_reward_model, load_tokenizer, resolve_dtype
 from smolalign.models.packed import packed_linears
@@ -91,6 +95,7 @@ def check_judge_url(url: str) -> None:
 # Reward model
 
 HH_SPEAKERS = {"user": "Human", "assistant": "Assistant"}  # turn names of HH-RLHF transcripts
+JUDGE_TOKENS_PER_FORWARD = 2048  # as `smolalign eval` scores pairs: 8 pairs of 256 tokens
 
 
 class RewardModelJudge:
@@ -98,19 +103,20 @@ class RewardModelJudge:
 
     The text scored is the one the reward model was trained on, as TRL's RewardTrainer builds it: the
     chat template applied to prompt + answer when the tokenizer has one, else the prompt string, the
-    answer and the EOS token.
+    answer and the EOS token. Both answers to a prompt are scored in one block of the prefix-shared layout
+    (core/layouts.py): the tokens their texts share (the prompt) run once, each answer sees them and
+    itself, and each score is read where transformers reads it, at the text's last non-padding token.
     """
 
-    def __init__(self, name: str, *, device: torch.device, batch_size: int = 8):
+    def __init__(self, name: str, *, device: torch.device, max_tokens_per_forward: int = JUDGE_TOKENS_PER_FORWARD):
         self.name = name
-        self.device = device
-        self.batch_size = batch_size
         model = load_reward_model(name, dtype=resolve_dtype("auto", device), trained_head=True)
         self.tokenizer = load_tokenizer(name)
-        self.tokenizer.padding_side = "right"  # as in training; the model reads its last non-pad token
         # Sequence classification models find each row's last token through config.pad_token_id.
         model.config.get_text_config().pad_token_id = self.tokenizer.pad_token_id
         self.model = model.to(device).eval()
+        self.scoring = PairScoring(choose_layout("auto", self.model), self.tokenizer.pad_token_id, device,
+                                   max_tokens=max_tokens_per_forward)
 
     def text(self, prompt: Prompt, answer: str) -> str:
         """prompt + answer as one string in the reward model's own format."""
@@ -126,38 +132,38 @@ class RewardModelJudge:
         eos = self.tokenizer.eos_token or ""
         return prompt + answer + ("" if answer.endswith(eos) else eos)
 
-    @torch.no_grad()
-    def scores(self, prompts: list[Prompt], answers: list[str]) -> list[float]:
-        """One reward per (prompt, answer), in batches of `batch_size` padded texts of similar lengths (little
-        padding), on packed weights on a CPU (models/packed.py).
-
-        Each distinct text is scored once: the same text scored in two differently padded batches can
-        differ in the last bits, and identical answers must tie exactly.
-        """
-        texts = [self.text(prompt, answer) for prompt, answer in zip(prompts, answers, strict=True)]
-        distinct = list(dict.fromkeys(texts))
+    def answers_as_pair(self, index: int, prompt: Prompt, policy: str, reference: str) -> TokenizedPair:
+        """The token ids of both texts as a pair: the tokens they begin with in common (the prompt), then the
+        policy's rest as the chosen answer and the reference's as the rejected one. Identical texts are one
+        sequence (no rejected answer): scored once, they tie exactly."""
         # A chat template writes its own BOS.
-        ids = self.tokenizer(distinct, add_special_tokens=not self.tokenizer.chat_template)["input_ids"]
-        shortest_first = sorted(range(len(distinct)), key=lambda i: len(ids[i]))
-        score_of: dict[str, float] = {}
-        with packed_linears(self.model):
-            for start in tqdm(range(0, len(distinct), self.batch_size), desc=f"judging with {self.name}",
-                              unit="batch"):
-                rows = shortest_first[start : start + self.batch_size]
-                batch = self.tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt").to(self.device)
-                for i, score in zip(rows, self.model(**batch).logits[:, 0].float().tolist(), strict=True):
-                    score_of[distinct[i]] = score
-        return [score_of[text] for text in texts]
+        texts = [self.text(prompt, policy), self.text(prompt, reference)]
+        first, second = self.tokenizer(texts, add_special_tokens=not self.tokenizer.chat_template)["input_ids"]
+        if first == second:
+            return TokenizedPair(index, first[:-1], first[-1:], None)
+        # Each answer keeps at least its last token, where its score is read.
+        shared = min(len(os.path.commonprefix([first, second])), len(first) - 1, len(second) - 1)
+        return TokenizedPair(index, first[:shared], first[shared:], second[shared:])
 
+    @torch.no_grad()
     def judge(
         self, prompts: list[Prompt], policy_answers: list[str], reference_answers: list[str]
     ) -> list[Verdict]:
-        scores = self.scores(prompts + prompts, policy_answers + reference_answers)
-        policy_scores, reference_scores = scores[: len(prompts)], scores[len(prompts) :]
-        return [
-            Verdict(_winner(policy - reference), policy, reference)
-            for policy, reference in zip(policy_scores, reference_scores, strict=True)
-        ]
+        """Verdicts from the rewards of both answers, their pairs taken shortest first in forward passes of
+        up to `max_tokens_per_forward` tokens (little padding), on packed weights on a CPU (models/packed.py)."""
+        pairs = [self.answers_as_pair(i, *answers)
+                 for i, answers in enumerate(zip(prompts, policy_answers, reference_answers, strict=True))]
+        scorer = RewardScorer(self.model)
+        verdicts: dict[int, Verdict] = {}
+        with packed_linears(self.model):
+            for chunk, batch in self.scoring.batches(sorted(pairs, key=block_tokens), score_ends=True,
+                                                     desc=f"judging with {self.name}"):
+                rewards = score_batch(scorer, batch)
+                for pair, policy, reference in zip(chunk, rewards.chosen.tolist(), rewards.rejected.tolist(),
+                                                   strict=True):
+                    reference = policy if pair.rejected_ids is None else reference
+                    verdicts[pair.index] = Verdict(_winner(policy - reference), policy, reference)
+        return [verdicts[i] for i in range(len(pairs))]
 
 
 def _winner(policy_margin: float) -> str:

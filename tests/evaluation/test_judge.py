@@ -4,6 +4,7 @@ over real HTTP against small local OpenAI-compatible servers, the win-rate summa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -16,6 +17,7 @@ from conftest import read_jsonl, tiny_llama_config, write_jsonl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaForSequenceClassification
 
 from smolalign.cli import main
+from smolalign.core.layouts import block_tokens
 from smolalign.core.scoring import PairScoring
 from smolalign.errors import UserError
 from smolalign.evaluation.judge import ChatJudge, Verdict, build_judge, parse_choice, win_rate_summary
@@ -66,8 +68,15 @@ def test_reward_model_verdicts_follow_independent_scores(reward_model, tokenizer
     judge = build_judge(
         reward_model=str(reward_model), url=None, model=None, api_key_env="UNUSED", device=CPU
     )
-    judge.batch_size = 2  # five distinct texts: two full padded batches and a partial one
+    # A token budget that puts the two shortest pairs in one forward pass and the third in another.
+    pairs = sorted((judge.answers_as_pair(i, *answers) for i, answers in enumerate(zip(PROMPTS, POLICY, REFERENCE,
+                                                                                        strict=True))), key=block_tokens)
+    judge.scoring = dataclasses.replace(judge.scoring, max_tokens=block_tokens(pairs[0]) + block_tokens(pairs[1]))
+    widths: list[int] = []
+    judge.model.model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
     verdicts = judge.judge(PROMPTS, POLICY, REFERENCE)
+    assert len(widths) == 2 and widths == sorted(widths)  # shortest pairs first: rows of similar lengths
 
     def chat(prompt, answer):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
@@ -83,28 +92,33 @@ def test_reward_model_verdicts_follow_independent_scores(reward_model, tokenizer
     )
     assert [v.policy_score for v in verdicts] == pytest.approx(policy, abs=1e-5)
     assert [v.reference_score for v in verdicts] == pytest.approx(reference, abs=1e-5)
-    # The distinct answers differ by far more than padding noise, so their order is not a float tie.
+    # The distinct answers differ by far more than float noise, so their order is not a float tie.
     assert all(abs(p - r) > 1e-3 for p, r in zip(policy[:2], reference[:2], strict=True))
     assert [v.winner for v in verdicts[:2]] == ["policy" if p > r else "reference" for p, r in zip(policy[:2], reference[:2], strict=True)]
-    # Identical answers are a tie by definition, whatever batch or padding either was scored in.
+    # Identical answers are a tie by definition: one text, scored once.
     assert verdicts[2].winner == "tie"
     assert verdicts[2].policy_score == verdicts[2].reference_score
     assert judge.name == str(reward_model)
 
 
-def test_reward_model_batches_texts_of_similar_lengths(reward_model):
-    """Texts are batched shortest first, so a batch pads its rows to about their own length."""
+def test_both_answers_to_a_prompt_share_its_tokens(reward_model, tokenizer):
+    """The tokens both texts begin with (system prompt, conversation, the assistant's header) run once; each
+    answer's rest follows them; identical texts are a single sequence."""
     judge = build_judge(reward_model=str(reward_model), url=None, model=None, api_key_env="UNUSED", device=CPU)
-    judge.batch_size = 2
-    widths: list[int] = []
-    judge.model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
-                                          with_kwargs=True)
-    answers = ["A much longer answer, with several clauses, that goes on for a while.", "Short.", "Yes.",
-               "A middling answer here.", "An answer of some length, too."]
-    judge.scores(["Hello?"] * len(answers), answers)
-    lengths = sorted(len(judge.tokenizer(judge.text("Hello?", a), add_special_tokens=False)["input_ids"])
-                     for a in answers)
-    assert widths == [max(lengths[start:start + 2]) for start in range(0, len(lengths), 2)]
+
+    def ids(prompt, answer):
+        return judge.tokenizer(judge.text(prompt, answer), add_special_tokens=False)["input_ids"]
+
+    pair = judge.answers_as_pair(7, PROMPTS[1], POLICY[1], REFERENCE[1])
+    assert pair.index == 7
+    assert pair.prompt_ids + pair.chosen_ids == ids(PROMPTS[1], POLICY[1])
+    assert pair.prompt_ids + pair.rejected_ids == ids(PROMPTS[1], REFERENCE[1])
+    prompt = tokenizer.apply_chat_template(PROMPTS[1], add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert len(prompt_ids) > 10 and pair.prompt_ids[: len(prompt_ids)] == prompt_ids  # the whole prompt is shared
+    assert pair.chosen_ids[0] != pair.rejected_ids[0]
+    same = judge.answers_as_pair(0, PROMPTS[2], POLICY[2], REFERENCE[2])
+    assert same.rejected_ids is None and same.prompt_ids + same.chosen_ids == ids(PROMPTS[2], POLICY[2])
 
 
 def test_reward_model_without_chat_template_scores_prompt_answer_eos(reward_model, tmp_path):
