@@ -51,7 +51,8 @@ class EvalConfig(Settings):
     beta: float | None = from_run("beta", "Reward scale (DPO beta).")
     max_length: int | None = from_run("max_length", "Maximum tokens of prompt + answer.")
     max_prompt_length: int | None = from_run("max_prompt_length", "Maximum prompt tokens.")
-    logprob_chunk_size: int | None = from_run("logprob_chunk_size", "Tokens per output-head chunk.")
+    logprob_chunk_size: int | None = from_run("logprob_chunk_size", "Tokens per output-head chunk (at most 256 with a "
+                                                                          "reference: the KL's chunks).")
     chat_template: str | None = from_run("chat_template", "'chatml' for a base model without a chat template.")
     system_prompt: str | None = from_run("system_prompt", "System message for prompts that have none.")
     max_pairs: int | None = option(None, "Use only the first N pairs.")

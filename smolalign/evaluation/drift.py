@@ -59,20 +59,22 @@ def score_with_drift(
 ) -> DriftScores:
     """Log-probs of the answers of `pairs` under the policy and the reference, and on their chosen answers
     the perplexity under each and the KL (as `perplexity/<name>`, `ref_perplexity/<name>`, `kl/<name>_...`)."""
+    # The run's head chunk, at most CHUNK positions: the KL holds both models' full-vocabulary rows of a chunk.
+    chunk_size = min(policy.scorer.chunk_size, reference.scorer.chunk_size, CHUNK)
     policy_parts, reference_parts, kl_parts = [], [], []
     for chunk, batch in scoring.batches(pairs, desc=f"scoring policy and reference, drift on {name} answers"):
         inputs = (batch.input_ids, batch.position_ids, batch.attention_mask, batch.score_positions)
         with policy.context():
             hidden = policy.scorer.hidden_at(*inputs)
             head = policy.scorer.head
-            token_logps = token_logprobs(hidden, head.weight, head.bias, batch.score_targets, CHUNK)
+            token_logps = token_logprobs(hidden, head.weight, head.bias, batch.score_targets, chunk_size)
         with reference.context():
             reference_hidden = reference.scorer.hidden_at(*inputs)
             reference_head = reference.scorer.head
             reference_token_logps = token_logprobs(reference_hidden, reference_head.weight, reference_head.bias,
-                                                   batch.score_targets, CHUNK)
+                                                   batch.score_targets, chunk_size)
             chosen = batch.score_owners % PARTS_PER_PAIR == CHOSEN
-            kl = token_kl(hidden[chosen], head, reference_hidden[chosen], reference_head)
+            kl = token_kl(hidden[chosen], head, reference_hidden[chosen], reference_head, chunk_size)
         policy_parts.append(sum_by_pair(token_logps, batch))
         reference_parts.append(sum_by_pair(reference_token_logps, batch))
         pair_slot = batch.score_owners[chosen] // PARTS_PER_PAIR

@@ -12,10 +12,11 @@ from conftest import read_jsonl, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from smolalign.cli import main
-from smolalign.core.logprobs import SequenceScorer
+from smolalign.core.logprobs import SequenceScorer, chunk_logits
 from smolalign.core.scoring import NoGradScorer, PairScoring
 from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
+from smolalign.evaluation import drift
 from smolalign.evaluation.drift import score_with_drift
 
 
@@ -46,7 +47,7 @@ def full_logits_statistics(policy, reference, pairs):
     }
 
 
-def test_kl_and_perplexity_match_a_full_logits_computation(tiny_model, tokenizer, rows):
+def test_kl_and_perplexity_match_a_full_logits_computation(tiny_model, tokenizer, rows, monkeypatch):
     """One pass gives the drift on the chosen answers and both models' log-probs of every answer, the same
     as scoring each model on its own."""
     policy = NoGradScorer(SequenceScorer(AutoModelForCausalLM.from_pretrained(tiny_model(0))))
@@ -62,6 +63,14 @@ def test_kl_and_perplexity_match_a_full_logits_computation(tiny_model, tokenizer
         alone = scoring.logps(scorer, pairs)
         for part in ("chosen", "rejected", "chosen_tokens", "rejected_tokens"):
             torch.testing.assert_close(getattr(scores, part), getattr(alone, part), rtol=1e-5, atol=1e-4)
+    # A run's smaller head chunk is honoured, with the same numbers.
+    rows = []
+    monkeypatch.setattr(drift, "chunk_logits", lambda hidden, *a: rows.append(len(hidden)) or chunk_logits(hidden, *a))
+    small = [NoGradScorer(SequenceScorer(view.scorer.model, chunk_size=3)) for view in (policy, reference)]
+    in_small_chunks = score_with_drift(*small, pairs, name="chosen", scoring=scoring).statistics
+    assert in_small_chunks == pytest.approx(ours.statistics, rel=1e-5)
+    assert max(rows) == 3
+    monkeypatch.undo()
     padded = PairScoring("padded", tokenizer.pad_token_id, torch.device("cpu"), 1024)
     same = score_with_drift(policy, policy, pairs, name="chosen", scoring=padded).statistics
     assert same["kl/chosen_per_token"] == pytest.approx(0.0, abs=1e-6)  # a model does not drift from itself
