@@ -64,12 +64,13 @@ def test_kl_and_perplexity_match_a_full_logits_computation(tiny_model, tokenizer
         for part in ("chosen", "rejected", "chosen_tokens", "rejected_tokens"):
             torch.testing.assert_close(getattr(scores, part), getattr(alone, part), rtol=1e-5, atol=1e-4)
     # A run's smaller head chunk is honoured, with the same numbers.
-    rows = []
-    monkeypatch.setattr(drift, "chunk_logits", lambda hidden, *a: rows.append(len(hidden)) or chunk_logits(hidden, *a))
+    head_rows = []
+    monkeypatch.setattr(drift, "chunk_logits",
+                        lambda hidden, *a: head_rows.append(len(hidden)) or chunk_logits(hidden, *a))
     small = [NoGradScorer(SequenceScorer(view.scorer.model, chunk_size=3)) for view in (policy, reference)]
     in_small_chunks = score_with_drift(*small, pairs, name="chosen", scoring=scoring).statistics
     assert in_small_chunks == pytest.approx(ours.statistics, rel=1e-5)
-    assert max(rows) == 3
+    assert max(head_rows) == 3
     monkeypatch.undo()
     padded = PairScoring("padded", tokenizer.pad_token_id, torch.device("cpu"), 1024)
     same = score_with_drift(policy, policy, pairs, name="chosen", scoring=padded).statistics
