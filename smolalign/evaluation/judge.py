@@ -95,7 +95,7 @@ def check_judge_url(url: str) -> None:
 # Reward model
 
 HH_SPEAKERS = {"user": "Human", "assistant": "Assistant"}  # turn names of HH-RLHF transcripts
-JUDGE_TOKENS_PER_FORWARD = 2048  # as `smolalign eval` scores pairs: 8 pairs of 256 tokens
+JUDGE_TOKENS_PER_FORWARD = 2048  # tokens per forward pass: about 8 pairs of 256 tokens
 
 
 class RewardModelJudge:
