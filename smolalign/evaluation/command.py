@@ -27,9 +27,8 @@ from smolalign.core.logprobs import SequenceScorer
 from smolalign.core.reference import ReferenceCache, pair_key
 from smolalign.core.scoring import NoGradScorer, PairScoring
 from smolalign.data.prepare import read_pairs, tokenize_and_fit
-from smolalign.data.tokenize import TokenizedPair
 from smolalign.errors import UserError
-from smolalign.evaluation.drift import score_with_drift
+from smolalign.evaluation.drift import generate_with_drift, score_with_drift
 from smolalign.evaluation.generation import generate_answers
 from smolalign.models.loading import (
     load_for_scoring,
@@ -143,15 +142,13 @@ def _run_eval(config: EvalConfig, packed: contextlib.ExitStack) -> dict:
                     "temperature": config.temperature, "top_p": config.top_p, "seed": config.seed,
                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "device": device,
                     "batch_size": config.generation_batch_size}
-        policy_answers = generate_answers(model, prompts, desc="generating (policy)", **sampling)
-        reference_answers = None
-        if reference_model is not None:
-            reference_answers = generate_answers(reference_model, prompts, context=reference_context,
-                                                 desc="generating (reference)", **sampling)
-            generated = [TokenizedPair(p.index, p.prompt_ids, a, None) for p, a in zip(shown, policy_answers,
-                                                                                     strict=True) if a]
-            summary.update(score_with_drift(policy_view, reference_view, generated, name="generated",
-                                            scoring=scoring).statistics)
+        if reference_view is None:
+            policy_answers = generate_answers(model, prompts, desc="generating (policy)", **sampling)
+            reference_answers = None
+        else:
+            generated = generate_with_drift(policy_view, reference_view, prompts, **sampling)
+            policy_answers, reference_answers = generated.policy_answers, generated.reference_answers
+            summary.update(generated.statistics)
         rows = generation_rows(shown, read, tokenizer, policy_answers, reference_answers)
         summary["generation/policy_mean_tokens"] = sum(r["policy_tokens"] for r in rows) / len(rows)
         if reference_answers is not None:

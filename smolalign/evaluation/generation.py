@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -26,8 +27,68 @@ the top logit, over 16 prompts of 200-350 tokens). A gap moves by at most twice 
 near-tied choices could come out differently."""
 
 
+@dataclass
+class GeneratedBatch:
+    """Answers to a batch of prompts (`rows`: their indices), with what the batch's decoding computed on the way:
+    each answer's logits (with `keep_logits`) and the prompts' KV cache (with `keep_prompt_cache`)."""
+
+    rows: list[int]
+    answers: list[list[int]]
+    margins: list[float]
+    logits: list[torch.Tensor] | None = None
+    """Per answer, [answer length, vocabulary]: the model's logits at each step, before sampling's processing."""
+    prompt_cache: PreallocatedCache | None = None
+    """Each prompt but its last token, left-padded to the longest; None where no prompt cache was stacked."""
+    redone: int = 0
+    """Answers generated again alone after a near-tie (see `generate_in_batches`)."""
+    seconds: float = 0.0
+    """How long the batch's generation took."""
+
+
+@dataclass
+class GenerationLog:
+    """What a model generated and how fast, for the log line of `desc`."""
+
+    desc: str
+    answers: int = 0
+    new_tokens: int = 0
+    redone: int = 0
+    seconds: float = 0.0
+
+    def add(self, batch: GeneratedBatch) -> None:
+        self.answers += len(batch.answers)
+        self.new_tokens += sum(map(len, batch.answers))
+        self.redone += batch.redone
+        self.seconds += batch.seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    def report(self) -> None:
+        log.info("%s: %d answers, %d new tokens in %.1f s (%.1f tokens/s)%s", self.desc, self.answers,
+                 self.new_tokens, self.seconds, self.tokens_per_second,
+                 f"; {self.redone} generated again alone after a near-tie" if self.redone else "")
+
+
+def generate_answers(model: torch.nn.Module, prompts: list[list[int]], *, desc: str, **options) -> list[list[int]]:
+    """The model's answer ids to each prompt (prompt ids already end with the generation prompt), generated
+    in batches by `generate_in_batches` (its options); an answer ends with the EOS token when the model stopped."""
+    answers: list[list[int]] = [[] for _ in prompts]
+    progress = GenerationLog(desc)
+    with packed_linears(model), tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
+        for batch in generate_in_batches(model, prompts, **options):
+            for row, answer in zip(batch.rows, batch.answers, strict=True):
+                answers[row] = answer
+            progress.add(batch)
+            bar.update(len(batch.rows))
+            bar.set_postfix_str(f"{progress.tokens_per_second:.1f} tokens/s")
+    progress.report()
+    return answers
+
+
 @torch.no_grad()
-def generate_answers(
+def generate_in_batches(
     model: torch.nn.Module,
     prompts: list[list[int]],
     *,
@@ -40,18 +101,19 @@ def generate_answers(
     eos_token_id: int,
     pad_token_id: int,
     device: torch.device,
-    desc: str,
     batch_size: int = GENERATION_BATCH_SIZE,
-) -> list[list[int]]:
-    """The model's answer ids to each prompt (prompt ids already end with the generation prompt), generated
-    `batch_size` prompts at a time; an answer ends with the EOS token when the model stopped.
+    keep_logits: bool = False,
+    keep_prompt_cache: bool = False,
+) -> Iterator[GeneratedBatch]:
+    """The model's answers to `prompts`, `batch_size` prompts at a time, longest prompts first (so that prompts
+    of similar length share a batch). Each batch runs within `context()` (a LoRA reference's adapters off), so
+    two models' batches can be interleaved.
 
-    Batches: prompts are taken longest first, so that prompts of similar length share a batch. Each prompt
-    but its last token is run alone (no padding, so no compute is spent on it: the same pass as one-at-a-time
-    generation), and the KV caches are stacked, left-padded, into buffers with room for the new tokens;
-    `generate` then decodes the batch one token per step with the attention mask hiding the padding, each row
-    stopping at its own EOS (a finished row is fed padding until the batch is done, and its answer is cut
-    after its EOS). On a CPU the linear layers multiply by packed weights (models/packed.py), which makes a
+    Batches: each prompt but its last token is run alone (no padding, so no compute is spent on it: the same
+    pass as one-at-a-time generation), and the KV caches are stacked, left-padded, into buffers with room for
+    the new tokens; `generate` then decodes the batch one token per step with the attention mask hiding the
+    padding, each row stopping at its own EOS (a finished row is fed padding until the batch is done, and its
+    answer is cut after its EOS). On a CPU, packed weights (models/packed.py, entered by the callers) make a
     decoding step's matmuls twice as fast.
 
     Greedy answers are identical to one-at-a-time ones. No batching can promise that by itself: a batched
@@ -77,29 +139,25 @@ def generate_answers(
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise UserError(f"sampling needs --temperature > 0 and 0 < --top_p <= 1 (got {temperature} and {top_p}).")
     settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
-                "top_p": top_p, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "device": device}
+                "top_p": top_p, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "device": device,
+                "keep_logits": keep_logits}
     near_tie = NEAR_TIE if computes_in_full_float32(model) else 0.0
     longest_first = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    answers: list[list[int]] = [[] for _ in prompts]
-    new_tokens = redone = 0
-    started = time.perf_counter()
-    with context(), packed_linears(model), tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
-        for start in range(0, len(prompts), batch_size):
-            batch = longest_first[start:start + batch_size]
-            batch_answers, margins = generate_batch(model, [prompts[i] for i in batch], [seed + i for i in batch],
-                                                    **settings)
-            for i, answer, margin in zip(batch, batch_answers, margins, strict=True):
-                if len(batch) > 1 and margin < near_tie:  # batched rounding might have swapped this choice
-                    answer = generate_batch(model, [prompts[i]], [seed + i], **settings)[0][0]
-                    redone += 1
-                answers[i] = answer
-                new_tokens += len(answer)
-            bar.update(len(batch))
-            bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - started):.1f} tokens/s")
-    seconds = time.perf_counter() - started
-    log.info("%s: %d answers, %d new tokens in %.1f s (%.1f tokens/s)%s", desc, len(prompts), new_tokens, seconds,
-             new_tokens / seconds, f"; {redone} generated again alone after a near-tie" if redone else "")
-    return answers
+    for start in range(0, len(prompts), batch_size):
+        rows = longest_first[start:start + batch_size]
+        started = time.perf_counter()
+        with context():
+            batch = generate_batch(model, rows, [prompts[i] for i in rows], [seed + i for i in rows],
+                                   keep_prompt_cache=keep_prompt_cache, **settings)
+            for j, row in enumerate(rows):
+                if len(rows) > 1 and batch.margins[j] < near_tie:  # batched rounding might have swapped this choice
+                    alone = generate_batch(model, [row], [prompts[row]], [seed + row], **settings)
+                    batch.answers[j], batch.margins[j] = alone.answers[0], alone.margins[0]
+                    if keep_logits:
+                        batch.logits[j] = alone.logits[0]
+                    batch.redone += 1
+        batch.seconds = time.perf_counter() - started
+        yield batch
 
 
 def computes_in_full_float32(model: torch.nn.Module) -> bool:
@@ -109,6 +167,7 @@ def computes_in_full_float32(model: torch.nn.Module) -> bool:
 
 def generate_batch(
     model: torch.nn.Module,
+    rows: list[int],
     prompts: list[list[int]],
     seeds: list[int],
     *,
@@ -119,7 +178,9 @@ def generate_batch(
     eos_token_id: int,
     pad_token_id: int,
     device: torch.device,
-) -> tuple[list[list[int]], list[float]]:
+    keep_logits: bool = False,
+    keep_prompt_cache: bool = False,
+) -> GeneratedBatch:
     """Answers to `prompts` decoded together, and for each answer the smallest margin of its choices (the gap
     between the top two scores over max(1, |top logit|)). One prompt is exactly one-at-a-time generation."""
     width = max(map(len, prompts))
@@ -136,15 +197,21 @@ def generate_batch(
         pad_token_id=pad_token_id,
         do_sample=False,  # generate's argmax; sampling happens in RecordedChoices
         logits_processor=LogitsProcessorList([choices]),
+        return_dict_in_generate=True,
+        output_logits=keep_logits,
         **({"past_key_values": cache} if cache is not None else {}),
     )
     margins = torch.stack(choices.margins).cpu()  # [steps, rows]
-    answers, closest = [], []
-    for row, tokens in enumerate(output[:, width:].tolist()):
+    logits = torch.stack(output.logits, 1) if keep_logits else None  # [rows, steps, vocabulary]
+    batch = GeneratedBatch(rows, [], [], [] if keep_logits else None,
+                           cache.rewound() if keep_prompt_cache and cache is not None else None)
+    for row, tokens in enumerate(output.sequences[:, width:].tolist()):
         length = tokens.index(eos_token_id) + 1 if eos_token_id in tokens else len(tokens)  # padding after EOS
-        answers.append(tokens[:length])
-        closest.append(margins[:length, row].min().item())
-    return answers, closest
+        batch.answers.append(tokens[:length])
+        batch.margins.append(margins[:length, row].min().item())
+        if keep_logits:
+            batch.logits.append(logits[row, :length])
+    return batch
 
 
 def stacked_prompt_cache(model: torch.nn.Module, prompts: list[list[int]], *, capacity: int, device: torch.device):
@@ -186,7 +253,12 @@ class PreallocatedLayer(DynamicLayer):
         for row, (k, v) in enumerate(zip(keys, values, strict=True)):
             self.key_buffer[row, :, width - k.shape[-2]:width] = k[0]
             self.value_buffer[row, :, width - v.shape[-2]:width] = v[0]
-        self.keys, self.values = self.key_buffer[..., :width, :], self.value_buffer[..., :width, :]
+        self.width = width
+        self.rewind()
+
+    def rewind(self) -> None:
+        """Back to the prompts' states it was built with, as if nothing had been decoded."""
+        self.keys, self.values = self.key_buffer[..., :self.width, :], self.value_buffer[..., :self.width, :]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         start = self.keys.shape[-2]
@@ -204,6 +276,12 @@ class PreallocatedCache(DynamicCache):
 
     def __init__(self, layers: list[PreallocatedLayer]):
         Cache.__init__(self, layers=layers)
+
+    def rewound(self) -> PreallocatedCache:
+        """The cache back at the prompts' states, ready for other tokens after them (decoding wrote past them)."""
+        for layer in self.layers:
+            layer.rewind()
+        return self
 
 
 class RecordedChoices(LogitsProcessor):

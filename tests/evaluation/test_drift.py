@@ -3,21 +3,26 @@ reference-free summaries, and the check of `--generate`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
 import pytest
 import torch
-from conftest import read_jsonl, write_jsonl
-from transformers import AutoModelForCausalLM
+from conftest import read_jsonl, tiny_llama_config, write_jsonl
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from smolalign.cli import main
 from smolalign.core.logprobs import SequenceScorer, chunk_logits
 from smolalign.core.scoring import NoGradScorer, PairScoring
 from smolalign.data.formats import to_pair
-from smolalign.data.tokenize import tokenize_pairs
-from smolalign.evaluation import drift
-from smolalign.evaluation.drift import score_with_drift
+from smolalign.data.tokenize import TokenizedPair, tokenize_pairs
+from smolalign.evaluation import drift, generation
+from smolalign.evaluation.drift import generate_with_drift, score_with_drift
+from smolalign.evaluation.generation import generate_answers
+
+CPU = torch.device("cpu")
 
 
 def full_logits_statistics(policy, reference, pairs):
@@ -75,6 +80,72 @@ def test_kl_and_perplexity_match_a_full_logits_computation(tiny_model, tokenizer
     padded = PairScoring("padded", tokenizer.pad_token_id, torch.device("cpu"), 1024)
     same = score_with_drift(policy, policy, pairs, name="chosen", scoring=padded).statistics
     assert same["kl/chosen_per_token"] == pytest.approx(0.0, abs=1e-6)  # a model does not drift from itself
+
+
+def varied_llama(tokenizer, seed: int) -> LlamaForCausalLM:
+    """A tiny Llama whose answers depend on the whole prompt (initialisation std 0.2, see test_generation)."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(tokenizer, max_position_embeddings=2048, initializer_range=0.2)).eval()
+
+
+@pytest.mark.parametrize(("reference_kind", "batch_size", "stacked_cache"),
+                         [("model", 3, True), ("model", 3, False), ("model", 1, True), ("lora", 4, True)])
+def test_drift_along_generated_answers_equals_scoring_them_afterwards(
+        tokenizer, rows, monkeypatch, reference_kind, batch_size, stacked_cache):
+    """Generation's own logits for the policy and the reference's prompt cache give the statistics that scoring
+    the generated answers afterwards gives (the way eval measured them before), and the same answers as
+    generating with each model alone: with a stacked prompt cache, without one (prompts left-padded in the
+    reference's pass), one prompt per batch, and a LoRA policy whose reference is its base model."""
+    if reference_kind == "lora":
+        torch.manual_seed(2)
+        policy_model = get_peft_model(varied_llama(tokenizer, 1),
+                                      LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        policy_model.eval()
+        reference_model, reference_context = policy_model, policy_model.disable_adapter
+    else:
+        policy_model, reference_model = varied_llama(tokenizer, 0), varied_llama(tokenizer, 1)
+        reference_context = contextlib.nullcontext
+    policy = NoGradScorer(SequenceScorer(policy_model))
+    reference = NoGradScorer(SequenceScorer(reference_model), reference_context)
+    prompts = [p.prompt_ids for p in tokenize_pairs([to_pair(r, i, "hh_rlhf") for i, r in enumerate(rows)],
+                                                     tokenizer)]
+    assert len({len(p) for p in prompts}) > 1  # batches are left-padded
+    options = {"max_new_tokens": 7, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "seed": 0,
+               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "device": CPU,
+               "batch_size": batch_size}
+    # Tiny random models never say EOS: a token the policy says in its first answer stands for it, so that
+    # answers end at different lengths (right padding in the reference's pass).
+    options["eos_token_id"] = generate_answers(policy_model, prompts[:1], desc="policy", **options)[0][3]
+    if not stacked_cache:
+        monkeypatch.setattr(generation, "stacked_prompt_cache", lambda *args, **kwargs: None)
+    reference_passes = []
+    answer_hidden_states = drift.answer_hidden_states
+
+    def spy(scorer, prompts, answers, prompt_cache, **kwargs):
+        hidden = answer_hidden_states(scorer, prompts, answers, prompt_cache, **kwargs)
+        reference_passes.append((prompt_cache is not None, hidden.shape[1] == max(map(len, answers))))
+        return hidden
+
+    monkeypatch.setattr(drift, "answer_hidden_states", spy)
+    ours = generate_with_drift(policy, reference, prompts, **options)
+    monkeypatch.undo()
+
+    assert ours.policy_answers == generate_answers(policy_model, prompts, desc="policy", **options)
+    assert ours.reference_answers == generate_answers(reference_model, prompts, context=reference_context,
+                                                      desc="reference", **options)
+    assert ours.policy_answers != ours.reference_answers
+    assert len({len(answer) for answer in ours.policy_answers}) > 1
+    generated = [TokenizedPair(i, p, a, None) for i, (p, a) in enumerate(zip(prompts, ours.policy_answers,
+                                                                             strict=True))]
+    scoring = PairScoring("prefix_shared", tokenizer.pad_token_id, CPU, 300)
+    expected = score_with_drift(policy, reference, generated, name="generated", scoring=scoring).statistics
+    assert ours.statistics.keys() == expected.keys()
+    for key, value in expected.items():
+        assert ours.statistics[key] == pytest.approx(value, rel=1e-4), key
+    assert expected["kl/generated_per_token"] > 0.01  # the two models differ: the comparison has something to see
+    # The reference reads only the policy's answers where its generation left a prompt cache.
+    uses_cache = stacked_cache and batch_size > 1
+    assert reference_passes == [(uses_cache, True)] * math.ceil(len(prompts) / batch_size)
 
 
 def test_eval_generates_side_by_side_and_measures_drift(tmp_path, tiny_model, tokenizer, rows):
