@@ -150,7 +150,8 @@ def generate_with_drift(
     policy_answers: list[list[int]] = [[] for _ in prompts]
     reference_answers: list[list[int]] = [[] for _ in prompts]
     logps = reference_logps = drift_seconds = 0.0
-    kl_per_answer, logs = [], (GenerationLog("generating (policy)"), GenerationLog("generating (reference)"))
+    kl_per_answer: list[float] = []
+    logs = GenerationLog("generating (policy)"), GenerationLog("generating (reference)")
     options.update(pad_token_id=pad_token_id, device=device)
     both = zip(generate_in_batches(policy.scorer.model, prompts, context=policy.context, keep_logits=True, **options),
                generate_in_batches(reference.scorer.model, prompts, context=reference.context, keep_prompt_cache=True,
@@ -166,16 +167,11 @@ def generate_with_drift(
                                               reference_batch.prompt_cache, pad_token_id=pad_token_id, device=device)
             for row, answer, logits, answer_hidden in zip(policy_batch.rows, policy_batch.answers,
                                                           policy_batch.logits, hidden, strict=True):
-                targets, answer_hidden = torch.tensor(answer, device=device), answer_hidden[:len(answer)]
-                answer_kl = 0.0
-                for start in range(0, len(answer), chunk_size):
-                    end = start + chunk_size
-                    log_p = logits[start:end].log_softmax(-1)
-                    log_q = chunk_logits(answer_hidden[start:end], head.weight, head.bias).log_softmax(-1)
-                    answer_kl += kl_of_rows(log_p, log_q).sum().item()
-                    logps += log_p.gather(-1, targets[start:end, None]).sum().item()
-                    reference_logps += log_q.gather(-1, targets[start:end, None]).sum().item()
+                answer_kl, answer_logp, answer_reference_logp = drift_along_answer(
+                    answer, logits, answer_hidden[:len(answer)], head, chunk_size)
                 kl_per_answer.append(answer_kl)
+                logps += answer_logp
+                reference_logps += answer_reference_logp
                 policy_answers[row] = answer
             for row, answer in zip(reference_batch.rows, reference_batch.answers, strict=True):
                 reference_answers[row] = answer
@@ -189,6 +185,22 @@ def generate_with_drift(
     return GeneratedDrift(policy_answers, reference_answers, drift_statistics(
         "generated", logps=logps, reference_logps=reference_logps, kl_per_answer=torch.tensor(kl_per_answer),
         tokens=sum(map(len, policy_answers))))
+
+
+def drift_along_answer(answer: list[int], policy_logits: list[torch.Tensor], reference_hidden: torch.Tensor,
+                       reference_head: torch.nn.Module, chunk_size: int) -> tuple[float, float, float]:
+    """The KL summed over the answer's tokens, and the answer's log-prob under the policy and the reference,
+    from the policy's logits at each step and the reference's final hidden states there."""
+    targets = torch.tensor(answer, device=reference_hidden.device)
+    kl = logp = reference_logp = 0.0
+    for start in range(0, len(answer), chunk_size):
+        end = start + chunk_size
+        log_p = torch.stack(policy_logits[start:end]).log_softmax(-1)
+        log_q = chunk_logits(reference_hidden[start:end], reference_head.weight, reference_head.bias).log_softmax(-1)
+        kl += kl_of_rows(log_p, log_q).sum().item()
+        logp += log_p.gather(-1, targets[start:end, None]).sum().item()
+        reference_logp += log_q.gather(-1, targets[start:end, None]).sum().item()
+    return kl, logp, reference_logp
 
 
 def answer_hidden_states(

@@ -35,8 +35,9 @@ class GeneratedBatch:
     rows: list[int]
     answers: list[list[int]]
     margins: list[float]
-    logits: list[torch.Tensor] | None = None
-    """Per answer, [answer length, vocabulary]: the model's logits at each step, before sampling's processing."""
+    logits: list[list[torch.Tensor]] | None = None
+    """Per answer, the model's logits ([vocabulary]) at each of its steps, before sampling's processing: views
+    of `generate`'s logits, not copies."""
     prompt_cache: PreallocatedCache | None = None
     """Each prompt but its last token, left-padded to the longest; None where no prompt cache was stacked."""
     redone: int = 0
@@ -202,7 +203,6 @@ def generate_batch(
         **({"past_key_values": cache} if cache is not None else {}),
     )
     margins = torch.stack(choices.margins).cpu()  # [steps, rows]
-    logits = torch.stack(output.logits, 1) if keep_logits else None  # [rows, steps, vocabulary]
     batch = GeneratedBatch(rows, [], [], [] if keep_logits else None,
                            cache.rewound() if keep_prompt_cache and cache is not None else None)
     for row, tokens in enumerate(output.sequences[:, width:].tolist()):
@@ -210,7 +210,7 @@ def generate_batch(
         batch.answers.append(tokens[:length])
         batch.margins.append(margins[:length, row].min().item())
         if keep_logits:
-            batch.logits.append(logits[row, :length])
+            batch.logits.append([step[row] for step in output.logits[:length]])
     return batch
 
 
