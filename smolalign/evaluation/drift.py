@@ -8,9 +8,10 @@ policy it is the per-token estimate of KL(policy || reference) along the policy'
 
 One pass over the pairs gives both models' log-probs of every answer (what the preference metrics need)
 and the drift on the chosen answers: each batch runs through the policy and the reference once. Along
-generated answers, the drift comes with the generation itself: the policy's logits are the ones it chose
-its tokens from, and the reference reads the policy's answers after the prompts it has just generated
-from, so neither model runs over the prompts again.
+generated answers, the drift comes with the generation itself: the policy's logits are those of its
+generation, and the reference reads the policy's answers after the prompt cache of its own generation,
+so neither model runs over the prompts again (where generation stacked a prompt cache: batches of more
+than one prompt, on models with plain key-value caches).
 """
 
 from __future__ import annotations
@@ -34,13 +35,21 @@ from smolalign.core.logprobs import (
 )
 from smolalign.core.scoring import NoGradScorer, PairScoring
 from smolalign.data.tokenize import TokenizedPair
-from smolalign.evaluation.generation import GenerationLog, PreallocatedCache, generate_in_batches
+from smolalign.evaluation.generation import (
+    GENERATION_BATCH_SIZE,
+    GenerationLog,
+    PreallocatedCache,
+    generate_in_batches,
+)
 from smolalign.models.loading import base_model_of
 from smolalign.models.packed import packed_linears
 
 log = logging.getLogger("smolalign")
 
 CHUNK = 256
+KEPT_LOGITS_BYTES = 2**30
+"""At most this much of the policy's generation logits is kept, for one batch (SmolLM2's 49k vocabulary: 128
+new tokens for 42 prompts)."""
 
 
 def token_kl(policy_hidden, policy_head, reference_hidden, reference_head, chunk: int = CHUNK) -> torch.Tensor:
@@ -142,11 +151,14 @@ def generate_with_drift(
     """The policy's and the reference's answers to `prompts` (`generate_in_batches` with its `options`), and
     along the policy's answers the perplexity under each model and the KL (`perplexity/generated`, ...).
 
-    Batch by batch: the policy generates, keeping the logits it chose from (the policy's distribution at
-    every answer position); the reference generates its own answers, then reads the policy's answers after
-    the prompt cache that generation built. So the prompts, most of the tokens, run through each model once."""
+    Batch by batch: the policy generates, keeping its raw logits at every step (its distribution at every
+    answer position); the reference generates its own answers, then reads the policy's answers after the
+    prompt cache that generation built. So the prompts, most of the tokens, run through each model once.
+    The kept logits (answer steps x rows x vocabulary floats) are held for one batch at a time, and a batch
+    has fewer prompts where they would exceed KEPT_LOGITS_BYTES."""
     chunk_size = kl_chunk_size(policy, reference)
-    head = reference.scorer.head
+    options["batch_size"] = batch_size_for_kept_logits(policy.scorer.head.weight.shape[0], options["max_new_tokens"],
+                                                       options.get("batch_size", GENERATION_BATCH_SIZE))
     policy_answers: list[list[int]] = [[] for _ in prompts]
     reference_answers: list[list[int]] = [[] for _ in prompts]
     logps = reference_logps = drift_seconds = 0.0
@@ -161,30 +173,42 @@ def generate_with_drift(
                unit="prompt") as bar):
         for policy_batch, reference_batch in both:
             started = time.perf_counter()
+            assert policy_batch.rows == reference_batch.rows, "both models answer the same prompts in each batch"
             batch_prompts = [prompts[row] for row in policy_batch.rows]
             with reference.context():
                 hidden = answer_hidden_states(reference.scorer, batch_prompts, policy_batch.answers,
                                               reference_batch.prompt_cache, pad_token_id=pad_token_id, device=device)
-            for row, answer, logits, answer_hidden in zip(policy_batch.rows, policy_batch.answers,
-                                                          policy_batch.logits, hidden, strict=True):
-                answer_kl, answer_logp, answer_reference_logp = drift_along_answer(
-                    answer, logits, answer_hidden[:len(answer)], head, chunk_size)
-                kl_per_answer.append(answer_kl)
-                logps += answer_logp
-                reference_logps += answer_reference_logp
-                policy_answers[row] = answer
+                for row, answer, logits, answer_hidden in zip(policy_batch.rows, policy_batch.answers,
+                                                              policy_batch.logits, hidden, strict=True):
+                    answer_kl, answer_logp, answer_reference_logp = drift_along_answer(
+                        answer, logits, answer_hidden[:len(answer)], reference.scorer.head, chunk_size)
+                    kl_per_answer.append(answer_kl)
+                    logps += answer_logp
+                    reference_logps += answer_reference_logp
+                    policy_answers[row] = answer
             for row, answer in zip(reference_batch.rows, reference_batch.answers, strict=True):
                 reference_answers[row] = answer
             drift_seconds += time.perf_counter() - started
             for generation_log, batch in zip(logs, (policy_batch, reference_batch), strict=True):
                 generation_log.add(batch)
             bar.update(len(policy_batch.rows))
+            del policy_batch, reference_batch, hidden  # not held while the next batch is generated
     for generation_log in logs:
         generation_log.report()
     log.info("drift along the policy's answers: %.1f s", drift_seconds)
     return GeneratedDrift(policy_answers, reference_answers, drift_statistics(
         "generated", logps=logps, reference_logps=reference_logps, kl_per_answer=torch.tensor(kl_per_answer),
         tokens=sum(map(len, policy_answers))))
+
+
+def batch_size_for_kept_logits(vocabulary: int, max_new_tokens: int, batch_size: int) -> int:
+    """`batch_size`, or fewer prompts where a batch's kept logits would take more than KEPT_LOGITS_BYTES."""
+    fitting = max(1, KEPT_LOGITS_BYTES // (max_new_tokens * vocabulary * 4))
+    if fitting < batch_size:
+        log.info("generating %d prompts at a time, not %d: the policy's logits kept for the KL (%d new tokens x "
+                 "%d-token vocabulary) would exceed %.0f GB", fitting, batch_size, max_new_tokens, vocabulary,
+                 KEPT_LOGITS_BYTES / 1e9)
+    return min(batch_size, fitting)
 
 
 def drift_along_answer(answer: list[int], policy_logits: list[torch.Tensor], reference_hidden: torch.Tensor,

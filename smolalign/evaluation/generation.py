@@ -36,14 +36,21 @@ class GeneratedBatch:
     answers: list[list[int]]
     margins: list[float]
     logits: list[list[torch.Tensor]] | None = None
-    """Per answer, the model's logits ([vocabulary]) at each of its steps, before sampling's processing: views
-    of `generate`'s logits, not copies."""
+    """Per answer, the model's raw logits ([vocabulary]) at each of its steps (sampling draws from processed
+    ones): views of `generate`'s logits, not copies."""
     prompt_cache: PreallocatedCache | None = None
     """Each prompt but its last token, left-padded to the longest; None where no prompt cache was stacked."""
     redone: int = 0
     """Answers generated again alone after a near-tie (see `generate_in_batches`)."""
     seconds: float = 0.0
     """How long the batch's generation took."""
+
+    def replace_row(self, j: int, alone: GeneratedBatch) -> None:
+        """Row `j`'s answer, margin and logits from `alone`, its prompt generated alone."""
+        self.answers[j], self.margins[j] = alone.answers[0], alone.margins[0]
+        if self.logits is not None:
+            self.logits[j] = alone.logits[0]
+        self.redone += 1
 
 
 @dataclass
@@ -152,13 +159,10 @@ def generate_in_batches(
                                    keep_prompt_cache=keep_prompt_cache, **settings)
             for j, row in enumerate(rows):
                 if len(rows) > 1 and batch.margins[j] < near_tie:  # batched rounding might have swapped this choice
-                    alone = generate_batch(model, [row], [prompts[row]], [seed + row], **settings)
-                    batch.answers[j], batch.margins[j] = alone.answers[0], alone.margins[0]
-                    if keep_logits:
-                        batch.logits[j] = alone.logits[0]
-                    batch.redone += 1
+                    batch.replace_row(j, generate_batch(model, [row], [prompts[row]], [seed + row], **settings))
         batch.seconds = time.perf_counter() - started
         yield batch
+        del batch  # its logits and cache are not kept while the next batch is generated
 
 
 def computes_in_full_float32(model: torch.nn.Module) -> bool:
@@ -203,8 +207,10 @@ def generate_batch(
         **({"past_key_values": cache} if cache is not None else {}),
     )
     margins = torch.stack(choices.margins).cpu()  # [steps, rows]
-    batch = GeneratedBatch(rows, [], [], [] if keep_logits else None,
-                           cache.rewound() if keep_prompt_cache and cache is not None else None)
+    prompt_cache = cache if keep_prompt_cache else None
+    if prompt_cache is not None:
+        prompt_cache.rewind()
+    batch = GeneratedBatch(rows, [], [], [] if keep_logits else None, prompt_cache)
     for row, tokens in enumerate(output.sequences[:, width:].tolist()):
         length = tokens.index(eos_token_id) + 1 if eos_token_id in tokens else len(tokens)  # padding after EOS
         batch.answers.append(tokens[:length])
@@ -277,11 +283,10 @@ class PreallocatedCache(DynamicCache):
     def __init__(self, layers: list[PreallocatedLayer]):
         Cache.__init__(self, layers=layers)
 
-    def rewound(self) -> PreallocatedCache:
-        """The cache back at the prompts' states, ready for other tokens after them (decoding wrote past them)."""
+    def rewind(self) -> None:
+        """Back to the prompts' states, ready for other tokens after them (decoding wrote past them)."""
         for layer in self.layers:
             layer.rewind()
-        return self
 
 
 class RecordedChoices(LogitsProcessor):

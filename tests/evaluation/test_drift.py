@@ -88,14 +88,52 @@ def varied_llama(tokenizer, seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(tiny_llama_config(tokenizer, max_position_embeddings=2048, initializer_range=0.2)).eval()
 
 
-@pytest.mark.parametrize(("reference_kind", "batch_size", "stacked_cache"),
-                         [("model", 3, True), ("model", 3, False), ("model", 1, True), ("lora", 4, True)])
+def generation_options(tokenizer, policy_model, prompts, *, batch_size: int, do_sample: bool = False) -> dict:
+    """Settings of `generate_with_drift`. Tiny random models never say EOS: a token the policy says in its first
+    answer stands for it, so that answers end at different lengths (right padding in the reference's pass)."""
+    options = {"max_new_tokens": 7, "do_sample": do_sample, "temperature": 0.8, "top_p": 0.9, "seed": 0,
+               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "device": CPU,
+               "batch_size": batch_size}
+    options["eos_token_id"] = generate_answers(policy_model, prompts[:1], desc="policy", **options)[0][3]
+    return options
+
+
+def prompts_of(rows, tokenizer) -> list[list[int]]:
+    prompts = [p.prompt_ids for p in tokenize_pairs([to_pair(r, i, "hh_rlhf") for i, r in enumerate(rows)], tokenizer)]
+    assert len({len(p) for p in prompts}) > 1  # batches are left-padded
+    return prompts
+
+
+def spy_on_reference_passes(monkeypatch) -> list[tuple[bool, bool]]:
+    """Per batch: did the reference's pass over the policy's answers run after a prompt cache, and were its
+    inputs only the answers' positions?"""
+    passes = []
+    answer_hidden_states = drift.answer_hidden_states
+
+    def spy(scorer, prompts, answers, prompt_cache, **kwargs):
+        hidden = answer_hidden_states(scorer, prompts, answers, prompt_cache, **kwargs)
+        passes.append((prompt_cache is not None, hidden.shape[1] == max(map(len, answers))))
+        return hidden
+
+    monkeypatch.setattr(drift, "answer_hidden_states", spy)
+    return passes
+
+
+@pytest.mark.parametrize(("reference_kind", "batch_size", "stacked_cache", "do_sample", "near_ties"), [
+    pytest.param("model", 3, True, False, False, id="stacked-cache"),
+    pytest.param("model", 3, False, False, False, id="no-stacked-cache"),
+    pytest.param("model", 1, True, False, False, id="one-prompt-per-batch"),
+    pytest.param("lora", 4, True, False, False, id="lora-base-reference"),
+    pytest.param("model", 3, True, True, False, id="sampled"),
+    pytest.param("model", 3, True, False, True, id="every-answer-again-alone"),
+])
 def test_drift_along_generated_answers_equals_scoring_them_afterwards(
-        tokenizer, rows, monkeypatch, reference_kind, batch_size, stacked_cache):
+        tokenizer, rows, monkeypatch, reference_kind, batch_size, stacked_cache, do_sample, near_ties):
     """Generation's own logits for the policy and the reference's prompt cache give the statistics that scoring
     the generated answers afterwards gives (the way eval measured them before), and the same answers as
     generating with each model alone: with a stacked prompt cache, without one (prompts left-padded in the
-    reference's pass), one prompt per batch, and a LoRA policy whose reference is its base model."""
+    reference's pass), one prompt per batch, a LoRA policy whose reference is its base model, sampled answers
+    (the kept logits are the raw ones), and answers generated again alone after near-ties (their logits too)."""
     if reference_kind == "lora":
         torch.manual_seed(2)
         policy_model = get_peft_model(varied_llama(tokenizer, 1),
@@ -107,26 +145,15 @@ def test_drift_along_generated_answers_equals_scoring_them_afterwards(
         reference_context = contextlib.nullcontext
     policy = NoGradScorer(SequenceScorer(policy_model))
     reference = NoGradScorer(SequenceScorer(reference_model), reference_context)
-    prompts = [p.prompt_ids for p in tokenize_pairs([to_pair(r, i, "hh_rlhf") for i, r in enumerate(rows)],
-                                                     tokenizer)]
-    assert len({len(p) for p in prompts}) > 1  # batches are left-padded
-    options = {"max_new_tokens": 7, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "seed": 0,
-               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "device": CPU,
-               "batch_size": batch_size}
-    # Tiny random models never say EOS: a token the policy says in its first answer stands for it, so that
-    # answers end at different lengths (right padding in the reference's pass).
-    options["eos_token_id"] = generate_answers(policy_model, prompts[:1], desc="policy", **options)[0][3]
+    prompts = prompts_of(rows, tokenizer)
+    options = generation_options(tokenizer, policy_model, prompts, batch_size=batch_size, do_sample=do_sample)
     if not stacked_cache:
         monkeypatch.setattr(generation, "stacked_prompt_cache", lambda *args, **kwargs: None)
-    reference_passes = []
-    answer_hidden_states = drift.answer_hidden_states
-
-    def spy(scorer, prompts, answers, prompt_cache, **kwargs):
-        hidden = answer_hidden_states(scorer, prompts, answers, prompt_cache, **kwargs)
-        reference_passes.append((prompt_cache is not None, hidden.shape[1] == max(map(len, answers))))
-        return hidden
-
-    monkeypatch.setattr(drift, "answer_hidden_states", spy)
+    if near_ties:
+        monkeypatch.setattr(generation, "NEAR_TIE", math.inf)
+    reference_passes = spy_on_reference_passes(monkeypatch)
+    redone = []
+    monkeypatch.setattr(drift.GenerationLog, "report", lambda self: redone.append(self.redone))
     ours = generate_with_drift(policy, reference, prompts, **options)
     monkeypatch.undo()
 
@@ -146,6 +173,32 @@ def test_drift_along_generated_answers_equals_scoring_them_afterwards(
     # The reference reads only the policy's answers where its generation left a prompt cache.
     uses_cache = stacked_cache and batch_size > 1
     assert reference_passes == [(uses_cache, True)] * math.ceil(len(prompts) / batch_size)
+    if near_ties:  # every answer of a batch was generated again alone, by both models
+        assert redone == [len(prompts)] * 2
+
+
+def test_a_model_does_not_drift_from_itself_along_its_answers(tokenizer, rows):
+    model = varied_llama(tokenizer, 0)
+    view = NoGradScorer(SequenceScorer(model))
+    prompts = prompts_of(rows, tokenizer)
+    statistics = generate_with_drift(view, view, prompts,
+                                     **generation_options(tokenizer, model, prompts, batch_size=3)).statistics
+    assert statistics["kl/generated_per_token"] == pytest.approx(0.0, abs=1e-6)
+    assert statistics["perplexity/generated"] == pytest.approx(statistics["ref_perplexity/generated"], rel=1e-5)
+
+
+def test_kept_logits_bound_the_batch(tokenizer, rows, monkeypatch):
+    """Where a batch's kept logits would exceed the budget, both models answer fewer prompts at a time."""
+    policy_model, reference_model = varied_llama(tokenizer, 0), varied_llama(tokenizer, 1)
+    prompts = prompts_of(rows, tokenizer)
+    options = generation_options(tokenizer, policy_model, prompts, batch_size=4)
+    per_prompt = options["max_new_tokens"] * policy_model.config.vocab_size * 4
+    monkeypatch.setattr(drift, "KEPT_LOGITS_BYTES", 2 * per_prompt + 1)
+    passes = spy_on_reference_passes(monkeypatch)
+    generated = generate_with_drift(NoGradScorer(SequenceScorer(policy_model)),
+                                    NoGradScorer(SequenceScorer(reference_model)), prompts, **options)
+    assert len(passes) == 3  # 6 prompts, 2 at a time
+    assert generated.policy_answers == generate_answers(policy_model, prompts, desc="policy", **options)
 
 
 def test_eval_generates_side_by_side_and_measures_drift(tmp_path, tiny_model, tokenizer, rows):
