@@ -245,8 +245,8 @@ def answer_hidden_states(
     input_ids, attention_mask = [], []
     for prompt, answer in zip(prompts, answers, strict=True):
         padding, tail = width - (len(prompt) - 1), longest - len(answer)
-        head_ids = [] if prompt_cache is not None else [pad_token_id] * padding + prompt[:-1]
-        input_ids.append(head_ids + [prompt[-1]] + answer[:-1] + [pad_token_id] * tail)
+        prefix = [] if prompt_cache is not None else [pad_token_id] * padding + prompt[:-1]
+        input_ids.append(prefix + [prompt[-1]] + answer[:-1] + [pad_token_id] * tail)
         attention_mask.append([0] * padding + [1] * (len(prompt) + len(answer) - 1) + [0] * tail)
     input_ids = torch.tensor(input_ids, device=device)
     attention_mask = torch.tensor(attention_mask, device=device)

@@ -186,8 +186,10 @@ def generate_batch(
     keep_logits: bool = False,
     keep_prompt_cache: bool = False,
 ) -> GeneratedBatch:
-    """Answers to `prompts` decoded together, and for each answer the smallest margin of its choices (the gap
-    between the top two scores over max(1, |top logit|)). One prompt is exactly one-at-a-time generation."""
+    """Answers to `prompts` (those of `rows`) decoded together, and for each answer the smallest margin of its
+    choices (the gap between the top two scores over max(1, |top logit|)); with `keep_logits` each answer's
+    logits, with `keep_prompt_cache` the stacked prompt cache, rewound. One prompt is exactly one-at-a-time
+    generation."""
     width = max(map(len, prompts))
     input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
