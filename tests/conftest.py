@@ -43,6 +43,15 @@ def tiny_llama_config(tokenizer, **overrides) -> LlamaConfig:
     )
 
 
+def varied_llama(tokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A tiny Llama (in eval mode) whose outputs depend on the whole input. With the default initialisation
+    (std 0.02) a tied tiny model repeats the prompt's last token whatever came before, which would hide a cache
+    or padding mistake; std 0.2 gives a different answer to every prompt, and changing a prompt's first half
+    changes it."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(tokenizer, initializer_range=0.2, **overrides)).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tokenizer):
     """`tiny_model(seed)` -> folder of a 2-layer Llama with the SmolLM2 tokenizer, built once per seed."""

@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
-from conftest import read_jsonl, tiny_llama_config, write_jsonl
+from conftest import read_jsonl, varied_llama, write_jsonl
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from smolalign.cli import main
 from smolalign.core.logprobs import SequenceScorer, chunk_logits
@@ -80,12 +80,6 @@ def test_kl_and_perplexity_match_a_full_logits_computation(tiny_model, tokenizer
     padded = PairScoring("padded", tokenizer.pad_token_id, torch.device("cpu"), 1024)
     same = score_with_drift(policy, policy, pairs, name="chosen", scoring=padded).statistics
     assert same["kl/chosen_per_token"] == pytest.approx(0.0, abs=1e-6)  # a model does not drift from itself
-
-
-def varied_llama(tokenizer, seed: int) -> LlamaForCausalLM:
-    """A tiny Llama whose answers depend on the whole prompt (initialisation std 0.2, see test_generation)."""
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config(tokenizer, max_position_embeddings=2048, initializer_range=0.2)).eval()
 
 
 def generation_options(tokenizer, policy_model, prompts, *, batch_size: int, do_sample: bool = False) -> dict:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import read_jsonl, tiny_llama_config, write_jsonl
+from conftest import read_jsonl, tiny_llama_config, varied_llama, write_jsonl
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
@@ -31,13 +31,8 @@ def prompts(hh_rows, tokenizer) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def model(tokenizer) -> LlamaForCausalLM:
-    """A tiny Llama whose greedy answers depend on the whole prompt. With the default initialisation (std 0.02)
-    a tied tiny model repeats the prompt's last token whatever came before, which would hide a cache or padding
-    mistake; std 0.2 gives a different answer to every prompt, and changing a prompt's first half changes it."""
-    torch.manual_seed(0)
-    config = tiny_llama_config(tokenizer, max_position_embeddings=2048, tie_word_embeddings=True,
-                               initializer_range=0.2)
-    return LlamaForCausalLM(config).eval()
+    """A tied tiny Llama whose greedy answers depend on the whole prompt."""
+    return varied_llama(tokenizer, 0, max_position_embeddings=2048, tie_word_embeddings=True)
 
 
 def one_at_a_time(model, prompts, *, eos_token_id, pad_token_id, max_new_tokens=MAX_NEW_TOKENS):
@@ -170,8 +165,7 @@ def test_the_nucleus_edge_counts_as_a_near_tie():
 
 
 def test_lora_policy_and_reference_answers_come_from_the_batched_path(tokenizer, prompts):
-    torch.manual_seed(1)
-    base = LlamaForCausalLM(tiny_llama_config(tokenizer, initializer_range=0.2)).eval()
+    base = varied_llama(tokenizer, 1)
     ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     base_answers = one_at_a_time(base, prompts, **ids)
     torch.manual_seed(2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import varied_llama
 from transformers import LlamaForCausalLM
 
 from smolalign.models import packed
@@ -18,8 +18,7 @@ LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
 
 @pytest.fixture(scope="module")
 def model(tokenizer) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_llama_config(tokenizer, initializer_range=0.2)).eval()
+    return varied_llama(tokenizer, 0)
 
 
 def overridden(model) -> int:
