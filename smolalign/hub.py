@@ -42,6 +42,18 @@ def prefer_local_cache() -> bool:
     return True
 
 
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
+COMPRESSIONS = (".gz", ".bz2", ".xz")
+
+
+def is_data_file_name(name: str) -> bool:
+    """A name ending like a data file smolalign reads (`pairs.jsonl`, `hh.jsonl.gz`): a file, never a Hub id."""
+    lowered = name.lower()
+    for compression in COMPRESSIONS:
+        lowered = lowered.removesuffix(compression)
+    return lowered.endswith(DATA_FILE_SUFFIXES)
+
+
 def looks_like_path(name: str) -> bool:
     """A name that can only be a local path (Hub ids are `owner/name`, with at most one slash)."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")

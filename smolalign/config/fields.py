@@ -166,6 +166,10 @@ def _coerce(value: Any, annotation: Any, key: str, command: str) -> Any:
         if not isinstance(items, list):
             raise UserError(f"'{key}' must be a list, not {value!r}.")
         return [_coerce(item, args[0], key, command) for item in items]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"'{key}' must be a mapping such as {{name: value}}, not {value!r}.")
+        return {str(name): _coerce(item, args[1], f"{key}.{name}", command) for name, item in value.items()}
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise UserError(f"'{key}' must be a mapping of settings, not {value!r}.")

@@ -13,18 +13,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from smolalign.config.algorithms import check_algorithm_settings
 from smolalign.config.choices import (
     ALGORITHM_TITLES,
     DPO_LOSS_TYPES,
+    KTO_LOSS_TYPES,
     TRACKERS,
     Algorithm,
     BatchLayout,
     Device,
-    DpoLossType,
     Dtype,
+    FDivergence,
+    LossType,
+    Quantization,
+    SamplingStrategy,
     Scheduler,
 )
-from smolalign.config.fields import Settings, nest, option, require, require_at_least
+from smolalign.config.fields import Settings, nest, option, require, require_at_least, required
 from smolalign.config.files import read_yaml
 from smolalign.errors import UserError
 
@@ -35,10 +40,29 @@ class LoraSettings:
 
     r: int = option(16, "LoRA rank.")
     lora_alpha: int = option(32, "LoRA scaling numerator (scale = lora_alpha / r).")
-    lora_dropout: float = option(0.05, "Dropout on the LoRA branch.")
+    lora_dropout: float = option(0.05, "Dropout on the LoRA branch, as the saved adapter records it (training turns "
+                                       "every dropout off, as TRL's preference trainers do).")
     target_modules: str | list[str] = option(
         "all-linear", "Modules that get adapters: 'all-linear' (every linear layer but the output head) or a list."
     )
+
+
+@dataclass
+class DatasetSource:
+    """One dataset of a mixture: TRL's `datasets` entries (the arguments of `datasets.load_dataset`) and
+    alignment-handbook's `dataset_mixture` entries."""
+
+    path: str = required("File, folder or Hub id (or a `datasets` builder such as json, with data_files).")
+    name: str | None = option(None, "Configuration (subset) of a Hub dataset.")
+    split: str = option("train", "Split to read.")
+    data_dir: str | None = option(None, "Folder of the data files inside the dataset.")
+    data_files: str | list[str] | None = option(None, "Data file(s) to read.")
+    columns: list[str] | None = option(None, "Keep only these columns.")
+    dataset_columns: dict[str, str] | None = option(None, "Role -> column for columns named otherwise (as "
+                                                          "dataset_columns).")
+    fraction: float | None = option(None, "TRL: this dataset's share of the mixture (set for all or none).")
+    weight: float | None = option(None, "alignment-handbook: keep this share of the dataset's rows, drawn with the "
+                                        "run's seed.")
 
 
 @dataclass
@@ -51,6 +75,8 @@ class TrainConfig(Settings):
 
     # --- model ---
     model: str | None = option(None, "Hub id or local folder of the policy; empty = the embedded SmolLM2-135M-Instruct.")
+    model_revision: str | None = option(None, "Branch, tag or commit of a Hub model (policy and reference).")
+    trust_remote_code: bool = option(False, "Run code from the model's repository (transformers' trust_remote_code).")
     ref_model: str | None = option(
         None, "Reference model (Hub id or folder). Default: the initial policy (LoRA: adapters disabled)."
     )
@@ -69,7 +95,14 @@ class TrainConfig(Settings):
     # --- data ---
     dataset: str | None = option(None, "Preference data: a JSONL/JSON/CSV/Parquet file or a Hub id; empty = bundled HH-RLHF.")
     dataset_config: str | None = option(None, "Configuration (subset) name when `dataset` is a Hub id.")
-    dataset_split: str = option("train", "Split to read when `dataset` is a Hub id.")
+    dataset_split: str = option("train", "Split to read when `dataset` is a Hub id or a folder of splits.")
+    dataset_columns: dict[str, str] | None = option(
+        None, "Role -> column for data whose columns are named otherwise, e.g. {prompt: question, chosen: best, "
+        "rejected: worst}; roles: prompt, input, chosen, rejected, completion, label, system, messages."
+    )
+    dataset_mixture: list[DatasetSource] = option(
+        [], "Several datasets concatenated (instead of `dataset`): a list of {path, name, split, columns, ...}."
+    )
     eval_dataset: str | None = option(None, "Held-out pairs (file or Hub id).")
     eval_dataset_config: str | None = option(None, "Configuration name of `eval_dataset`; default: dataset_config.")
     eval_split: str = option("test", "Split to read when `eval_dataset` is a Hub id.")
@@ -84,10 +117,24 @@ class TrainConfig(Settings):
     algorithm: Algorithm = option(
         "dpo", "Objective: " + "; ".join(f"{name}, {title}" for name, title in ALGORITHM_TITLES.items()) + "."
     )
-    loss_type: DpoLossType = option("sigmoid", f"DPO loss variant: {', '.join(DPO_LOSS_TYPES)}.")
-    beta: float = option(0.1, "DPO/SimPO temperature; for ORPO the weight lambda of the odds-ratio term.")
-    label_smoothing: float = option(0.0, "Label noise for loss_type robust (DPO) and for SimPO, in [0, 0.5).")
+    loss_type: LossType | list[LossType] | None = option(
+        None, f"DPO's loss: {', '.join(DPO_LOSS_TYPES)}, or a list of them, summed with loss_weights (default "
+        f"sigmoid); KTO's: {' or '.join(KTO_LOSS_TYPES)} (default kto)."
+    )
+    loss_weights: list[float] | None = option(None, "DPO: the weight of each loss_type term (default 1 each).")
+    beta: float = option(0.1, "DPO/KTO/SimPO temperature; for ORPO the weight lambda of the odds-ratio term.")
+    label_smoothing: float = option(
+        0.0, "Label noise eps in [0, 0.5): DPO's robust, exo_pair (needs eps > 0), aot and aot_unpaired; SimPO.")
     rpo_alpha: float | None = option(None, "Weight of an NLL term on the chosen answers added to the DPO loss (RPO).")
+    f_divergence_type: FDivergence = option(
+        "reverse_kl", "DPO: the divergence that constrains the policy to the reference (Wang et al. 2023).")
+    f_alpha_divergence_coef: float = option(0.5, "DPO: alpha of f_divergence_type alpha_divergence.")
+    ld_alpha: float | None = option(
+        None, "DPO: LD-DPO's weight in [0, 1] of the answer tokens beyond the shorter answer's length.")
+    use_weighting: bool = option(False, "DPO: weight each pair by how likely the policy finds its answers (WPO).")
+    discopop_tau: float = option(0.05, "DPO: temperature of loss_type discopop.")
+    desirable_weight: float = option(1.0, "KTO: weight of the losses of desirable rows.")
+    undesirable_weight: float = option(1.0, "KTO: weight of the losses of undesirable rows.")
     simpo_gamma: float = option(0.5, "SimPO target reward margin gamma.")
     cpo_alpha: float = option(0.0, "SimPO only: weight of an NLL term on the chosen answers (TRL's CPO-SimPO uses 1.0).")
     center_rewards_coefficient: float | None = option(
@@ -101,8 +148,9 @@ class TrainConfig(Settings):
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
     num_train_epochs: float = option(1.0, "Passes over the training pairs (ignored when max_steps > 0).")
     max_steps: int = option(-1, "Optimizer steps to run; -1 = derive from num_train_epochs.")
-    lr_scheduler_type: Scheduler = option(
-        "linear", "Learning-rate schedule after warmup."
+    lr_scheduler_type: Scheduler = option("linear", "Learning-rate schedule after warmup (transformers' names).")
+    lr_scheduler_kwargs: dict[str, float | str] | None = option(
+        None, "Settings of the schedule, e.g. {min_lr_rate: 0.1} for cosine_with_min_lr (transformers' names)."
     )
     warmup_ratio: float = option(0.0, "Fraction of the steps spent warming up linearly from 0.")
     warmup_steps: int = option(0, "Warmup steps; overrides warmup_ratio when > 0.")
@@ -116,6 +164,9 @@ class TrainConfig(Settings):
         "row the run stops, keeping its last checkpoint.", bookkeeping=True
     )
     seed: int = option(42, "Seed for data order, LoRA initialisation and dropout.")
+    train_sampling_strategy: SamplingStrategy = option(
+        "random", "Order of the training pairs: random (a new permutation each epoch) or sequential (as read; "
+        "TRL's KTO default).")
 
     # --- performance ---
     batch_layout: BatchLayout = option(
@@ -141,14 +192,17 @@ class TrainConfig(Settings):
 
     # --- logging and saving ---
     output_dir: str = option("runs/smolalign", "Run folder.", bookkeeping=True)
-    logging_steps: int = option(10, "Write metrics every N optimizer steps.", bookkeeping=True)
+    logging_steps: float = option(10, "Write metrics every N optimizer steps (below 1: that share of the run's "
+                                      "steps, as transformers reads it).", bookkeeping=True)
     eval_on_start: bool = option(
         False, "Evaluate the initial model before the first step (logged as step 0).", bookkeeping=True
     )
-    eval_steps: int | None = option(
-        None, "Evaluate on held-out pairs every N steps (and at the end); null = only at the end.", bookkeeping=True
+    eval_steps: float | None = option(
+        None, "Evaluate on held-out pairs every N steps (and at the end; below 1: that share of the steps); null = "
+        "only at the end.", bookkeeping=True
     )
-    save_steps: int = option(500, "Write a resumable checkpoint every N steps.", bookkeeping=True)
+    save_steps: float = option(500, "Write a resumable checkpoint every N steps (below 1: that share of the steps).",
+                               bookkeeping=True)
     save_total_limit: int | None = option(2, "Keep only the newest N checkpoints; null = keep all.", bookkeeping=True)
     resume_from_checkpoint: str | None = option(
         None, "Checkpoint folder to continue from, or 'latest' in output_dir.", bookkeeping=True
@@ -166,6 +220,10 @@ class TrainConfig(Settings):
         None, "Hub repository to push to, 'namespace/name' or 'name' (in your namespace); default: your "
         "namespace / the output_dir folder name.", bookkeeping=True
     )
+    export_gguf: Quantization | None = option(
+        None, "Also write final/ as a GGUF file (output_dir/<run name>-<quantization>.gguf) for llama.cpp, "
+        "Ollama and LM Studio.", bookkeeping=True,
+    )
     hub_private: bool | None = option(
         None, "Create the Hub repository private; null = the Hub's default (public unless your organisation "
         "says otherwise). An existing repository keeps its visibility.", bookkeeping=True
@@ -173,26 +231,19 @@ class TrainConfig(Settings):
 
     def validate(self) -> None:
         _check_values(self)
-        _check_algorithm(self)
+        check_algorithm_settings(self)
         if self.hub_model_id is not None:
             _check_hub_model_id(self.hub_model_id)
 
 
 def load_config(source: str | Path | TrainConfig | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults, then `source` (a YAML file or packaged recipe, or a TrainConfig to start from), then
-    `overrides` (key -> value; `lora.r` reaches a nested key)."""
-    if isinstance(source, TrainConfig):
-        values = source.to_dict()
-    else:
-        from smolalign.config.trl import translate_trl_config  # a TRL DPOConfig / ORPOConfig / CPOConfig file
+    """Defaults, then `source` (a YAML file or packaged recipe, in smolalign's keys or those of TRL, the
+    alignment-handbook or LLaMA-Factory, or a TrainConfig to start from), then `overrides` (key -> value;
+    `lora.r` reaches a nested key), applied before anything is checked."""
+    from smolalign.config.foreign import translate
 
-        values = translate_trl_config(read_yaml(source) if source is not None else {})
-    for key, value in nest(overrides or {}).items():
-        if isinstance(value, dict) and isinstance(values.get(key), dict):
-            values[key] = {**values[key], **value}  # a flag changes one key of a YAML section, not all
-        else:
-            values[key] = value
-    return TrainConfig.from_values(values)
+    file_values = source.to_dict() if isinstance(source, TrainConfig) else read_yaml(source) if source else {}
+    return TrainConfig.from_values(translate(file_values, nest(overrides or {})))
 
 
 def describe_keys() -> str:
@@ -226,9 +277,13 @@ def _check_values(config: TrainConfig) -> None:
     require(config.learning_rate >= 0, f"'learning_rate' must be >= 0, not {config.learning_rate}.")
     require(0 <= config.label_smoothing < 0.5, f"'label_smoothing' must lie in [0, 0.5), not {config.label_smoothing}.")
     require_at_least(config, 1, "per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "logging_steps", "save_steps", "logprob_chunk_size",
-                     "max_nonfinite_steps", "eval_steps", "save_total_limit", "max_train_pairs", "max_eval_pairs",
-                     "max_tokens_per_forward", "max_tokens_per_batch")
+                     "gradient_accumulation_steps", "logprob_chunk_size", "max_nonfinite_steps", "save_total_limit",
+                     "max_train_pairs", "max_eval_pairs", "max_tokens_per_forward", "max_tokens_per_batch")
+    for key in ("logging_steps", "save_steps", "eval_steps"):
+        value = getattr(config, key)
+        require(value is None or (value > 0 and (value < 1 or float(value).is_integer())),
+                f"'{key}' is a whole number of steps or a share of the run's steps below 1, not {value}.")
+    require(not (config.dataset and config.dataset_mixture), "set either 'dataset' or 'dataset_mixture', not both.")
     check_lengths(config.max_length, config.max_prompt_length)
     require(config.max_steps > 0 or config.num_train_epochs > 0, "set 'max_steps' > 0 or 'num_train_epochs' > 0.")
     require(config.max_steps != 0, "'max_steps' must be > 0, or -1 to train for num_train_epochs.")
@@ -252,34 +307,6 @@ def _check_values(config: TrainConfig) -> None:
         require(0 <= config.lora.lora_dropout < 1, "'lora.lora_dropout' must lie in [0, 1).")
     else:
         require(not config.merge_lora, "'merge_lora' needs LoRA; add a 'lora:' section or drop merge_lora.")
-
-
-def _check_algorithm(config: TrainConfig) -> None:
-    """Settings that belong to some algorithms only."""
-    name = config.algorithm
-    if name == "dpo":
-        require(
-            config.label_smoothing == 0 or config.loss_type == "robust",
-            "'label_smoothing' applies to loss_type robust (and to simpo); set loss_type: robust or remove it.",
-        )
-        require(config.rpo_alpha is None or config.rpo_alpha >= 0, "'rpo_alpha' must be >= 0.")
-    else:
-        require(config.loss_type == TrainConfig.loss_type,
-                f"'loss_type' selects a DPO variant; it does not apply to {name}.")
-        require(config.rpo_alpha is None, f"'rpo_alpha' adds an NLL term to DPO; it does not apply to {name}.")
-        require(config.ref_model is None, f"{name} is reference-free; remove 'ref_model' (it would be loaded and "
-                                          "never used).")
-        require(
-            not config.precompute_ref_log_probs,
-            f"{name} is reference-free, so there is nothing to precompute; remove 'precompute_ref_log_probs'.",
-        )
-        require(config.label_smoothing == 0 or name == "simpo", f"'label_smoothing' does not apply to {name}.")
-    require(config.cpo_alpha == 0 or name == "simpo", "'cpo_alpha' applies to simpo only.")
-    require(config.cpo_alpha >= 0, "'cpo_alpha' must be >= 0.")
-    require(
-        config.center_rewards_coefficient is None or name == "reward",
-        "'center_rewards_coefficient' applies to algorithm: reward only.",
-    )
 
 
 def _check_hub_model_id(hub_model_id: str) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from smolalign.config.commands import InspectConfig
-from smolalign.data.formats import FORMAT_DESCRIPTIONS
-from smolalign.data.prepare import read_pairs
+from smolalign.data.formats import KIND_DESCRIPTIONS
+from smolalign.data.prepare import ReadResult, read_pairs
 from smolalign.data.tokenize import fit_to_length, tokenize_pairs
 from smolalign.models.loading import load_tokenizer
 
@@ -14,11 +14,14 @@ SHOWN_PROBLEMS = 20
 
 def inspect_dataset(config: InspectConfig) -> str:
     """A plain-text report: format, counts, token-length percentiles, truncation, problems by row."""
-    read = read_pairs(config.dataset, split=config.split, system_prompt=config.system_prompt, allow_empty=True)
+    read = read_pairs(config.dataset, split=config.split, system_prompt=config.system_prompt, allow_empty=True,
+                      columns=config.dataset_columns)
     lines = [
         f"dataset:  {config.dataset}" + (f" (split {config.split})" if config.split != "train" else ""),
-        f"format:   {FORMAT_DESCRIPTIONS[read.data_format]}",
-        f"rows:     {read.num_rows}, usable pairs: {len(read.pairs)}, unusable rows: {len(read.problems)}",
+        f"format:   {read.data_format.description}",
+        *_columns_line(read),
+        f"rows:     {read.num_rows}, usable {_usable(read)}, unusable rows: {len(read.problems)}",
+        *_use_line(read),
     ]
     if read.pairs:
         tokenizer = load_tokenizer(config.model, chat_template=config.chat_template)
@@ -50,6 +53,29 @@ def inspect_dataset(config: InspectConfig) -> str:
     else:
         lines += ["", "problems: none"]
     return "\n".join(lines)
+
+
+def _columns_line(read: ReadResult) -> list[str]:
+    renamed = read.data_format.columns.renamed()
+    return ["columns:  " + ", ".join(f"{role} <- {column}" for role, column in renamed.items())] if renamed else []
+
+
+def _usable(read: ReadResult) -> str:
+    if read.data_format.kind != "unpaired":
+        return f"{'pairs' if read.data_format.kind == 'pairs' else 'rows'}: {len(read.pairs)}"
+    desirable = sum(1 for pair in read.pairs if pair.label)
+    return f"rows: {len(read.pairs)} ({desirable} desirable, {len(read.pairs) - desirable} undesirable)"
+
+
+def _use_line(read: ReadResult) -> list[str]:
+    """What the data is for, where that is not the preference algorithms."""
+    kind = read.data_format.kind
+    if kind == "unpaired":
+        return [f"use:      {KIND_DESCRIPTIONS[kind]}: algorithm kto, or sft (desirable answers only); "
+                "DPO, ORPO and SimPO need pairs"]
+    if kind == "sft":
+        return ["use:      one answer per prompt: algorithm sft; preference algorithms need pairs"]
+    return []
 
 
 def _percentile(values: list[int], q: int) -> int:

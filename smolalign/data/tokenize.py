@@ -13,6 +13,7 @@ budget, an answer is never left empty, and a pair that cannot fit is dropped.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -26,8 +27,9 @@ class TokenizedPair:
     index: int  # row number in the source dataset
     prompt_ids: list[int]
     chosen_ids: list[int]
-    rejected_ids: list[int] | None  # None for SFT rows without a rejected answer
+    rejected_ids: list[int] | None  # None for SFT and unpaired rows, which have one answer
     truncated: bool = False
+    label: bool | None = None  # an unpaired row's thumbs up (True) or down (False)
 
     @property
     def answers(self) -> list[list[int]]:
@@ -76,6 +78,7 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer: PreTrainedTokenizerBa
                 prompt_ids=prompt[:prompt_len],
                 chosen_ids=chosen[prompt_len:],
                 rejected_ids=rejected[prompt_len:] if rejected is not None else None,
+                label=pair.label,
             )
         )
     return tokenized
@@ -105,13 +108,8 @@ def fit_to_length(pair: TokenizedPair, *, max_length: int, max_prompt_length: in
         return None
     answers = [a[:room] for a in pair.answers]
     truncated = truncated or any(len(a) > room for a in pair.answers)
-    return TokenizedPair(
-        index=pair.index,
-        prompt_ids=prompt,
-        chosen_ids=answers[0],
-        rejected_ids=answers[1] if pair.rejected_ids is not None else None,
-        truncated=truncated,
-    )
+    return dataclasses.replace(pair, prompt_ids=prompt, chosen_ids=answers[0],
+                               rejected_ids=answers[1] if pair.rejected_ids is not None else None, truncated=truncated)
 
 
 def _renderer(tokenizer: PreTrainedTokenizerBase):

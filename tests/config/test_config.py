@@ -9,12 +9,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smolalign.cli import BENCH_MODES
-from smolalign.config.commands import BenchConfig, ChatConfig, EvalConfig, InspectConfig
+from smolalign.config.algorithms import loss_types
+from smolalign.config.commands import (
+    BenchConfig,
+    ChatConfig,
+    EvalConfig,
+    ExportBenchConfig,
+    ExportConfig,
+    GenerationBenchConfig,
+    InspectConfig,
+    QualityConfig,
+)
 from smolalign.config.fields import parse_override_args
-from smolalign.config.files import RECIPES_DIR, save_config
+from smolalign.config.files import RECIPES_DIR
 from smolalign.config.train import LoraSettings, TrainConfig, load_config
 from smolalign.errors import UserError
+from smolalign.run_folder import RunFolder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +41,7 @@ def test_defaults_follow_trl_names_and_values():
     config = load_config()
     assert config == TrainConfig()
     assert config.algorithm == "dpo"
-    assert config.loss_type == "sigmoid"
+    assert config.loss_type is None and loss_types(config) == ["sigmoid"]  # the algorithm's default
     assert config.beta == 0.1
     assert config.label_smoothing == 0.0
     assert config.rpo_alpha is None
@@ -375,7 +385,7 @@ def test_save_then_load_round_trips(tmp_path):
         },
     )
     path = tmp_path / "config.yaml"
-    save_config(config, path)
+    RunFolder(path.parent).write_config(config)
     loaded = load_config(path)
     assert loaded == config
     assert isinstance(loaded.lora, LoraSettings)
@@ -384,7 +394,7 @@ def test_save_then_load_round_trips(tmp_path):
 
 def test_save_then_load_round_trips_defaults(tmp_path):
     path = tmp_path / "config.yaml"
-    save_config(TrainConfig(), path)
+    RunFolder(path.parent).write_config(TrainConfig())
     assert load_config(path) == TrainConfig()
     assert set(yaml.safe_load(path.read_text())) == {f.name for f in dataclasses.fields(TrainConfig)}
 
@@ -423,7 +433,7 @@ def test_defaults_shared_with_training_are_train_configs():
     inspect = InspectConfig(dataset="d")
     assert (inspect.max_length, inspect.split) == (train.max_length, train.dataset_split)
     evaluate = EvalConfig(model="m", dataset="d")
-    assert (evaluate.split, evaluate.batch_size) == (train.eval_split, train.per_device_eval_batch_size)
+    assert evaluate.split == train.eval_split
 
 
 def test_changed_settings_are_those_that_change_the_numbers():
@@ -443,8 +453,11 @@ def test_changed_settings_are_those_that_change_the_numbers():
 # -- the other commands' configs ------------------------------------------------------------------------
 
 
-COMMAND_CONFIGS = {("eval",): EvalConfig, ("bench",): BenchConfig, ("chat",): ChatConfig,
-                   ("data", "inspect"): InspectConfig}
+COMMAND_CONFIGS = {("eval",): EvalConfig, ("chat",): ChatConfig, ("export",): ExportConfig,
+                   ("data", "inspect"): InspectConfig, ("bench", "speed"): BenchConfig,
+                   ("bench", "quality"): QualityConfig, ("bench", "generation"): GenerationBenchConfig,
+                   ("bench", "export"): ExportBenchConfig, ("train",): TrainConfig, ("sweep",): TrainConfig}
+EXTRA_FLAGS = {("train",): {"config"}, ("sweep",): {"config", "grid"}}
 
 
 @pytest.mark.parametrize("command", list(COMMAND_CONFIGS), ids=" ".join)
@@ -457,10 +470,8 @@ def test_command_flags_are_the_config_fields(command):
         subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         parser = subparsers.choices[name]
     flags = {action.dest for action in parser._actions if action.dest != "help"}
-    modes = BENCH_MODES if command == ("bench",) else {}  # bench --quality, --generation: their configs' flags too
-    configs = [COMMAND_CONFIGS[command], *modes.values()]
-    expected = {f.name for config in configs for f in dataclasses.fields(config)}
-    assert flags == expected | set(modes)
+    expected = {f.name for f in dataclasses.fields(COMMAND_CONFIGS[command])}
+    assert flags == expected | EXTRA_FLAGS.get(command, set())
 
 
 def test_command_configs_are_built_from_keyword_values_like_train_config():

@@ -7,7 +7,7 @@ from conftest import read_jsonl, write_jsonl
 
 from smolalign.config.files import RECIPES_DIR
 from smolalign.config.train import load_config
-from smolalign.training.loop import train
+from smolalign.training.loop import run_training
 
 RECIPES = sorted(RECIPES_DIR.glob("**/*.yaml"))
 
@@ -31,6 +31,6 @@ def test_recipe_runs_a_step(recipe, tmp_path, tiny_model, hh_rows):
              "dataset_config": None, "max_steps": 1, "output_dir": str(tmp_path / "run"), "max_train_pairs": 4,
              "max_eval_pairs": 2, "eval_on_start": False}
     config = load_config(recipe, local)
-    final = train(config)
+    final = run_training(config)
     assert final.exists()
     assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]["step"] == 1

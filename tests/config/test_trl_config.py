@@ -10,9 +10,11 @@ import pytest
 from conftest import write_jsonl
 
 from smolalign.cli import main
-from smolalign.config import trl as trl_config
+from smolalign.config import translation
+from smolalign.config import trl_keys as trl_config
 from smolalign.config.fields import parse_override_args
-from smolalign.config.train import LoraSettings, TrainConfig, load_config
+from smolalign.config.train import DatasetSource, LoraSettings, TrainConfig, load_config
+from smolalign.config.trl import trl_key_names
 from smolalign.errors import UserError
 
 # The LoRA example of TRL's DPO script (trl/scripts/dpo.py), as a `trl dpo --config` YAML file.
@@ -83,7 +85,7 @@ def write(tmp_path: Path, text: str, name: str = "trl.yaml") -> Path:
 @pytest.fixture
 def warnings_seen(caplog, monkeypatch):
     """Warnings of the smolalign logger (whose propagation the CLI turns off), with a fresh once-only memory."""
-    monkeypatch.setattr(trl_config, "_warned", set())
+    monkeypatch.setattr(translation, "_logged", set())
     logger = logging.getLogger("smolalign")
     monkeypatch.setattr(logger, "propagate", False)  # as under the CLI: only the handler added here sees records
     logger.addHandler(caplog.handler)
@@ -94,7 +96,7 @@ def warnings_seen(caplog, monkeypatch):
 
 def test_dpo_config_with_peft_maps_every_key(tmp_path, warnings_seen):
     config = load_config(write(tmp_path, DPO_PEFT))
-    assert config.algorithm == "dpo" and config.loss_type == "sigmoid"
+    assert config.algorithm == "dpo" and config.loss_type is None
     assert config.model == "Qwen/Qwen2-0.5B-Instruct"
     assert config.dataset == "trl-lib/ultrafeedback_binarized" and config.dataset_split == "train"
     # eval_strategy steps: TRL evaluates on the dataset's test split every eval_steps
@@ -106,16 +108,21 @@ def test_dpo_config_with_peft_maps_every_key(tmp_path, warnings_seen):
     assert config.gradient_checkpointing is True
     assert config.output_dir == "Qwen2-0.5B-DPO"
     assert config.report_to == []
-    assert config.dtype == "auto"  # bf16: true is what auto does on a GPU with bf16
-    assert warnings_seen() == ["ignored TRL settings that do not apply to smolalign: attn_implementation, bf16, "
-                               "dataloader_num_workers, dtype, remove_unused_columns"]
+    assert config.dtype == "auto"  # bf16: true is what auto does where the hardware has bf16
+    notes, ignored, launch = warnings_seen()
+    assert notes.startswith("read as smolalign's nearest equivalents: ")
+    assert "dtype bfloat16: smolalign keeps float32 master weights" in notes and "bf16 true: " in notes
+    assert ignored == "ignored settings that do not change what smolalign computes: attn_implementation, " \
+                      "remove_unused_columns"
+    assert launch.startswith("ignored launch settings (dataloader_num_workers): ") and "accelerate launch" in launch
 
 
 def test_ignored_keys_are_listed_once(tmp_path, warnings_seen):
     path = write(tmp_path, DPO_PEFT)
     load_config(path)
+    lines = len(warnings_seen())
     load_config(path, {"beta": 0.2})  # a sweep reads the file once per run
-    assert len(warnings_seen()) == 1
+    assert len(warnings_seen()) == lines == 3
 
 
 def test_orpo_config_by_marker(tmp_path, warnings_seen):
@@ -129,7 +136,8 @@ def test_orpo_config_by_marker(tmp_path, warnings_seen):
     assert config.max_length == 512 and config.logging_steps == 5 and config.save_steps == 100 and config.seed == 7
     assert config.lora is None and config.eval_dataset is None  # no use_peft, eval_strategy defaults to no
     assert config.num_train_epochs == 3.0  # TrainingArguments' default, not smolalign's 1
-    assert warnings_seen() == []
+    assert warnings_seen() == ["read as smolalign's nearest equivalents: TRL's ORPOConfig's defaults: "
+                               "num_train_epochs 3.0"]
 
 
 def test_orpo_config_by_algorithm_key(tmp_path):
@@ -140,7 +148,7 @@ def test_orpo_config_by_algorithm_key(tmp_path):
 def test_cpo_simpo_config(tmp_path):
     config = load_config(write(tmp_path, CPO_SIMPO))
     assert config.algorithm == "simpo"
-    assert config.loss_type == "sigmoid"  # smolalign's loss_type selects DPO variants only
+    assert config.loss_type is None  # smolalign's loss_type selects DPO and KTO losses only
     assert config.beta == 2.0 and config.simpo_gamma == 0.5
     assert config.cpo_alpha == 1.0  # CPOConfig's default: TRL's CPO-SimPO adds the NLL term
     assert config.dtype == "float16"
@@ -153,14 +161,15 @@ def test_cpo_simpo_config(tmp_path):
 @pytest.mark.parametrize(("text", "expected"), [
     ("trl_config: CPOConfig\nmodel_name_or_path: m\n", "set loss_type: simpo"),
     ("model_name_or_path: m\ntrl_config: CPOConfig\nloss_type: hinge\n", "loss_type hinge has no equivalent"),
-    ("model_name_or_path: m\nloss_type: [sigmoid, sft]\n", "one loss type at a time"),
-    ("model_name_or_path: m\ntrl_config: PPOConfig\n", "DPOConfig, ORPOConfig or CPOConfig"),
+    ("model_name_or_path: m\nloss_type: [sigmoid, sft]\nloss_weights: [1.0]\n", "'loss_weights' has 1 weights"),
+    ("model_name_or_path: m\ntrl_config: PPOConfig\n", "DPOConfig, ORPOConfig, CPOConfig or KTOConfig"),
     ("trl_config: ORPOConfig\nalgorithm: dpo\n", "keep one"),
     ("model_name_or_path: m\nmodel: n\n", "'model_name_or_path' and 'model' both set model"),
     ("model_name_or_path: m\nbf16: true\nfp16: true\n", "'bf16' and 'fp16' are both true"),
     ("model_name_or_path: m\nuse_dora: true\n", "'use_dora: True' has no equivalent"),
-    ("model_name_or_path: m\noptim: adafactor\n", "'optim: adafactor' has no equivalent"),
-    ("model_name_or_path: m\nddp_static_graph: true\n", "'ddp_static_graph' is a transformers TrainingArguments"),
+    ("model_name_or_path: m\noptim: adafactor\n", "'optim: adafactor' is another optimizer than AdamW"),
+    ("model_name_or_path: m\nload_in_4bit: true\n", "'load_in_4bit: True' asks for QLoRA"),
+    ("model_name_or_path: m\nlr_scheduler_type: reduce_lr_on_plateau\n", "'lr_scheduler_type' must be one of"),
     ("model_name_or_path: m\ndataset_name: pairs.jsonl\neval_strategy: steps\n", "test_split_size"),
     ("model_name_or_path: m\nuse_peft: true\nlora: {r: 4}\n", "not both"),
 ])
@@ -178,7 +187,8 @@ def test_unknown_key_names_the_closest_trl_or_smolalign_key(tmp_path):
 
 def test_switches_at_trl_default_are_accepted_silently(tmp_path, warnings_seen):
     config = load_config(write(tmp_path, "model_name_or_path: m\nuse_dora: false\noptim: adamw_torch\n"
-                                         "load_in_4bit: false\ntrust_remote_code: false\n"))
+                                         "load_in_4bit: false\ntrust_remote_code: false\nmodel_revision: main\n"
+                                         "num_train_epochs: 1\ntrl_config: DPOConfig\n"))
     assert config.model == "m" and warnings_seen() == []
 
 
@@ -199,14 +209,14 @@ def test_evaluation_strategies(tmp_path, warnings_seen):
     split_off = load_config(write(tmp_path, "model_name_or_path: m\ndataset_name: pairs.jsonl\neval_strategy: steps\n"
                                             "eval_steps: 3\ntest_split_size: 0.1\ndataset_test_split: test\n"))  # DatasetMixtureConfig's key
     assert (split_off.eval_dataset, split_off.test_split_size, split_off.eval_steps) == (None, 0.1, 3)
-    assert any("eval_strategy: epoch" in message for message in warnings_seen())
+    assert any("eval_strategy epoch: smolalign evaluates at the end" in message for message in warnings_seen())
     assert any("dataset_test_split" in message for message in warnings_seen())
 
 
 def test_lora_keys_without_use_peft_are_ignored_as_trl_does(tmp_path, warnings_seen):
     config = load_config(write(tmp_path, "model_name_or_path: m\nlora_r: 8\nlora_target_modules: [q_proj]\n"))
     assert config.lora is None
-    assert warnings_seen() == ["ignored TRL settings that do not apply to smolalign: lora_r, lora_target_modules"]
+    assert "ignored settings that do not change what smolalign computes: lora_r, lora_target_modules" in warnings_seen()
 
 
 def test_lora_all_linear_and_explicit_targets(tmp_path):
@@ -223,10 +233,17 @@ def test_flags_keep_smolalign_names_and_beat_the_file(tmp_path):
     assert config.max_steps == 3 and config.dtype == "float32"
 
 
-def test_hub_keys_are_mapped(tmp_path):
-    config = load_config(write(tmp_path, "model_name_or_path: m\npush_to_hub: true\nhub_model_id: me/run\n"
-                                         "hub_private_repo: true\nhub_strategy: end\n"))
-    assert (config.push_to_hub, config.hub_model_id, config.hub_private) == (True, "me/run", True)
+def test_hub_keys_are_mapped(tmp_path, warnings_seen):
+    path = write(tmp_path, "model_name_or_path: m\npush_to_hub: true\nhub_model_id: me/run\nhub_private_repo: true\n"
+                           "hub_strategy: end\nreport_to: [tensorboard, mlflow]\n")
+    config = load_config(path)  # offline here: a recipe's upload is skipped, the run goes on locally
+    assert (config.push_to_hub, config.hub_model_id, config.hub_private) == (False, "me/run", True)
+    assert config.report_to == [] or config.report_to == ["tensorboard"]  # tensorboard where it is installed
+    notes = warnings_seen()[0]
+    assert "push_to_hub true: not pushed (no Hugging Face token)" in notes or "unreachable" in notes
+    assert "mlflow" in notes
+    asked = load_config(path, parse_override_args(["--push_to_hub", "true"]))  # a flag asks for real: checked later
+    assert asked.push_to_hub is True
 
 
 def test_smolalign_config_is_not_translated(tmp_path):
@@ -236,29 +253,33 @@ def test_smolalign_config_is_not_translated(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:You are importing from 'trl.experimental'")
-def test_tables_agree_with_trl():
-    """Every key of TRL's script arguments, ModelConfig and DPO/ORPO/CPO configs is known here, the defaults
-    this module relies on are TRL's, and a default-only switch is accepted at TRL's own default."""
+def test_every_trl_key_is_classified():
+    """Every key of TRL's script arguments, ModelConfig, dataset mixtures and DPO / ORPO / CPO / KTO configs
+    (transformers' TrainingArguments included) is smolalign's own or sorted by the tables, the defaults this
+    module relies on are TRL's, and a default-only switch is accepted at TRL's own default."""
     trl = pytest.importorskip("trl")
-    from transformers import TrainingArguments
     from trl.experimental.cpo import CPOConfig
     from trl.experimental.orpo import ORPOConfig
+    from trl.scripts.utils import DatasetConfig, DatasetMixtureConfig
 
     def defaults(cls) -> dict:
-        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        return {f.name: f.default if f.default is not dataclasses.MISSING else
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None
                 for f in dataclasses.fields(cls)}
 
     ours = {f.name for f in dataclasses.fields(TrainConfig)}
-    training_arguments = defaults(TrainingArguments)
-    for cls in (trl.ScriptArguments, trl.ModelConfig, trl.DPOConfig, ORPOConfig, CPOConfig):
-        unknown = [key for key in defaults(cls) if key not in ours and key not in trl_config.trl_key_names()
-                   and key not in training_arguments]
+    for cls in (trl.ScriptArguments, trl.ModelConfig, DatasetMixtureConfig, trl.DPOConfig, ORPOConfig, CPOConfig,
+                trl.KTOConfig):
+        unknown = [key for key in defaults(cls) if key not in ours and key not in trl_key_names()]
         assert unknown == [], (cls.__name__, unknown)
         for key, value in defaults(cls).items():
             if key in trl_config.DEFAULT_ONLY:
                 assert value in trl_config.DEFAULT_ONLY[key], (cls.__name__, key, value)
-    assert training_arguments["num_train_epochs"] == trl_config.TRL_DEFAULTS["num_train_epochs"]
-    assert defaults(CPOConfig)["cpo_alpha"] == trl_config.CPO_DEFAULTS["cpo_alpha"]
+    assert set(defaults(DatasetConfig)) <= {f.name for f in dataclasses.fields(DatasetSource)}
+    assert defaults(trl.DPOConfig)["num_train_epochs"] == trl_config.TRL_DEFAULTS["num_train_epochs"]
+    for cls, algorithm in ((CPOConfig, "simpo"), (trl.KTOConfig, "kto")):
+        for key, value in trl_config.CLASS_DEFAULTS[algorithm].items():
+            assert defaults(cls)[key] == value, (cls.__name__, key)
     model_config = defaults(trl.ModelConfig)
     lora = LoraSettings()
     assert (model_config["lora_r"], model_config["lora_alpha"], model_config["lora_dropout"]) == (
@@ -268,7 +289,8 @@ def test_tables_agree_with_trl():
     assert peft_targets["llama"] == trl_config.TRL_LORA_TARGETS
 
 
-def test_train_command_runs_a_trl_config(tmp_path, tiny_model, hh_rows, capsys):
+def test_train_command_runs_a_trl_config(tmp_path, tiny_model, hh_rows, capsys, monkeypatch):
+    monkeypatch.setattr(translation, "_logged", set())
     data = write_jsonl(tmp_path / "pairs.jsonl", hh_rows[:4])
     path = write(tmp_path, f"""\
 model_name_or_path: {tiny_model(0)}
@@ -290,4 +312,6 @@ dataloader_num_workers: 2
     assert (tmp_path / "run" / "final" / "adapter_config.json").exists()
     saved = load_config(tmp_path / "run" / "config.yaml")  # the resolved config, in smolalign's keys
     assert saved.lora.r == 4 and saved.model == str(tiny_model(0)) and saved.num_train_epochs == 3.0
-    assert "ignored TRL settings that do not apply to smolalign: bf16, dataloader_num_workers" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "bf16 true: smolalign trains under bf16 autocast" in err
+    assert "ignored launch settings (dataloader_num_workers)" in err

@@ -79,7 +79,7 @@ def write_file(path: Path, rows: list[dict]) -> Path:
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
 def test_prompt_completion_strings(tmp_path, suffix):
     read = read_pairs(str(write_file(tmp_path / f"pairs{suffix}", STRING_ROWS)))
-    assert read.data_format == "prompt_completion_strings"
+    assert read.data_format.name == "prompt_completion_strings"
     assert read.num_rows == 2 and read.problems == []
     assert read.pairs == [PreferencePair(i, r["prompt"], r["chosen"], r["rejected"]) for i, r in enumerate(STRING_ROWS)]
     assert not read.pairs[0].is_conversational
@@ -88,7 +88,7 @@ def test_prompt_completion_strings(tmp_path, suffix):
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
 def test_conversational_explicit_prompt_as_messages(tmp_path, suffix):
     read = read_pairs(str(write_file(tmp_path / f"pairs{suffix}", EXPLICIT_ROWS)))
-    assert read.data_format == "conversational_explicit_prompt"
+    assert read.data_format.name == "conversational_explicit_prompt"
     assert read.pairs[0] == PreferencePair(
         0, [user("Hi there!")], [assistant("Hello! How can I help?")], [assistant("Go away.")]
     )
@@ -99,7 +99,7 @@ def test_conversational_explicit_prompt_as_messages(tmp_path, suffix):
 def test_conversational_explicit_prompt_as_a_string(tmp_path):
     rows = [{"prompt": "Hi there!", "chosen": [assistant("Hello!")], "rejected": [assistant("Go away.")]}]
     read = read_pairs(str(write_file(tmp_path / "pairs.jsonl", rows)))
-    assert read.data_format == "conversational_explicit_prompt"
+    assert read.data_format.name == "conversational_explicit_prompt"
     assert read.pairs == [PreferencePair(0, [user("Hi there!")], [assistant("Hello!")], [assistant("Go away.")])]
 
 
@@ -112,7 +112,7 @@ def test_conversational_explicit_prompt_with_answers_that_repeat_the_prompt(tmp_
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_conversational_implicit_prompt(tmp_path, suffix):
     read = read_pairs(str(write_file(tmp_path / f"pairs{suffix}", IMPLICIT_ROWS)))
-    assert read.data_format == "conversational_implicit_prompt"
+    assert read.data_format.name == "conversational_implicit_prompt"
     pair = read.pairs[0]
     assert pair.prompt == [user("Hi"), assistant("Hello"), user("Tell me a joke.")]
     assert pair.chosen == [assistant("Why did the chicken...")]
@@ -122,7 +122,7 @@ def test_conversational_implicit_prompt(tmp_path, suffix):
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
 def test_hh_rlhf_transcripts(tmp_path, suffix):
     read = read_pairs(str(write_file(tmp_path / f"hh{suffix}", HH_ROWS)))
-    assert read.data_format == "hh_rlhf"
+    assert read.data_format.name == "hh_rlhf"
     assert read.pairs == [
         PreferencePair(
             0,
@@ -136,7 +136,7 @@ def test_hh_rlhf_transcripts(tmp_path, suffix):
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
 def test_messages_rows_are_sft_pairs(tmp_path, suffix):
     read = read_pairs(str(write_file(tmp_path / f"sft{suffix}", MESSAGES_ROWS)))
-    assert read.data_format == "messages"
+    assert read.data_format.name == "messages"
     assert read.pairs[0] == PreferencePair(0, [user("Say hi.")], [assistant("Hi!")], None)
     assert read.pairs[1] == PreferencePair(1, [system("Be terse."), user("2+2?")], [assistant("4")], None)
 
@@ -150,12 +150,12 @@ def test_messages_not_ending_with_an_assistant_turn_is_a_problem(tmp_path):
 
 
 def test_unrecognised_columns_list_the_columns(tmp_path):
-    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "a?", "answer": "b", "score": 1}])
+    path = write_jsonl(tmp_path / "notes.jsonl", [{"text": "a?", "score": 1}])
     with pytest.raises(UserError) as error:
         read_pairs(str(path))
     message = str(error.value)
-    assert "'question'" in message and "'answer'" in message and "'score'" in message
-    assert "chosen" in message and "rejected" in message
+    assert "'text'" in message and "'score'" in message
+    assert "chosen" in message and "rejected" in message and "dataset_columns" in message
 
 
 def test_chosen_rejected_that_are_neither_strings_nor_messages_are_unrecognised(tmp_path):
@@ -182,7 +182,7 @@ def test_text_file_is_a_user_error(tmp_path):
     path.write_text("prompt chosen rejected\n")
     with pytest.raises(UserError) as error:
         read_pairs(str(path))
-    assert ".txt" in str(error.value) and ".jsonl" in str(error.value)
+    assert ".txt" in str(error.value) and "JSONL" in str(error.value)
 
 
 def test_unparsable_jsonl_is_a_user_error(tmp_path):
@@ -232,7 +232,7 @@ def test_hh_rlhf_answers_are_the_turns_after_the_first_difference(tmp_path):
         },
     ]
     read = read_pairs(str(write_jsonl(tmp_path / "hh.jsonl", rows)))
-    assert read.data_format == "hh_rlhf"
+    assert read.data_format.name == "hh_rlhf"
     first, second = read.pairs
     assert first.prompt == [user("A")]
     assert first.chosen == [assistant("B"), user("C"), assistant("D")]
@@ -262,7 +262,7 @@ def test_hh_rlhf_problem_rows_are_reported_and_left_out(tmp_path):
 
 def test_bundled_hh_rlhf_rows_parse(hh_rows, tmp_path):
     read = read_pairs(str(write_jsonl(tmp_path / "hh.jsonl", hh_rows[:50])))
-    assert read.data_format == "hh_rlhf"
+    assert read.data_format.name == "hh_rlhf"
     assert len(read.pairs) + len(read.problems) == 50
     for pair in read.pairs:
         assert pair.prompt[0]["role"] == "user" and pair.prompt[-1]["role"] == "user"
@@ -295,12 +295,13 @@ def test_system_prompt_argument_prepends_unless_the_prompt_has_one(tmp_path):
     assert hh.pairs[0].prompt[0] == system("Default.") and hh.pairs[0].prompt[1] == user("Hi")
 
 
-def test_system_column_with_plain_strings_is_a_problem(tmp_path):
+def test_system_column_makes_string_pairs_chat_data(tmp_path):
     rows = [dict(STRING_ROWS[0], system="Be kind."), dict(STRING_ROWS[1], system="")]
     read = read_pairs(str(write_jsonl(tmp_path / "pairs.jsonl", rows)))
-    assert [p.index for p in read.pairs] == [1]
-    assert [p.index for p in read.problems] == [0]
-    assert "system" in read.problems[0].reason
+    assert read.data_format.name == "conversational_explicit_prompt" and read.problems == []
+    assert read.pairs[0] == PreferencePair(0, [system("Be kind."), user(STRING_ROWS[0]["prompt"])],
+                                           [assistant(" Paris.")], [assistant(" Lyon.")])
+    assert read.pairs[1].prompt == [user(STRING_ROWS[1]["prompt"])]
 
 
 # -- tokenization: TRL DPOTrainer's convention -----------------------------------------------
@@ -502,9 +503,9 @@ def twenty_pairs(tmp_path) -> str:
     return str(write_jsonl(tmp_path / "pairs.jsonl", rows))
 
 
-def prepared(tokenizer, dataset, needs_rejected=True, **values):
+def prepared(tokenizer, dataset, use="pairs", **values):
     config = load_config(None, {"dataset": dataset, "max_length": 64, **values})
-    return prepare_data(config, tokenizer, needs_rejected=needs_rejected)
+    return prepare_data(config, tokenizer, use=use)
 
 
 @pytest.mark.parametrize(("size", "expected_eval"), [(0.25, 5), (4, 4), (1, 1), (0.5, 10)])
@@ -565,24 +566,24 @@ def test_empty_prompts_are_reported_rows(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     with pytest.raises(UserError) as error:
         prepared(tokenizer, str(path))
-    assert "no usable pairs" in str(error.value) and "row 0: empty 'prompt'" in str(error.value)
+    assert "no usable rows" in str(error.value) and "row 0: empty 'prompt'" in str(error.value)
 
 
 def test_implicit_prompt_strings_split_at_the_common_beginning(tmp_path):
     rows = [{"chosen": "Q: 2+2? A: 4", "rejected": "Q: 2+2? A: 5"}, {"chosen": "Say hi. Hello", "rejected": "Say hi. Go"}]
     read = read_pairs(str(write_jsonl(tmp_path / "rows.jsonl", rows)))
-    assert read.data_format == "implicit_prompt_strings"
+    assert read.data_format.name == "implicit_prompt_strings"
     assert [(p.prompt, p.chosen, p.rejected) for p in read.pairs] == [
         ("Q: 2+2? A:", " 4", " 5"),  # the space before the split goes to the answers, as in TRL
         ("Say hi.", " Hello", " Go"),
     ]
 
 
-def test_needs_rejected_on_sft_data_is_a_user_error(tokenizer, tmp_path):
+def test_pairwise_algorithms_on_sft_data_is_a_user_error(tokenizer, tmp_path):
     path = str(write_jsonl(tmp_path / "sft.jsonl", MESSAGES_ROWS))
-    with pytest.raises(UserError, match="sft"):
-        prepared(tokenizer, path, needs_rejected=True)
-    data = prepared(tokenizer, path, needs_rejected=False)
+    with pytest.raises(UserError, match="use algorithm sft"):
+        prepared(tokenizer, path, use="pairs")
+    data = prepared(tokenizer, path, use="answers")
     assert len(data.train) == 2 and all(p.rejected_ids is None for p in data.train)
 
 
@@ -592,7 +593,7 @@ def test_tokenize_and_fit_logs_counts(tokenizer, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="smolalign"):
         fitted = tokenize_and_fit(read, tokenizer, max_length=6, max_prompt_length=3)
     assert len(fitted) == 2
-    assert "2 pairs kept, 2 truncated to max_length=6, 0 dropped" in caplog.text
+    assert "2 kept, 2 truncated to max_length=6, 0 dropped" in caplog.text
     assert "1 rows unusable" in caplog.text
     assert "row 2: chosen and rejected answers are identical" in caplog.text
 
