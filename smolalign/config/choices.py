@@ -16,6 +16,7 @@ ALGORITHM_TITLES = {
     "dpo": "Direct Preference Optimization (Rafailov et al. 2023)",
     "orpo": "Odds Ratio Preference Optimization (Hong et al. 2024)",
     "simpo": "Simple Preference Optimization (Meng et al. 2024)",
+    "kto": "Kahneman-Tversky Optimization (Ethayarajh et al. 2024)",
     "sft": "supervised fine-tuning",
     "reward": "a Bradley-Terry reward model (sequence classification, one output)",
 }
@@ -25,14 +26,26 @@ ALGORITHMS: tuple[str, ...] = tuple(ALGORITHM_TITLES)
 # the others log sums over answer tokens. Plots and tables never put the two scales on one axis.
 MEAN_LOGPS_ALGORITHMS: tuple[str, ...] = ("orpo", "simpo")
 
-DpoLossType = Literal["sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"]
+DpoLossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                      "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
 DPO_LOSS_TYPES: tuple[str, ...] = typing.get_args(DpoLossType)
+KtoLossType = Literal["kto", "apo_zero_unpaired"]
+KTO_LOSS_TYPES: tuple[str, ...] = typing.get_args(KtoLossType)
+LossType = Literal[DPO_LOSS_TYPES + KTO_LOSS_TYPES]
+FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
+SamplingStrategy = Literal["random", "sequential"]
+
+# GGUF storage types of an export (export/tensors.py maps them to gguf's).
+Quantization = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
+QUANTIZATIONS: tuple[str, ...] = typing.get_args(Quantization)
 
 BatchLayout = Literal["auto", "padded", "packed", "prefix_shared"]
 LAYOUTS: tuple[str, ...] = tuple(name for name in typing.get_args(BatchLayout) if name != "auto")
 
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+# transformers' schedules (get_scheduler), but reduce_lr_on_plateau, which follows an evaluation metric.
+Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                    "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"]
 Tracker = Literal["tensorboard", "wandb"]
 TRACKERS: tuple[str, ...] = typing.get_args(Tracker)

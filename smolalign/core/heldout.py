@@ -1,5 +1,7 @@
-"""Held-out preference numbers from per-pair log-probs: `smolalign eval`'s summary (eval.json), its rows
-(eval_pairs.jsonl) and its table, and the policy-only accuracy that evaluation during training logs too."""
+"""Held-out numbers from per-pair log-probs, one definition each, for training's `eval_*` lines and for
+`smolalign eval`'s eval.json alike: preference accuracies and margins of pairs, the sign accuracy of
+labelled rows (KTO), a reward model's accuracy; each accuracy an exact count of the pairs it rests on,
+with its 95% interval. Also eval.json's per-pair rows (eval_pairs.jsonl) and its table."""
 
 from __future__ import annotations
 
@@ -54,6 +56,33 @@ def preference_summary(policy: PairLogps, reference: PairLogps | None, *, beta: 
         summary["ref_logps/chosen"] = reference.chosen.mean().item()
         summary["ref_logps/rejected"] = reference.rejected.mean().item()
     return summary
+
+
+def labelled_summary(policy: PairLogps, reference: PairLogps, *, beta: float) -> dict[str, float]:
+    """Unpaired rows (KTO): implicit rewards beta * (policy - reference) of each answer, and the share of rows
+    whose reward has the sign of its label (positive for desirable, negative for undesirable), with its
+    interval over the `pairs` rows."""
+    rewards = beta * (policy.chosen - reference.chosen)
+    desirable = policy.labels
+    right = torch.where(desirable, rewards > 0, rewards < 0)
+    rows = len(rewards)
+    summary = {"rewards/accuracies": right.float().mean().item(), **interval_fields("rewards/accuracies",
+                                                                                      int(right.sum()), rows)}
+    for name, group in (("chosen", desirable), ("rejected", ~desirable)):
+        if group.any():
+            summary[f"rewards/{name}"] = rewards[group].mean().item()
+            summary[f"logps/{name}"] = policy.chosen[group].mean().item()
+    if desirable.any() and not desirable.all():
+        summary["rewards/margins"] = summary["rewards/chosen"] - summary["rewards/rejected"]
+    return {**summary, "pairs": rows, "beta": beta, "reward": "beta * (logps - ref_logps) of each labelled answer"}
+
+
+def reward_model_summary(policy: PairLogps) -> dict[str, float]:
+    """A reward model's held-out pairs: the share whose chosen answer gets the higher reward, and the margin."""
+    wins = policy.chosen > policy.rejected
+    pairs = len(wins)
+    return {"accuracy": wins.float().mean().item(), **interval_fields("accuracy", int(wins.sum()), pairs),
+            "margin": (policy.chosen - policy.rejected).mean().item(), "pairs": pairs}
 
 
 def write_pair_rows(path: Path, pairs: list[TokenizedPair], policy: PairLogps, reference: PairLogps | None) -> None:

@@ -53,6 +53,7 @@ class Batch:
         score_positions [1, 1, 3, 5, 6, 5]            flat index (row * 5 + column) of the predicting token
         score_targets   [3, 4, 5, 7, 8, 9]
         score_owners    [0, 1, 1, 3, 3, 4]            pair * 3 + part (0 chosen, 1 rejected, 2 prompt)
+        score_shared    [1, 1, 0, 1, 0, 1]            within the length both answers of the pair have (LD-DPO)
 
     `num_tokens` counts prompt + answer tokens per sequence as TRL's padded layout feeds them (the
     prompt once per answer), so throughput stays comparable across layouts.
@@ -64,8 +65,10 @@ class Batch:
     score_positions: torch.Tensor  # [scored tokens]
     score_targets: torch.Tensor  # [scored tokens]
     score_owners: torch.Tensor  # [scored tokens]
+    score_shared: torch.Tensor  # [scored tokens] bool: an answer token within the pair's shorter answer's length
     num_pairs: int
     num_tokens: int
+    labels: torch.Tensor | None = None  # [pairs] bool: the thumbs up or down of unpaired rows (KTO)
 
     def to(self, device: torch.device | str) -> Batch:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -80,7 +83,7 @@ class _Block:
     token_ids: list[int]
     positions: list[int]
     branches: list[int]
-    scores: list[tuple[int, int, int]]  # (index of the predicting token in the block, target id, owner)
+    scores: list[tuple[int, int, int, bool]]  # (index of the predicting token in the block, target id, owner, shared)
 
 
 def build_batch(
@@ -110,8 +113,11 @@ def build_batch(
             if p.rejected_ids is not None
         ]
     rows = [[block] for block in blocks] if layout == "padded" else _pack(blocks)
-    num_tokens = sum(padded_tokens(p) for p in pairs)
-    return _assemble(rows, pad_token_id, block_causal=layout != "padded", num_pairs=len(pairs), num_tokens=num_tokens)
+    batch = _assemble(rows, pad_token_id, block_causal=layout != "padded", num_pairs=len(pairs),
+                      num_tokens=sum(padded_tokens(p) for p in pairs))
+    if any(p.label is not None for p in pairs):
+        batch.labels = torch.tensor([bool(p.label) for p in pairs])
+    return batch
 
 
 def padded_tokens(pair: TokenizedPair) -> int:
@@ -119,10 +125,15 @@ def padded_tokens(pair: TokenizedPair) -> int:
     return len(pair.prompt_ids) * len(pair.answers) + sum(len(a) for a in pair.answers)
 
 
-def _end_score(tokens: list[int], sequence: list[int], pad_token_id: int, owner: int) -> tuple[int, int, int]:
+def _end_score(tokens: list[int], sequence: list[int], pad_token_id: int, owner: int) -> tuple[int, int, int, bool]:
     """Score the last token of a sequence (its block indices, in order) whose id is not the padding id."""
     real = [i for i in sequence if tokens[i] != pad_token_id]
-    return (real[-1] if real else sequence[-1], 0, owner)
+    return (real[-1] if real else sequence[-1], 0, owner, True)
+
+
+def shared_length(pair: TokenizedPair) -> int:
+    """Answer tokens both answers of a pair have (the shorter answer's length; the one answer's without a rejected)."""
+    return min(len(answer) for answer in pair.answers)
 
 
 def _sequence_block(
@@ -134,9 +145,10 @@ def _sequence_block(
     if ends_after is not None:
         scores = [_end_score(tokens, list(range(len(tokens))), ends_after, owner + part)]
     else:
-        scores = [(len(prompt) - 1 + k, token, owner + part) for k, token in enumerate(answer)]
+        shared = shared_length(pair)
+        scores = [(len(prompt) - 1 + k, token, owner + part, k < shared) for k, token in enumerate(answer)]
         if score_prompt:
-            scores += [(k - 1, prompt[k], owner + PROMPT) for k in range(1, len(prompt))]
+            scores += [(k - 1, prompt[k], owner + PROMPT, False) for k in range(1, len(prompt))]
     return _Block(tokens, list(range(len(tokens))), [PROMPT_BRANCH] * len(prompt) + [1] * len(answer), scores)
 
 
@@ -152,14 +164,15 @@ def _pair_block(pair: TokenizedPair, slot: int, score_prompt: bool, ends_after: 
             rejected_sequence = list(range(len(prompt))) + list(range(after_chosen, len(tokens)))
             scores.append(_end_score(tokens, rejected_sequence, ends_after, owner + REJECTED))
     else:
-        scores = [(last_prompt + k, token, owner + CHOSEN) for k, token in enumerate(chosen)]
+        shared = shared_length(pair)
+        scores = [(last_prompt + k, token, owner + CHOSEN, k < shared) for k, token in enumerate(chosen)]
         # The first rejected token is predicted from the prompt's last token, like the first chosen one.
         scores += [
-            (last_prompt if k == 0 else after_chosen + k - 1, token, owner + REJECTED)
+            (last_prompt if k == 0 else after_chosen + k - 1, token, owner + REJECTED, k < shared)
             for k, token in enumerate(rejected)
         ]
         if score_prompt:
-            scores += [(k - 1, prompt[k], owner + PROMPT) for k in range(1, len(prompt))]
+            scores += [(k - 1, prompt[k], owner + PROMPT, False) for k in range(1, len(prompt))]
     positions = list(range(after_chosen)) + list(range(len(prompt), len(prompt) + len(rejected)))
     branches = [PROMPT_BRANCH] * len(prompt) + [1] * len(chosen) + [2] * len(rejected)
     return _Block(tokens, positions, branches, scores)
@@ -189,7 +202,7 @@ def _assemble(rows: list[list[_Block]], pad_token_id: int, *, block_causal: bool
     position_ids = torch.zeros(shape, dtype=torch.long)
     block_ids = torch.full(shape, -1, dtype=torch.long)
     branches = torch.zeros(shape, dtype=torch.long)
-    score_positions, score_targets, score_owners = [], [], []
+    score_positions, score_targets, score_owners, score_shared = [], [], [], []
     for r, row in enumerate(rows):
         start = 0
         for b, block in enumerate(row):
@@ -198,10 +211,11 @@ def _assemble(rows: list[list[_Block]], pad_token_id: int, *, block_causal: bool
             position_ids[r, start:end] = torch.tensor(block.positions)
             block_ids[r, start:end] = b
             branches[r, start:end] = torch.tensor(block.branches)
-            for index, target, owner in block.scores:
+            for index, target, owner, shared in block.scores:
                 score_positions.append(r * length + start + index)
                 score_targets.append(target)
                 score_owners.append(owner)
+                score_shared.append(shared)
             start = end
     return Batch(
         input_ids=input_ids,
@@ -210,6 +224,7 @@ def _assemble(rows: list[list[_Block]], pad_token_id: int, *, block_causal: bool
         score_positions=torch.tensor(score_positions, dtype=torch.long),
         score_targets=torch.tensor(score_targets, dtype=torch.long),
         score_owners=torch.tensor(score_owners, dtype=torch.long),
+        score_shared=torch.tensor(score_shared, dtype=torch.bool),
         num_pairs=num_pairs,
         num_tokens=num_tokens,
     )

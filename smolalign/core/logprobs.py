@@ -27,15 +27,17 @@ KEEP_SOFTMAX_ELEMENTS = 2**26  # scored tokens x vocabulary; 256 MB in float32
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
-    """log softmax(hidden @ weight.T + bias)[target] for each row of `hidden`, in float32 (or float64)."""
+    """log softmax(hidden @ weight.T + bias)[target] for each row of `hidden`, in float32 (or float64); with
+    `square_mass`, also log sum_v p_v^2 of each row's distribution (WPO's normaliser), without a gradient."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")  # the backward runs in the forward's autocast state
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, keep_softmax):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, keep_softmax, square_mass):
         dtype = _accumulation_dtype(hidden)
         tokens = hidden.shape[0]
         logprobs = torch.empty(tokens, dtype=dtype, device=hidden.device)
         logsumexp = torch.empty_like(logprobs)
+        log_square_mass = torch.empty_like(logprobs) if square_mass else logprobs.new_empty(0)
         keep = keep_softmax and tokens * weight.shape[0] <= KEEP_SOFTMAX_ELEMENTS
         softmax = torch.empty(tokens, weight.shape[0], dtype=dtype, device=hidden.device) if keep else None
         for start in range(0, tokens, chunk_size):
@@ -43,17 +45,20 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             logits = chunk_logits(hidden[start:end], weight, bias)
             logsumexp[start:end] = logits.logsumexp(dim=-1)
             logprobs[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - logsumexp[start:end]
+            if square_mass:  # log sum p^2 = logsumexp(2 z) - 2 logsumexp(z)
+                log_square_mass[start:end] = (2 * logits).logsumexp(dim=-1) - 2 * logsumexp[start:end]
             if keep:
                 torch.exp(logits.sub_(logsumexp[start:end, None]), out=softmax[start:end])
         ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
         ctx.softmax = softmax
         ctx.chunk_size = chunk_size
-        return logprobs
+        ctx.mark_non_differentiable(log_square_mass)
+        return logprobs, log_square_mass
 
     @staticmethod
     @once_differentiable
     @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_logprobs):
+    def backward(ctx, grad_logprobs, grad_square_mass):
         hidden, weight, bias, targets, logsumexp = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -87,6 +92,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -103,12 +109,14 @@ def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def token_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk_size: int
-) -> torch.Tensor:
-    """Float32 log-prob of `targets[i]` after `hidden[i]` ([tokens, hidden] -> [tokens])."""
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk_size: int,
+    *, square_mass: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 log-prob of `targets[i]` after `hidden[i]` ([tokens, hidden] -> [tokens]), and with `square_mass`
+    log sum_v p_v^2 of each position's distribution ([tokens], no gradient; else an empty tensor)."""
     # The softmax is kept for the backward pass only when there will be one (not for reference or eval passes).
     keep_softmax = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ChunkedTokenLogprobs.apply(hidden, weight, bias, targets, chunk_size, keep_softmax)
+    return _ChunkedTokenLogprobs.apply(hidden, weight, bias, targets, chunk_size, keep_softmax, square_mass)
 
 
 class SequenceScorer(nn.Module):
@@ -119,10 +127,11 @@ class SequenceScorer(nn.Module):
     scored positions only.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, *, square_mass: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.square_mass = square_mass  # also return log sum p^2 at each scored position (WPO)
         config = base_model_of(model).config
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
             raise UserError(f"{type(base_model_of(model)).__name__} scales or soft-caps its logits, which "
@@ -154,9 +163,11 @@ class SequenceScorer(nn.Module):
         attention_mask: AttentionMask,
         score_positions: torch.Tensor,
         score_targets: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs of the scored tokens, and log sum p^2 at their positions (empty unless `square_mass`)."""
         scored = self.hidden_at(input_ids, position_ids, attention_mask, score_positions)
-        return token_logprobs(scored, self.head.weight, self.head.bias, score_targets, self.chunk_size)
+        return token_logprobs(scored, self.head.weight, self.head.bias, score_targets, self.chunk_size,
+                              square_mass=self.square_mass)
 
 
 class RewardScorer(SequenceScorer):
@@ -167,15 +178,21 @@ class RewardScorer(SequenceScorer):
     def head(self) -> nn.Module:
         return base_model_of(self.model).score
 
-    def forward(self, input_ids, position_ids, attention_mask, score_positions, score_targets) -> torch.Tensor:
+    def forward(self, input_ids, position_ids, attention_mask, score_positions, score_targets
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.hidden_at(input_ids, position_ids, attention_mask, score_positions)
-        return self.head(hidden).squeeze(-1).float()
+        rewards = self.head(hidden).squeeze(-1).float()
+        return rewards, rewards.new_empty(0)
 
 
 @dataclass
 class PairLogps:
     """Per-pair sums of token log-probs and token counts, each a [pairs] float32 tensor. For a reward model
-    the sums are the rewards of the chosen and rejected sequences (one scored position each)."""
+    the sums are the rewards of the chosen and rejected sequences (one scored position each).
+
+    `chosen_shared` / `rejected_shared` sum the answer tokens within the length both answers have (LD-DPO);
+    `chosen_wpo` / `rejected_wpo` sum log p - log sum p^2 over the answer tokens (WPO), when the scorer measures
+    it; `labels` are the thumbs up or down of unpaired rows (KTO). Absent values are None."""
 
     chosen: torch.Tensor
     rejected: torch.Tensor
@@ -183,6 +200,11 @@ class PairLogps:
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
     prompt_tokens: torch.Tensor
+    chosen_shared: torch.Tensor | None = None
+    rejected_shared: torch.Tensor | None = None
+    chosen_wpo: torch.Tensor | None = None
+    rejected_wpo: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
     @property
     def chosen_mean(self) -> torch.Tensor:
@@ -192,29 +214,40 @@ class PairLogps:
     def rejected_mean(self) -> torch.Tensor:
         return self.rejected / self.rejected_tokens.clamp(min=1)
 
+    def _map(self, function) -> PairLogps:
+        return PairLogps(**{name: None if value is None else function(value) for name, value in vars(self).items()})
+
     def detach(self) -> PairLogps:
-        return PairLogps(*(getattr(self, name).detach() for name in PairLogps.__dataclass_fields__))
+        return self._map(torch.Tensor.detach)
 
     def cpu(self) -> PairLogps:
-        return PairLogps(*(getattr(self, name).cpu() for name in PairLogps.__dataclass_fields__))
+        return self._map(torch.Tensor.cpu)
 
     def take(self, rows: list[int]) -> PairLogps:
         """The values of the pairs at `rows`, in that order."""
         index = torch.tensor(rows, dtype=torch.long, device=self.chosen.device)
-        return PairLogps(*(getattr(self, name)[index] for name in PairLogps.__dataclass_fields__))
+        return self._map(lambda value: value[index])
 
 
 def concat_pair_logps(parts: list[PairLogps]) -> PairLogps:
     """The per-pair values of consecutive chunks of a batch, as one PairLogps."""
-    return PairLogps(*(torch.cat([getattr(p, name) for p in parts]) for name in PairLogps.__dataclass_fields__))
+    names = vars(parts[0])
+    return PairLogps(**{name: None if any(getattr(p, name) is None for p in parts) else
+                        torch.cat([getattr(p, name) for p in parts]) for name in names})
 
 
-def sum_by_pair(token_logps: torch.Tensor, batch: Batch) -> PairLogps:
-    """Add each scored token's log-prob to its pair and part (chosen / rejected / prompt)."""
+def sum_by_pair(token_logps: torch.Tensor, batch: Batch, log_square_mass: torch.Tensor | None = None) -> PairLogps:
+    """Add each scored token's log-prob to its pair and part (chosen / rejected / prompt), also over the shared
+    length and, given `log_square_mass`, WPO's log p - log sum p^2."""
     slots = batch.num_pairs * PARTS_PER_PAIR
     owners = batch.score_owners
-    sums = token_logps.new_zeros(slots).index_add(0, owners, token_logps).view(-1, PARTS_PER_PAIR)
-    counts = token_logps.new_zeros(slots).index_add(0, owners, torch.ones_like(token_logps)).view(-1, PARTS_PER_PAIR)
+
+    def by_part(values: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros(slots).index_add(0, owners, values).view(-1, PARTS_PER_PAIR)
+
+    sums, counts = by_part(token_logps), by_part(torch.ones_like(token_logps))
+    shared = by_part(token_logps * batch.score_shared)
+    wpo = by_part((token_logps - log_square_mass).detach()) if log_square_mass is not None else None
     return PairLogps(
         chosen=sums[:, CHOSEN],
         rejected=sums[:, REJECTED],
@@ -222,16 +255,21 @@ def sum_by_pair(token_logps: torch.Tensor, batch: Batch) -> PairLogps:
         chosen_tokens=counts[:, CHOSEN],
         rejected_tokens=counts[:, REJECTED],
         prompt_tokens=counts[:, PROMPT],
+        chosen_shared=shared[:, CHOSEN],
+        rejected_shared=shared[:, REJECTED],
+        chosen_wpo=wpo[:, CHOSEN] if wpo is not None else None,
+        rejected_wpo=wpo[:, REJECTED] if wpo is not None else None,
+        labels=batch.labels,
     )
 
 
 def score_batch(scorer: nn.Module, batch: Batch) -> PairLogps:
     """Run `scorer` (a SequenceScorer, possibly wrapped by Accelerate) on a batch, summed per pair."""
-    token_logps = scorer(
+    token_logps, log_square_mass = scorer(
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,
         attention_mask=batch.attention_mask,
         score_positions=batch.score_positions,
         score_targets=batch.score_targets,
     )
-    return sum_by_pair(token_logps, batch)
+    return sum_by_pair(token_logps, batch, log_square_mass if log_square_mass.numel() else None)

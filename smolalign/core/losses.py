@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from smolalign.config.choices import Algorithm, DpoLossType
+from smolalign.config.choices import Algorithm, FDivergence
 from smolalign.config.train import TrainConfig
+from smolalign.core.dpo_losses import BATCH_LOSSES, DPO_LOSSES, PairTerms, f_divergence
 from smolalign.core.logprobs import PairLogps
+from smolalign.data.formats import RowUse
 
 
 @dataclass(frozen=True)
@@ -27,30 +29,47 @@ class LossSettings:
     """The hyperparameters objectives read: TrainConfig's keys (TRL's names), with its defaults."""
 
     beta: float = TrainConfig.beta
-    loss_type: DpoLossType = TrainConfig.loss_type
+    loss_type: str | tuple[str, ...] | None = TrainConfig.loss_type  # None: the algorithm's default
+    loss_weights: tuple[float, ...] | None = TrainConfig.loss_weights
     label_smoothing: float = TrainConfig.label_smoothing
     rpo_alpha: float | None = TrainConfig.rpo_alpha
+    f_divergence_type: FDivergence = TrainConfig.f_divergence_type
+    f_alpha_divergence_coef: float = TrainConfig.f_alpha_divergence_coef
+    ld_alpha: float | None = TrainConfig.ld_alpha
+    use_weighting: bool = TrainConfig.use_weighting
+    discopop_tau: float = TrainConfig.discopop_tau
     simpo_gamma: float = TrainConfig.simpo_gamma
     cpo_alpha: float = TrainConfig.cpo_alpha
     center_rewards_coefficient: float | None = TrainConfig.center_rewards_coefficient
+    desirable_weight: float = TrainConfig.desirable_weight
+    undesirable_weight: float = TrainConfig.undesirable_weight
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> LossSettings:
-        return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
+        values = {name: getattr(config, name) for name in cls.__dataclass_fields__}
+        return cls(**{name: tuple(value) if isinstance(value, list) else value for name, value in values.items()})
+
+    @property
+    def loss_types(self) -> tuple[str, ...]:
+        """DPO's loss types (sigmoid unless set), in order."""
+        if self.loss_type is None:
+            return ("sigmoid",)
+        return (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
 
 
 @dataclass(frozen=True)
 class BatchTotals:
-    """Sizes of the whole batch that a slice of pairs belongs to.
+    """What a slice of pairs needs to know of the whole batch it belongs to.
 
-    Losses divide by these rather than by the slice's own sizes, so the losses (and gradients) of the
+    Losses divide by these sizes rather than by the slice's own, so the losses (and gradients) of the
     slices of a batch add up exactly to those of the batch: a batch can then be run through the model
-    in pieces that fit in memory.
+    in pieces that fit in memory. `kl` is KTO's reference point, estimated on the whole batch.
     """
 
     pairs: int
     chosen_tokens: float
     prompt_tokens: float
+    kl: torch.Tensor | None = None
 
     @classmethod
     def of(cls, policy: PairLogps) -> BatchTotals:
@@ -61,76 +80,6 @@ class BatchTotals:
 class ObjectiveOutput:
     loss: torch.Tensor  # scalar, differentiable
     metrics: dict[str, torch.Tensor]  # scalars, detached, TRL's names
-
-
-# -- DPO family: per-pair losses from the log-ratios log pi(y|x) - log pi_ref(y|x) ---------------------
-# Signature: (chosen_logratios, rejected_logratios, *, beta, label_smoothing, chosen_tokens, rejected_tokens)
-
-
-def dpo_sigmoid(chosen, rejected, *, beta, **_):
-    """DPO, Rafailov et al. 2023 (arXiv 2305.18290), Eq. 7: -log sigmoid(beta * (r_w - r_l))."""
-    return -F.logsigmoid(beta * (chosen - rejected))
-
-
-def dpo_hinge(chosen, rejected, *, beta, **_):
-    """SLiC-HF, Zhao et al. 2023 (arXiv 2305.10425), Eq. 3 with delta = 1/beta: relu(1 - beta * margin)."""
-    return torch.relu(1 - beta * (chosen - rejected))
-
-
-def dpo_ipo(chosen, rejected, *, beta, chosen_tokens, rejected_tokens, **_):
-    """IPO, Azar et al. 2023 (arXiv 2310.12036), Eq. 17, on per-token log-ratios as TRL computes it
-    (the normalisation its authors confirmed): (h - 1/(2 beta))^2 with beta as tau."""
-    margin = chosen / chosen_tokens.clamp(min=1) - rejected / rejected_tokens.clamp(min=1)
-    return (margin - 1 / (2 * beta)) ** 2
-
-
-def dpo_robust(chosen, rejected, *, beta, label_smoothing, **_):
-    """Robust DPO, Chowdhury et al. 2024 (arXiv 2403.00409), Eq. 8: unbiased under label-flip rate eps."""
-    logits = beta * (chosen - rejected)
-    clean = -(1 - label_smoothing) * F.logsigmoid(logits)
-    flipped = -label_smoothing * F.logsigmoid(-logits)
-    return (clean - flipped) / (1 - 2 * label_smoothing)
-
-
-def dpo_bco_pair(chosen, rejected, *, beta, **_):
-    """BCO (paired), Jung et al. 2024 (arXiv 2404.04656): binary classification of each answer's reward."""
-    return -F.logsigmoid(beta * chosen) - F.logsigmoid(-beta * rejected)
-
-
-def dpo_sppo_hard(chosen, rejected, *, beta, **_):
-    """SPPO, Wu et al. 2024 (arXiv 2405.00675), Eq. 4.7 with the hard win probability P = 1 / 0."""
-    return (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
-
-
-def dpo_nca_pair(chosen, rejected, *, beta, **_):
-    """NCA, Chen et al. 2024 (arXiv 2402.05369), paired form: absolute rather than relative likelihood."""
-    chosen_reward, rejected_reward = beta * chosen, beta * rejected
-    return -F.logsigmoid(chosen_reward) - 0.5 * F.logsigmoid(-chosen_reward) - 0.5 * F.logsigmoid(-rejected_reward)
-
-
-def dpo_apo_zero(chosen, rejected, *, beta, **_):
-    """APO-zero, D'Oosterlinck et al. 2024 (arXiv 2408.06266), Eq. 7: raise chosen, lower rejected
-    likelihood (for answers better than the model's own)."""
-    return (1 - torch.sigmoid(beta * chosen)) + torch.sigmoid(beta * rejected)
-
-
-def dpo_apo_down(chosen, rejected, *, beta, **_):
-    """APO-down, same paper, Eq. 8: lower both, rejected more (for answers worse than the model's own)."""
-    return torch.sigmoid(beta * chosen) + (1 - torch.sigmoid(beta * (chosen - rejected)))
-
-
-# One function per name of config.choices.DPO_LOSS_TYPES (the tests check they agree).
-DPO_LOSSES: dict[DpoLossType, Callable[..., torch.Tensor]] = {
-    "sigmoid": dpo_sigmoid,
-    "hinge": dpo_hinge,
-    "ipo": dpo_ipo,
-    "robust": dpo_robust,
-    "bco_pair": dpo_bco_pair,
-    "sppo_hard": dpo_sppo_hard,
-    "nca_pair": dpo_nca_pair,
-    "apo_zero": dpo_apo_zero,
-    "apo_down": dpo_apo_down,
-}
 
 
 def chosen_nll(policy: PairLogps, totals: BatchTotals, *, with_prompt: bool = False) -> torch.Tensor:
@@ -153,27 +102,54 @@ def preference_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_
 
 
 def dpo(policy: PairLogps, reference: PairLogps, settings: LossSettings, totals: BatchTotals) -> ObjectiveOutput:
-    """DPO and its variants (`loss_type`), plus RPO's NLL term on the chosen answers when `rpo_alpha` is set
-    (Pang et al. 2024, arXiv 2404.19733, Eq. 2)."""
-    chosen_logratios = policy.chosen - reference.chosen
-    rejected_logratios = policy.rejected - reference.rejected
-    per_pair = DPO_LOSSES[settings.loss_type](
-        chosen_logratios,
-        rejected_logratios,
-        beta=settings.beta,
-        label_smoothing=settings.label_smoothing,
-        chosen_tokens=policy.chosen_tokens,
-        rejected_tokens=policy.rejected_tokens,
+    """DPO and its variants: the sum of each `loss_type`'s batch mean times its weight (several at once as MPO
+    combines them), on log-ratios through `f_divergence_type`, with LD-DPO's `ld_alpha` and WPO's pair
+    weights (`use_weighting`), plus RPO's NLL term when `rpo_alpha` is set (Pang et al. 2024, arXiv
+    2404.19733, Eq. 2). Each term is logged as `loss/<type>` when there are several."""
+    chosen_policy, rejected_policy = desensitized(policy, settings.ld_alpha)
+    chosen_reference, rejected_reference = desensitized(reference, settings.ld_alpha)
+    chosen_logratios, rejected_logratios = chosen_policy - chosen_reference, rejected_policy - rejected_reference
+    divergence = settings.f_divergence_type, settings.f_alpha_divergence_coef
+    terms = PairTerms(
+        chosen=f_divergence(chosen_logratios, *divergence), rejected=f_divergence(rejected_logratios, *divergence),
+        policy_margin=chosen_policy - rejected_policy, reference_margin=chosen_reference - rejected_reference,
+        chosen_tokens=policy.chosen_tokens, rejected_tokens=policy.rejected_tokens,
+        chosen_nll=-policy.chosen * (totals.pairs / max(totals.chosen_tokens, 1.0)),
     )
-    loss = per_pair.sum() / totals.pairs
+    pair_weights = wpo_weights(policy) if settings.use_weighting else 1.0
+    types = settings.loss_types
+    loss = torch.zeros((), device=policy.chosen.device)
     metrics = preference_metrics(
-        settings.beta * chosen_logratios, settings.beta * rejected_logratios, policy.chosen, policy.rejected
+        settings.beta * chosen_logratios, settings.beta * rejected_logratios, chosen_policy, rejected_policy
     )
+    for loss_type, weight in zip(types, settings.loss_weights or [1.0] * len(types), strict=True):
+        term = (DPO_LOSSES[loss_type](terms, settings) * pair_weights).sum() / totals.pairs
+        loss = loss + weight * term
+        if len(types) > 1:
+            metrics[f"loss/{loss_type}"] = term.detach()
     if settings.rpo_alpha is not None:
         nll = chosen_nll(policy, totals)
         loss = loss + settings.rpo_alpha * nll
         metrics["nll_loss"] = nll.detach()
     return ObjectiveOutput(loss, metrics)
+
+
+def desensitized(values: PairLogps, ld_alpha: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The answers' log-probs, with LD-DPO's weight `ld_alpha` on the tokens beyond the length both answers
+    share (Liu et al. 2024, arXiv 2409.06411, Eq. 9), for policy and reference alike; the plain sums without."""
+    if ld_alpha is None:
+        return values.chosen, values.rejected
+    return (values.chosen_shared + ld_alpha * (values.chosen - values.chosen_shared),
+            values.rejected_shared + ld_alpha * (values.rejected - values.rejected_shared))
+
+
+def wpo_weights(policy: PairLogps) -> torch.Tensor:
+    """WPO, Zhou et al. 2024 (arXiv 2406.11827), Eq. 2: each pair weighted by the product of its answers'
+    length-normalised probabilities, p(y_t) / sum_v p_v^2 per token (the policy's own sampling), without a
+    gradient."""
+    chosen = torch.exp(policy.chosen_wpo / policy.chosen_tokens.clamp(min=1))
+    rejected = torch.exp(policy.rejected_wpo / policy.rejected_tokens.clamp(min=1))
+    return (chosen * rejected).detach()
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -240,14 +216,64 @@ def reward(policy: PairLogps, reference: PairLogps | None, settings: LossSetting
     return ObjectiveOutput(loss, metrics)
 
 
+def kto(policy: PairLogps, reference: PairLogps, settings: LossSettings, totals: BatchTotals) -> ObjectiveOutput:
+    """KTO, Ethayarajh et al. 2024 (arXiv 2402.01306), Eq. 7, on unpaired rows (the answer in `chosen`, its
+    thumbs up or down in `labels`): a desirable answer's loss is 1 - sigmoid(beta (r - z)), an undesirable
+    one's 1 - sigmoid(beta (z - r)), r = log pi/pi_ref of the answer and z the batch's KL reference point
+    (`totals.kl`); weighted by `desirable_weight` / `undesirable_weight` and averaged over rows. loss_type
+    apo_zero_unpaired is APO-zero's unpaired form (D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 7):
+    1 - sigmoid(beta r) and sigmoid(beta r), without z."""
+    logratios = policy.chosen - reference.chosen
+    desirable = policy.labels
+    if settings.loss_type == "apo_zero_unpaired":
+        losses = torch.where(desirable, 1 - torch.sigmoid(settings.beta * logratios),
+                             torch.sigmoid(settings.beta * logratios))
+    else:
+        losses = torch.where(desirable, 1 - torch.sigmoid(settings.beta * (logratios - totals.kl)),
+                             1 - torch.sigmoid(settings.beta * (totals.kl - logratios)))
+    weights = torch.where(desirable, settings.desirable_weight, settings.undesirable_weight)
+    loss = (weights * losses).sum() / totals.pairs
+    rewards = (settings.beta * logratios).detach()
+    metrics = {"kl": totals.kl.detach() if totals.kl is not None else torch.zeros((), device=loss.device),
+               "rewards/accuracies": torch.where(desirable, rewards > 0, rewards < 0).float().mean()}
+    for name, rows in (("chosen", desirable), ("rejected", ~desirable)):
+        if rows.any():  # TRL logs a group's values only for batches that have it
+            metrics[f"rewards/{name}"] = rewards[rows].mean()
+            metrics[f"logps/{name}"] = policy.chosen[rows].detach().mean()
+    if desirable.any() and not desirable.all():
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return ObjectiveOutput(loss, metrics)
+
+
+def kto_kl(policy: PairLogps, reference: PairLogps, settings: LossSettings) -> torch.Tensor | None:
+    """KTO's KL estimate on a batch (before averaging over processes and clamping at zero): the mean of
+    log pi/pi_ref of each prompt with another row's answer (held in `rejected`), without a gradient."""
+    if settings.loss_type == "apo_zero_unpaired":
+        return None
+    return (policy.rejected - reference.rejected).detach().mean()
+
+
+def _kto_couples_pairs(settings: LossSettings) -> bool:
+    return settings.loss_type != "apo_zero_unpaired"
+
+
+def _dpo_couples_pairs(settings: LossSettings) -> bool:
+    return bool(BATCH_LOSSES & set(settings.loss_types))
+
+
 @dataclass(frozen=True)
 class Objective:
     name: str
     loss_fn: Callable[[PairLogps, PairLogps | None, LossSettings, BatchTotals], ObjectiveOutput]
     needs_reference: bool
-    needs_rejected: bool = True
+    rows: RowUse = "pairs"  # what it trains on (data.formats.RowUse)
     needs_prompt_logps: bool = False
     reward_model: bool = False  # trains a sequence-classification head: one reward per answer, not log-probs
+    # Whether a batch's pairs enter its loss together (KTO's KL estimate, AOT's sorting), so that a batch must be
+    # scored in one forward pass rather than in chunks.
+    couples_pairs: Callable[[LossSettings], bool] = lambda settings: False
+    # KTO: the reference point `totals.kl` estimated on the whole batch (None where the settings use none).
+    reference_point: Callable[[PairLogps, PairLogps, LossSettings], torch.Tensor | None] | None = None
 
     def compute(
         self, policy: PairLogps, reference: PairLogps | None, settings: LossSettings, totals: BatchTotals | None = None
@@ -258,9 +284,11 @@ class Objective:
 
 # One objective per name of config.choices.ALGORITHMS (the tests check they agree).
 OBJECTIVES: dict[Algorithm, Objective] = {
-    "dpo": Objective("dpo", dpo, needs_reference=True),
+    "dpo": Objective("dpo", dpo, needs_reference=True, couples_pairs=_dpo_couples_pairs),
     "orpo": Objective("orpo", orpo, needs_reference=False, needs_prompt_logps=True),
     "simpo": Objective("simpo", simpo, needs_reference=False),
-    "sft": Objective("sft", sft, needs_reference=False, needs_rejected=False),
+    "kto": Objective("kto", kto, needs_reference=True, rows="labelled", couples_pairs=_kto_couples_pairs,
+                     reference_point=kto_kl),
+    "sft": Objective("sft", sft, needs_reference=False, rows="answers"),
     "reward": Objective("reward", reward, needs_reference=False, reward_model=True),
 }

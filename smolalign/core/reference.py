@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from torch import nn
 
 from smolalign.core.layouts import Batch
 from smolalign.core.logprobs import PairLogps, SequenceScorer
-from smolalign.core.scoring import NoGradScorer, PairScoring
+from smolalign.core.scoring import PairScoring, ScorerView
 from smolalign.data.tokenize import TokenizedPair
 from smolalign.locks import exclusive_file_lock
 from smolalign.models.embedded import cache_root
@@ -38,7 +39,7 @@ log = logging.getLogger("smolalign")
 
 
 class Reference(Protocol):
-    """Where a step's reference log-probs come from: a model run on the step's batch (a `NoGradScorer`), or
+    """Where a step's reference log-probs come from: a model run on the step's batch (a `ScorerView`), or
     values precomputed per pair (`PrecomputedReference`)."""
 
     def logps(self, batch: Batch, pairs: list[TokenizedPair]) -> PairLogps:
@@ -46,14 +47,14 @@ class Reference(Protocol):
         ...
 
 
-def adapter_disabled_reference(policy_scorer: nn.Module, peft_model: PeftModel) -> NoGradScorer:
+def adapter_disabled_reference(policy_scorer: nn.Module, peft_model: PeftModel) -> ScorerView:
     """LoRA: the reference is the base model, i.e. the policy with adapters switched off."""
-    return NoGradScorer(policy_scorer, context=peft_model.disable_adapter)
+    return ScorerView(policy_scorer, context=peft_model.disable_adapter)
 
 
-def model_reference(model: nn.Module, chunk_size: int) -> NoGradScorer:
+def model_reference(model: nn.Module, chunk_size: int) -> ScorerView:
     """A separate frozen model as the reference."""
-    return NoGradScorer(SequenceScorer(model, chunk_size=chunk_size))
+    return ScorerView(SequenceScorer(model, chunk_size=chunk_size))
 
 
 def precomputes_reference(config) -> bool:
@@ -64,28 +65,35 @@ def precomputes_reference(config) -> bool:
 
 def reference_source(
     config, *, policy: nn.Module, policy_scorer: nn.Module, tokenizer, dtype: torch.dtype, device: torch.device,
-) -> tuple[NoGradScorer, nn.Module]:
+) -> tuple[ScorerView, nn.Module]:
     """Where reference log-probs come from, and the module whose weights identify them in the cache.
 
     `ref_model` if set; else the initial policy: under LoRA the policy with adapters disabled, for full
     fine-tuning the policy itself when precomputing (before any step), else a frozen copy of it.
     """
     if config.ref_model:
-        model = load_frozen(config.ref_model, dtype=dtype, device=device, tokenizer=tokenizer)
+        model = load_frozen(config.ref_model, dtype=dtype, device=device, tokenizer=tokenizer,
+                            trust_remote_code=config.trust_remote_code)
         return model_reference(model, config.logprob_chunk_size), model
     if isinstance(policy, PeftModel):
         return adapter_disabled_reference(policy_scorer, policy), policy
     if precomputes_reference(config):
-        return NoGradScorer(policy_scorer), policy
+        return ScorerView(policy_scorer), policy
     model = frozen_copy(policy)
     return model_reference(model, config.logprob_chunk_size), model
+
+
+# What the cache keeps per pair: the answers' log-prob sums, and their sums over the shared length (LD-DPO; NaN in
+# files written before smolalign kept them).
+CACHED = ("chosen", "rejected", "chosen_shared", "rejected_shared")
+Cached = tuple[float, float, float, float]
 
 
 class PrecomputedReference:
     """Reference log-probs looked up by pair, from `ReferenceCache.fill`."""
 
-    def __init__(self, by_pair: dict[int, tuple[float, float]]):
-        self.by_pair = by_pair  # pair_key -> (chosen sum, rejected sum)
+    def __init__(self, by_pair: dict[int, Cached]):
+        self.by_pair = by_pair  # pair_key -> the values of CACHED
 
     def logps(self, batch: Batch, pairs: list[TokenizedPair]) -> PairLogps:
         return self.of_pairs(pairs, batch.input_ids.device)
@@ -96,7 +104,8 @@ class PrecomputedReference:
         counts = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids or ())] for p in pairs], dtype=torch.float32,
                               device=device).reshape(-1, 2)
         zeros = torch.zeros(len(pairs), device=device)
-        return PairLogps(values[:, 0], values[:, 1], zeros, counts[:, 0], counts[:, 1], zeros)
+        return PairLogps(values[:, 0], values[:, 1], zeros, counts[:, 0], counts[:, 1], zeros,
+                         chosen_shared=values[:, 2], rejected_shared=values[:, 3])
 
 
 def pair_key(pair: TokenizedPair) -> int:
@@ -128,14 +137,13 @@ SHIPPED_CACHE = Path(__file__).resolve().parents[1] / "bundled" / "reference-log
 IGNORE_SHIPPED = "SMOLALIGN_IGNORE_SHIPPED_REFERENCE"
 
 
-def _read_values(path: Path | None) -> dict[int, tuple[float, float]]:
+def _read_values(path: Path | None) -> dict[int, Cached]:
     if path is None or not path.exists():
         return {}
     tensors = load_file(path)
-    return {
-        int(key): (float(chosen), float(rejected))
-        for key, chosen, rejected in zip(tensors["pair_keys"], tensors["chosen"], tensors["rejected"], strict=True)
-    }
+    nan = torch.full_like(tensors["chosen"], math.nan)
+    columns = [tensors.get(name, nan).tolist() for name in CACHED]
+    return {int(key): tuple(values) for key, *values in zip(tensors["pair_keys"].tolist(), *columns, strict=True)}
 
 
 def precision_key(model: nn.Module) -> str:
@@ -161,11 +169,11 @@ class ReferenceCache:
         # Read-only values that came with the package, if any (none where IGNORE_SHIPPED is set).
         self.shipped = None if os.environ.get(IGNORE_SHIPPED) else SHIPPED_CACHE / name
 
-    def load(self) -> dict[int, tuple[float, float]]:
+    def load(self) -> dict[int, Cached]:
         """Every cached pair: those shipped with the package, then those of this machine's cache."""
         return {**_read_values(self.shipped), **_read_values(self.path)}
 
-    def save(self, values: dict[int, tuple[float, float]]) -> None:
+    def save(self, values: dict[int, Cached]) -> None:
         """Add `values` to the file; pairs another run saved meanwhile are kept."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with exclusive_file_lock(self.path.with_suffix(".lock")):
@@ -174,45 +182,46 @@ class ReferenceCache:
             handle, staging = tempfile.mkstemp(prefix=self.path.stem + ".", suffix=".partial", dir=self.path.parent)
             os.close(handle)
             try:
-                save_file(
-                    {
-                        "pair_keys": torch.tensor(keys, dtype=torch.int64),
-                        "chosen": torch.tensor([values[k][0] for k in keys], dtype=torch.float32),
-                        "rejected": torch.tensor([values[k][1] for k in keys], dtype=torch.float32),
-                    },
-                    staging,
-                )
+                save_file({"pair_keys": torch.tensor(keys, dtype=torch.int64),
+                           **{name: torch.tensor([values[k][i] for k in keys], dtype=torch.float32)
+                              for i, name in enumerate(CACHED)}}, staging)
                 os.replace(staging, self.path)  # atomic: readers see the old or the new file, never half of one
             finally:
                 Path(staging).unlink(missing_ok=True)
 
-    def fill(self, pairs: list[TokenizedPair], score: Callable[[list[TokenizedPair]], PairLogps]) -> PrecomputedReference:
-        """Reference log-probs for `pairs`: cached ones are reused, the others scored and added to the cache."""
+    def fill(self, pairs: list[TokenizedPair], score: Callable[[list[TokenizedPair]], PairLogps], *,
+             shared: bool = False) -> PrecomputedReference:
+        """Reference log-probs for `pairs`: cached ones are reused, the others scored and added to the cache
+        (with `shared`, also those cached without their shared-length sums)."""
         keys = [pair_key(p) for p in pairs]
         shipped = _read_values(self.shipped)
         values = {**shipped, **_read_values(self.path)}
-        missing = {key: pair for key, pair in zip(keys, pairs, strict=True) if key not in values}
+        missing = {key: pair for key, pair in zip(keys, pairs, strict=True)
+                   if key not in values or (shared and math.isnan(values[key][2]))}
         log.info("reference log-probs: %d of %d pairs cached (%d shipped with smolalign, the others in %s), %d to compute",
                  sum(key in values for key in keys), len(pairs), sum(key in shipped for key in keys), self.path.parent,
                  len(missing))
         if missing:
             scored = score(list(missing.values()))
-            new = {key: (chosen, rejected)
-                   for key, chosen, rejected in zip(missing, scored.chosen.tolist(), scored.rejected.tolist(), strict=True)}
+            nan = [math.nan] * len(missing)  # a scorer without the shared-length sums
+            columns = [getattr(scored, name).tolist() if getattr(scored, name) is not None else nan for name in CACHED]
+            new = {key: tuple(row) for key, *row in zip(missing, *columns, strict=True)}
             self.save(new)
             values.update(new)
         return PrecomputedReference(values)
 
 
 def precompute_reference(
-    reference: NoGradScorer,
+    reference: ScorerView,
     reference_weights: nn.Module,
     pairs: list[TokenizedPair],
     scoring: PairScoring,
     *,
     desc: str = "reference log-probs",
+    shared: bool = False,
 ) -> PrecomputedReference:
-    """Reference log-probs of `pairs`, from the cache of `reference_weights` or scored once now."""
+    """Reference log-probs of `pairs`, from the cache of `reference_weights` or scored once now (with `shared`,
+    also their sums over the shared length, for LD-DPO)."""
     return ReferenceCache(reference_weights).fill(
-        pairs, lambda missing: scoring.logps(reference, missing, desc=desc)
+        pairs, lambda missing: scoring.logps(reference, missing, desc=desc), shared=shared
     )

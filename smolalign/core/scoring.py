@@ -25,7 +25,7 @@ log = logging.getLogger("smolalign")
 
 
 @dataclass(frozen=True)
-class NoGradScorer:
+class ScorerView:
     """A scorer run without gradients inside `context`, which puts its model in the state to score in: the
     policy as it is (evaluation, drift), or a PEFT policy's `disable_adapter` (its own reference)."""
 
@@ -66,7 +66,7 @@ class PairScoring:
         for chunk in tqdm(self.chunks(pairs), desc=desc, unit="chunk", disable=desc is None):
             yield chunk, self.batch(chunk, score_ends=score_ends)
 
-    def logps(self, scorer: NoGradScorer, pairs: list[TokenizedPair], *, desc: str | None = None) -> PairLogps:
+    def logps(self, scorer: ScorerView, pairs: list[TokenizedPair], *, desc: str | None = None) -> PairLogps:
         """Per-pair answer log-prob sums and token counts of every pair, in order, on the CPU."""
         return concat_pair_logps([scorer.logps(batch, chunk) for chunk, batch in self.batches(pairs, desc=desc)]).cpu()
 

@@ -1,6 +1,6 @@
 """Which pairs each optimizer step sees: a pure function of (seed, step), so resuming is exact.
 
-Each epoch visits the pairs in a fresh permutation drawn from (seed, epoch). The epoch is cut into
+Each epoch visits the pairs in a fresh permutation drawn from (seed, epoch), or in their order. The epoch is cut into
 micro-batches of `batch_size` pairs (the last may be shorter), or, with token-budget batching, of
 as many pairs as fit in `max_tokens` (never more than `batch_size`), and those into optimizer steps
 of `accumulation` micro-batches (the last step of an epoch may hold fewer), like transformers'
@@ -26,6 +26,7 @@ class StepPlan:
     num_train_epochs: float
     max_steps: int
     seed: int
+    shuffle: bool = True  # a fresh permutation each epoch; False: the pairs in their order (TRL's KTO)
     pair_tokens: tuple[int, ...] | None = None  # needed for token-budget batching
     max_tokens: int | None = None  # token budget of a micro-batch; None = fixed batch_size
     # Each epoch's step count is kept for the whole run, its micro-batches only while its steps run.
@@ -42,6 +43,11 @@ class StepPlan:
             steps += math.ceil(self.steps_in_epoch(int(whole)) * fraction)
         return max(1, steps)
 
+    def every(self, interval: float) -> int:
+        """Steps between two events of an `interval` setting (`save_steps`, ...): a whole number of steps, or
+        below 1 that share of the run's steps rounded up, as transformers reads it."""
+        return math.ceil(interval * self.total_steps) if interval < 1 else int(interval)
+
     def epoch_micro_batches(self, epoch: int) -> list[list[int]]:
         if epoch not in self._epoch_batches:
             self._epoch_batches.clear()
@@ -49,8 +55,10 @@ class StepPlan:
         return self._epoch_batches[epoch]
 
     def _draw_micro_batches(self, epoch: int) -> list[list[int]]:
-        order = torch.randperm(self.num_pairs, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        order = order.tolist()
+        order = list(range(self.num_pairs))
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(self.num_pairs, generator=generator).tolist()
         if self.max_tokens is None:
             return [order[i : i + self.batch_size] for i in range(0, self.num_pairs, self.batch_size)]
         batches: list[list[int]] = []

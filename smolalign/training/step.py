@@ -10,6 +10,7 @@ sizes (`BatchTotals`), so the chunks' gradients add up exactly to the batch's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ def totals_of(pairs: list[TokenizedPair], *, score_prompt: bool) -> BatchTotals:
 class RunResult:
     output: ObjectiveOutput  # loss and metrics of the whole batch, detached
     policy: PairLogps  # per-pair policy values, detached
+    reference: PairLogps | None  # per-pair reference values (None without a reference)
     tokens: int  # prompt + answer tokens, counted as TRL's padded layout feeds them
 
 
@@ -51,6 +53,8 @@ class PairRunner:
     settings: LossSettings
     scoring: PairScoring
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # mixed precision
+    # The mean of a value over the processes (a KTO batch's KL estimate is averaged over all of them).
+    mean_across_processes: Callable[[torch.Tensor], torch.Tensor] = lambda value: value
 
     def run(
         self,
@@ -68,7 +72,8 @@ class PairRunner:
         """
         score_prompt = self.objective.needs_prompt_logps
         totals = totals_of(pairs, score_prompt=score_prompt)
-        chunks = self.scoring.chunks(pairs)
+        # An objective that couples a batch's pairs sees them in one forward pass; others in chunks of the budget.
+        chunks = [pairs] if self.objective.couples_pairs(self.settings) else self.scoring.chunks(pairs)
         policy_parts, reference_parts, tokens = [], [], 0
         for index, chunk in enumerate(chunks):
             batch = self.scoring.batch(chunk, score_prompt=score_prompt, score_ends=self.objective.reward_model)
@@ -79,11 +84,13 @@ class PairRunner:
             if backward is None:
                 with torch.no_grad(), self.autocast():
                     policy = score_batch(self.scorer, batch)
+                    totals = self.with_reference_point(totals, policy, reference)
             else:
                 last = sync_after_last_chunk and index == len(chunks) - 1
                 with contextlib.nullcontext() if last else no_sync():
                     with self.autocast():
                         policy = score_batch(self.scorer, batch)
+                        totals = self.with_reference_point(totals, policy, reference)
                         loss = self.objective.compute(policy, reference, self.settings, totals).loss * loss_scale
                     backward(loss)
             policy_parts.append(policy.detach())
@@ -92,7 +99,17 @@ class PairRunner:
         reference = concat_pair_logps(reference_parts) if self.reference is not None else None
         with torch.no_grad():  # metrics of the whole batch, from the per-pair values of all chunks
             output = self.objective.compute(policy, reference, self.settings, totals)
-        return RunResult(output, policy, tokens)
+        return RunResult(output, policy, reference, tokens)
+
+    def with_reference_point(self, totals: BatchTotals, policy: PairLogps, reference: PairLogps | None) -> BatchTotals:
+        """`totals` with KTO's reference point: the batch's KL estimate averaged over the processes, at least 0
+        (TRL's order: average, then clamp)."""
+        if self.objective.reference_point is None:
+            return totals
+        estimate = self.objective.reference_point(policy, reference, self.settings)
+        if estimate is None:
+            return totals
+        return dataclasses.replace(totals, kl=self.mean_across_processes(estimate).clamp(min=0))
 
 
 @dataclass

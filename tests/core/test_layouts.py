@@ -4,11 +4,13 @@ attention without 4D masks falls back to the padded layout."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
 import torch
 import transformers.integrations.flex_attention
+from conftest import tokenize_hh
 from torch.nn.attention.flex_attention import flex_attention
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -16,17 +18,21 @@ import smolalign.core.logprobs
 from smolalign.config.choices import LAYOUTS
 from smolalign.core.layouts import build_batch, choose_layout
 from smolalign.core.logprobs import RewardScorer, SequenceScorer, score_batch, token_logprobs
-from smolalign.core.losses import OBJECTIVES, LossSettings
+from smolalign.core.losses import OBJECTIVES, BatchTotals, LossSettings
 from smolalign.core.reference import adapter_disabled_reference, model_reference
-from smolalign.data.formats import to_pair
-from smolalign.data.tokenize import TokenizedPair, fit_to_length, tokenize_pairs
+from smolalign.data.tokenize import TokenizedPair, fit_to_length
 from smolalign.models.attention import BLOCK_SPARSE, resolve_attention
 from smolalign.models.loading import add_lora
 
 SETTINGS = {
     "dpo": LossSettings(beta=0.3, rpo_alpha=0.2),
+    # several loss types, LD-DPO's shared lengths and WPO's weights
+    "dpo-options": LossSettings(beta=0.3, loss_type=("sigmoid", "bco_pair", "sigmoid_norm"), loss_weights=(0.8, 0.2, 1.0),
+                                ld_alpha=0.5, use_weighting=True, f_divergence_type="js_divergence"),
+    "dpo-aot": LossSettings(beta=0.3, loss_type=("aot", "sft")),
     "orpo": LossSettings(beta=0.5),
     "simpo": LossSettings(beta=2.0, simpo_gamma=0.5, cpo_alpha=0.3, label_smoothing=0.1),
+    "kto": LossSettings(beta=0.3, loss_type="kto", desirable_weight=1.2),
     "sft": LossSettings(),
     "reward": LossSettings(center_rewards_coefficient=0.01),
 }
@@ -35,7 +41,7 @@ SETTINGS = {
 @pytest.fixture(scope="module")
 def awkward_pairs(hh_rows, tokenizer):
     """Real pairs of very different lengths, answers of one token, and prompts cut by truncation."""
-    real = tokenize_pairs([to_pair(row, i, "hh_rlhf") for i, row in enumerate(hh_rows[300:304])], tokenizer)
+    real = tokenize_hh(hh_rows[300:304], tokenizer)
     truncated = [fit_to_length(p, max_length=60, max_prompt_length=20) for p in real[:2]]
     assert all(p is not None and p.truncated for p in truncated)
     one_token = TokenizedPair(90, real[0].prompt_ids, [tokenizer.eos_token_id], [real[1].chosen_ids[0]])
@@ -43,11 +49,14 @@ def awkward_pairs(hh_rows, tokenizer):
     return [*real, *truncated, one_token, tiny_prompt]
 
 
-def run_objective(model, reference_model, pairs, layout, algorithm, pad_token_id, device="cpu"):
-    objective = OBJECTIVES[algorithm]
-    scorer = (RewardScorer if objective.reward_model else SequenceScorer)(model, chunk_size=16)
-    if objective.needs_rejected:
+def run_objective(model, reference_model, pairs, layout, case, pad_token_id, device="cpu"):
+    objective, settings = OBJECTIVES[case.split("-")[0]], SETTINGS[case]
+    scorer = (RewardScorer(model, chunk_size=16) if objective.reward_model else
+              SequenceScorer(model, chunk_size=16, square_mass=settings.use_weighting))
+    if objective.rows == "pairs":
         batch_pairs = pairs
+    elif objective.rows == "labelled":  # each row's rejected answer stands for another row's (the KL rows)
+        batch_pairs = [dataclasses.replace(p, label=i % 2 == 0) for i, p in enumerate(pairs)]
     else:
         batch_pairs = [TokenizedPair(p.index, p.prompt_ids, p.chosen_ids, None) for p in pairs]
     batch = build_batch(batch_pairs, layout, pad_token_id=pad_token_id, score_prompt=objective.needs_prompt_logps,
@@ -58,18 +67,26 @@ def run_objective(model, reference_model, pairs, layout, algorithm, pad_token_id
                   else model_reference(reference_model, chunk_size=16))
         reference = source.logps(batch, batch_pairs)
     model.zero_grad()
-    out = objective.compute(score_batch(scorer, batch), reference, SETTINGS[algorithm])
+    policy = score_batch(scorer, batch)
+    totals = BatchTotals.of(policy)
+    if objective.reference_point is not None:
+        totals = dataclasses.replace(totals, kl=objective.reference_point(policy, reference, settings).clamp(min=0))
+    out = objective.compute(policy, reference, settings, totals)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads
 
 
+def test_every_objective_is_checked_in_every_layout():
+    assert {case.split("-")[0] for case in SETTINGS} == set(OBJECTIVES)
+
+
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("algorithm", list(OBJECTIVES))
-def test_every_layout_matches_padded(tiny_model, tokenizer, awkward_pairs, algorithm, use_lora, device):
+@pytest.mark.parametrize("case", list(SETTINGS))
+def test_every_layout_matches_padded(tiny_model, tokenizer, awkward_pairs, case, use_lora, device):
     torch.manual_seed(0)
     attention = {"attn_implementation": resolve_attention("auto", device)}  # FlexAttention on CUDA
-    if OBJECTIVES[algorithm].reward_model:  # a one-output head on the same backbone (random, seeded)
+    if OBJECTIVES[case.split("-")[0]].reward_model:  # a one-output head on the same backbone (random, seeded)
         model = AutoModelForSequenceClassification.from_pretrained(tiny_model(0), num_labels=1, **attention)
     else:
         model = AutoModelForCausalLM.from_pretrained(tiny_model(0), **attention)
@@ -84,7 +101,7 @@ def test_every_layout_matches_padded(tiny_model, tokenizer, awkward_pairs, algor
     else:
         reference_model = AutoModelForCausalLM.from_pretrained(tiny_model(1), **attention).to(device)
 
-    results = {layout: run_objective(model, reference_model, awkward_pairs, layout, algorithm, tokenizer.pad_token_id,
+    results = {layout: run_objective(model, reference_model, awkward_pairs, layout, case, tokenizer.pad_token_id,
                                      device)
                for layout in LAYOUTS}
     padded_out, padded_grads = results["padded"]
@@ -131,8 +148,8 @@ def test_chunked_logprobs_match_log_softmax_with_gradients(monkeypatch, keep_sof
     bias = torch.randn(50, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 50, (37,))
     expected = torch.log_softmax(hidden @ weight.T + bias, dim=-1)[torch.arange(37), targets]
-    assert torch.allclose(token_logprobs(hidden, weight, bias, targets, 8), expected)
-    assert torch.autograd.gradcheck(lambda h, w, b: token_logprobs(h, w, b, targets, 8), (hidden, weight, bias))
+    assert torch.allclose(token_logprobs(hidden, weight, bias, targets, 8)[0], expected)
+    assert torch.autograd.gradcheck(lambda h, w, b: token_logprobs(h, w, b, targets, 8)[0], (hidden, weight, bias))
 
 
 def test_reward_scores_sit_on_the_last_non_padding_token():

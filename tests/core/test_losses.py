@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from smolalign.config.train import load_config
+from smolalign.core.dpo_losses import DPO_LOSSES
 from smolalign.core.logprobs import PairLogps
-from smolalign.core.losses import DPO_LOSSES, OBJECTIVES, LossSettings, log1mexp
+from smolalign.core.losses import OBJECTIVES, BatchTotals, LossSettings, log1mexp
 
 BETA = 0.1
 
@@ -93,7 +94,24 @@ def _nca_pair(chosen, rejected, chosen_tokens, rejected_tokens, beta, eps):
     return -logsigmoid(beta * chosen) - 0.5 * logsigmoid(-beta * chosen) - 0.5 * logsigmoid(-beta * rejected)
 
 
+def _exo_pair(chosen, rejected, chosen_tokens, rejected_tokens, beta, eps):
+    # EXO (Ji et al. 2024, Eq. 16): KL of (s(z), s(-z)) from (1 - eps, eps), z = beta * margin
+    z = beta * (chosen - rejected)
+    return sigmoid(z) * (logsigmoid(z) - math.log(1 - eps)) + sigmoid(-z) * (logsigmoid(-z) - math.log(eps))
+
+
+def _discopop(chosen, rejected, chosen_tokens, rejected_tokens, beta, eps, tau=0.05):
+    # DiscoPOP (Lu et al. 2024, Eq. 5): (1 - s(z/tau)) * -log s(z) + s(z/tau) * exp(-z)
+    z = beta * (chosen - rejected)
+    mix = sigmoid(z / tau)
+    return (1 - mix) * -logsigmoid(z) + mix * math.exp(-z)
+
+
 EXPECTED_PER_PAIR = {
+    "exo_pair": _exo_pair,
+    "discopop": _discopop,
+    # length-normalised DPO: -log s(beta * (h_w/|y_w| - h_l/|y_l|))
+    "sigmoid_norm": lambda c, r, ct, rt, beta, eps: -logsigmoid(beta * (c / ct - r / rt)),
     # DPO (Rafailov et al. 2023, Eq. 7): -log sigmoid(beta * (h_w - h_l))
     "sigmoid": lambda c, r, ct, rt, beta, eps: -logsigmoid(beta * (c - r)),
     # SLiC-HF hinge (Zhao et al. 2023, Eq. 3, delta = 1/beta): max(0, 1 - beta * (h_w - h_l))
@@ -134,12 +152,13 @@ def expected_dpo_metrics(beta: float = BETA) -> dict[str, float]:
 def test_dpo_losses_registry_matches_config_choices():
     from smolalign.config.choices import DPO_LOSS_TYPES
 
-    assert set(DPO_LOSSES) == set(EXPECTED_PER_PAIR) == set(DPO_LOSS_TYPES)
+    batch_level = {"aot", "aot_unpaired", "sft"}  # checked below: not a function of one pair
+    assert set(DPO_LOSSES) == set(EXPECTED_PER_PAIR) | batch_level == set(DPO_LOSS_TYPES)
 
 
 @pytest.mark.parametrize("loss_type", sorted(EXPECTED_PER_PAIR))
 def test_dpo_loss_types_match_hand_computation(loss_type):
-    label_smoothing = 0.1 if loss_type == "robust" else 0.0
+    label_smoothing = {"robust": 0.1, "exo_pair": 0.01}.get(loss_type, 0.0)
     settings = LossSettings(beta=BETA, loss_type=loss_type, label_smoothing=label_smoothing)
     out = OBJECTIVES["dpo"].compute(pair_logps(POLICY), pair_logps(REFERENCE), settings)
 
@@ -154,6 +173,82 @@ def test_dpo_loss_types_match_hand_computation(loss_type):
     assert_metrics(out.metrics, expected_dpo_metrics())
     assert out.metrics["rewards/accuracies"].item() == approx(2 / 3)
     assert "nll_loss" not in out.metrics  # only with rpo_alpha
+
+
+def test_aot_matches_its_rank_matched_hand_computation():
+    # AOT (Melnyk et al. 2024): sort the batch's policy margins and reference margins (paired), or its chosen and
+    # rejected log-ratios (unpaired), and apply the smoothed logistic loss rank by rank.
+    eps = 0.1
+
+    def smoothed(x):
+        return -(1 - eps) * logsigmoid(BETA * x) - eps * logsigmoid(-BETA * x)
+
+    policy_margins = sorted(c - r for c, r in zip(POLICY["chosen"], POLICY["rejected"], strict=True))
+    reference_margins = sorted(c - r for c, r in zip(REFERENCE["chosen"], REFERENCE["rejected"], strict=True))
+    paired = mean(smoothed(a - b) for a, b in zip(policy_margins, reference_margins, strict=True))
+    unpaired = mean(smoothed(c - r) for c, r in zip(sorted(CHOSEN_LOGRATIOS), sorted(REJECTED_LOGRATIOS), strict=True))
+    for loss_type, expected in (("aot", paired), ("aot_unpaired", unpaired)):
+        settings = LossSettings(beta=BETA, loss_type=loss_type, label_smoothing=eps)
+        out = OBJECTIVES["dpo"].compute(pair_logps(POLICY), pair_logps(REFERENCE), settings)
+        assert out.loss.item() == approx(expected), loss_type
+
+
+def test_several_loss_types_sum_their_weighted_means_and_log_each():
+    # MPO (Wang et al. 2024): 0.8 sigmoid + 0.2 bco_pair + 1.0 sft, each a batch mean
+    settings = LossSettings(beta=BETA, loss_type=("sigmoid", "bco_pair", "sft"), loss_weights=(0.8, 0.2, 1.0))
+    out = OBJECTIVES["dpo"].compute(pair_logps(POLICY), pair_logps(REFERENCE), settings)
+    ratios = list(zip(CHOSEN_LOGRATIOS, REJECTED_LOGRATIOS, strict=True))
+    sigmoid_term = mean(-logsigmoid(BETA * (c - r)) for c, r in ratios)
+    bco_term = mean(-logsigmoid(BETA * c) - logsigmoid(-BETA * r) for c, r in ratios)
+    sft_term = -sum(POLICY["chosen"]) / sum(POLICY["chosen_tokens"])  # token mean over the batch
+    assert out.loss.item() == approx(0.8 * sigmoid_term + 0.2 * bco_term + sft_term)
+    assert_metrics(out.metrics, {"loss/sigmoid": sigmoid_term, "loss/bco_pair": bco_term, "loss/sft": sft_term})
+
+
+@pytest.mark.parametrize(("kind", "score"), [
+    ("forward_kl", lambda u: 1 - math.exp(-u)),
+    ("js_divergence", lambda u: math.log(2) + logsigmoid(u)),
+    ("alpha_divergence", lambda u: (math.exp(-0.7 * u) - 1) / -0.7),  # alpha 0.3
+])
+def test_f_divergences_reshape_the_log_ratios(kind, score):
+    # Wang et al. 2023, Table 1: f'(pi/pi_ref) in place of the log-ratio; the rewards stay beta * log-ratio
+    settings = LossSettings(beta=BETA, f_divergence_type=kind, f_alpha_divergence_coef=0.3)
+    out = OBJECTIVES["dpo"].compute(pair_logps(POLICY), pair_logps(REFERENCE), settings)
+    expected = mean(-logsigmoid(BETA * (score(c) - score(r)))
+                    for c, r in zip(CHOSEN_LOGRATIOS, REJECTED_LOGRATIOS, strict=True))
+    assert out.loss.item() == approx(expected)
+    assert_metrics(out.metrics, expected_dpo_metrics())
+
+
+def test_ld_dpo_weights_the_tokens_beyond_the_shared_length():
+    # LD-DPO (Liu et al. 2024, Eq. 9): shared part + alpha * the rest, for policy and reference
+    alpha = 0.25
+    shared = {"chosen_shared": [-8.0, -20.0, -7.5], "rejected_shared": [-10.0, -14.0, -10.0]}
+    reference_shared = {"chosen_shared": [-9.0, -21.0, -8.0], "rejected_shared": [-8.0, -15.0, -9.0]}
+    policy, reference = pair_logps({**POLICY, **shared}), pair_logps({**REFERENCE, **reference_shared})
+
+    def weighted(values, shared_values, part):
+        return [s + alpha * (v - s) for v, s in zip(values[part], shared_values[f"{part}_shared"], strict=True)]
+
+    chosen = [p - r for p, r in zip(weighted(POLICY, shared, "chosen"), weighted(REFERENCE, reference_shared, "chosen"),
+                                    strict=True)]
+    rejected = [p - r for p, r in zip(weighted(POLICY, shared, "rejected"),
+                                      weighted(REFERENCE, reference_shared, "rejected"), strict=True)]
+    out = OBJECTIVES["dpo"].compute(policy, reference, LossSettings(beta=BETA, ld_alpha=alpha))
+    assert out.loss.item() == approx(mean(-logsigmoid(BETA * (c - r)) for c, r in zip(chosen, rejected, strict=True)))
+    assert out.metrics["logps/chosen"].item() == approx(mean(weighted(POLICY, shared, "chosen")))
+
+
+def test_wpo_weights_each_pair_by_its_answers_normalised_probability():
+    # WPO (Zhou et al. 2024, Eq. 2): w(y) = exp(mean over tokens of log p - log sum p^2); pair weight w(y_w) w(y_l)
+    wpo = {"chosen_wpo": [-2.0, -5.0, -1.5], "rejected_wpo": [-6.0, -3.5, -2.5]}
+    policy = pair_logps({**POLICY, **wpo})
+    out = OBJECTIVES["dpo"].compute(policy, pair_logps(REFERENCE), LossSettings(beta=BETA, use_weighting=True))
+    weights = [math.exp(c / ct) * math.exp(r / rt) for c, r, ct, rt in zip(
+        wpo["chosen_wpo"], wpo["rejected_wpo"], POLICY["chosen_tokens"], POLICY["rejected_tokens"], strict=True)]
+    expected = mean(w * -logsigmoid(BETA * (c - r))
+                    for w, c, r in zip(weights, CHOSEN_LOGRATIOS, REJECTED_LOGRATIOS, strict=True))
+    assert out.loss.item() == approx(expected)
 
 
 def test_hinge_is_zero_for_a_well_separated_pair():
@@ -379,7 +474,8 @@ def test_sft_is_token_averaged_chosen_nll():
 # -- gradients and the registry ------------------------------------------------------------------
 
 
-CASES = [("dpo", LossSettings(loss_type=t, label_smoothing=0.2 if t == "robust" else 0.0)) for t in DPO_LOSSES]
+CASES = [("dpo", LossSettings(loss_type=t, label_smoothing=0.2 if t in ("robust", "exo_pair") else 0.0))
+         for t in DPO_LOSSES]
 CASES += [
     ("dpo", LossSettings(rpo_alpha=1.0)),
     ("orpo", LossSettings()),
@@ -399,7 +495,7 @@ def test_objectives_are_differentiable(name, settings):
     out = OBJECTIVES[name].compute(policy, reference, settings)
     assert out.loss.requires_grad
     out.loss.backward()
-    grads = [policy.chosen.grad] + ([] if name == "sft" else [policy.rejected.grad])
+    grads = [policy.chosen.grad] + ([] if name == "sft" or settings.loss_type == "sft" else [policy.rejected.grad])
     for grad in grads:
         assert grad is not None and torch.isfinite(grad).all()
     assert policy.chosen.grad.abs().sum() > 0
@@ -416,13 +512,76 @@ def test_orpo_gradient_reaches_the_prompt_logps():
 
 
 def test_objectives_registry_declares_what_each_needs():
-    assert set(OBJECTIVES) == {"dpo", "orpo", "simpo", "sft", "reward"}
+    from smolalign.config.choices import ALGORITHMS
+
+    assert set(OBJECTIVES) == set(ALGORITHMS)
+    rows = {"sft": "answers", "kto": "labelled"}
     for name, objective in OBJECTIVES.items():
         assert objective.name == name
-        assert objective.needs_reference == (name == "dpo"), name
+        assert objective.needs_reference == (name in ("dpo", "kto")), name
         assert objective.needs_prompt_logps == (name == "orpo"), name
-        assert objective.needs_rejected == (name != "sft"), name
+        assert objective.rows == rows.get(name, "pairs"), name
         assert objective.reward_model == (name == "reward"), name
+        assert (objective.reference_point is not None) == (name == "kto"), name
+    assert OBJECTIVES["dpo"].couples_pairs(LossSettings(loss_type=("sigmoid", "aot")))
+    assert not OBJECTIVES["dpo"].couples_pairs(LossSettings(loss_type="sigmoid"))
+    assert OBJECTIVES["kto"].couples_pairs(LossSettings(loss_type="kto"))
+    assert not OBJECTIVES["kto"].couples_pairs(LossSettings(loss_type="apo_zero_unpaired"))
+
+
+# -- KTO --------------------------------------------------------------------------------------------
+
+# Four unpaired rows: answer log-probs under policy and reference, the KL rows' (another row's answer), labels.
+KTO_POLICY = {"chosen": [-10.0, -12.0, -8.0, -20.0], "rejected": [-15.0, -14.0, -9.0, -30.0],
+              "prompt": [0.0] * 4, "chosen_tokens": [4.0, 5.0, 3.0, 8.0], "rejected_tokens": [6.0, 5.0, 3.0, 9.0],
+              "prompt_tokens": [0.0] * 4}
+KTO_REFERENCE = dict(KTO_POLICY, chosen=[-11.0, -11.0, -8.5, -19.0], rejected=[-16.0, -13.5, -9.5, -30.5])
+LABELS = [True, False, True, False]
+
+
+def kto_logps(values: dict) -> PairLogps:
+    logps = pair_logps(values)
+    logps.labels = torch.tensor(LABELS)
+    return logps
+
+
+@pytest.mark.parametrize(("weights", "loss_type"), [((1.0, 1.0), "kto"), ((1.3, 0.7), "kto"),
+                                                    ((1.0, 1.0), "apo_zero_unpaired")])
+def test_kto_matches_hand_computation(weights, loss_type):
+    # KTO (Ethayarajh et al. 2024, Eq. 7): z = max(0, mean KL-row log-ratio); desirable 1 - s(beta (r - z)),
+    # undesirable 1 - s(beta (z - r)); weighted, then averaged over rows. APO-zero unpaired: no z.
+    beta = 0.4
+    ratios = [p - r for p, r in zip(KTO_POLICY["chosen"], KTO_REFERENCE["chosen"], strict=True)]
+    z = max(0.0, mean(p - r for p, r in zip(KTO_POLICY["rejected"], KTO_REFERENCE["rejected"], strict=True)))
+    if loss_type == "kto":
+        losses = [1 - sigmoid(beta * (u - z)) if good else 1 - sigmoid(beta * (z - u)) for u, good in zip(ratios, LABELS,
+                                                                                                          strict=True)]
+    else:
+        losses = [1 - sigmoid(beta * u) if good else sigmoid(beta * u) for u, good in zip(ratios, LABELS, strict=True)]
+    weighted = [(weights[0] if good else weights[1]) * loss for loss, good in zip(losses, LABELS, strict=True)]
+    settings = LossSettings(beta=beta, loss_type=loss_type, desirable_weight=weights[0], undesirable_weight=weights[1])
+    policy, reference = kto_logps(KTO_POLICY), kto_logps(KTO_REFERENCE)
+    estimate = OBJECTIVES["kto"].reference_point(policy, reference, settings)
+    totals = BatchTotals(4, 20.0, 0.0, kl=None if estimate is None else estimate.clamp(min=0))
+    out = OBJECTIVES["kto"].compute(policy, reference, settings, totals)
+    assert out.loss.item() == approx(mean(weighted))
+    assert_metrics(out.metrics, {
+        "kl": z if loss_type == "kto" else 0.0,
+        "rewards/chosen": mean(beta * u for u, good in zip(ratios, LABELS, strict=True) if good),
+        "rewards/rejected": mean(beta * u for u, good in zip(ratios, LABELS, strict=True) if not good),
+        "logps/chosen": mean(p for p, good in zip(KTO_POLICY["chosen"], LABELS, strict=True) if good),
+        "rewards/accuracies": mean(1.0 if (u > 0 if good else u < 0) else 0.0
+                                   for u, good in zip(ratios, LABELS, strict=True)),
+    })
+
+
+def test_kto_logs_a_group_only_where_the_batch_has_it():
+    policy, reference = kto_logps(KTO_POLICY), kto_logps(KTO_REFERENCE)
+    policy.labels = torch.tensor([True] * 4)
+    out = OBJECTIVES["kto"].compute(policy, reference, LossSettings(loss_type="kto"),
+                                    BatchTotals(4, 20.0, 0.0, kl=torch.tensor(0.0)))
+    assert "rewards/chosen" in out.metrics and "rewards/rejected" not in out.metrics
+    assert "rewards/margins" not in out.metrics
 
 
 @pytest.mark.parametrize("algorithm", ["dpo", "orpo", "simpo", "sft"])
@@ -457,5 +616,7 @@ def test_loss_settings_from_config_reads_trl_names():
     config = load_config(None, {"algorithm": "simpo", "beta": 2.5, "simpo_gamma": 0.3, "cpo_alpha": 1.0,
                                 "label_smoothing": 0.1})
     assert LossSettings.from_config(config) == LossSettings(
-        beta=2.5, loss_type="sigmoid", label_smoothing=0.1, rpo_alpha=None, simpo_gamma=0.3, cpo_alpha=1.0
+        beta=2.5, loss_type=None, label_smoothing=0.1, rpo_alpha=None, simpo_gamma=0.3, cpo_alpha=1.0
     )
+    mpo = load_config(None, {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]})
+    assert LossSettings.from_config(mpo).loss_types == ("sigmoid", "sft")

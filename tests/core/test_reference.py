@@ -14,7 +14,7 @@ from smolalign.cli import main
 from smolalign.config.train import load_config
 from smolalign.core.logprobs import PairLogps
 from smolalign.core.scoring import PairScoring
-from smolalign.training.loop import train
+from smolalign.training.loop import run_training
 
 
 def test_precomputed_reference_matches_a_frozen_copy_and_is_cached(tmp_path, tiny_model, pairs_file, monkeypatch):
@@ -23,7 +23,7 @@ def test_precomputed_reference_matches_a_frozen_copy_and_is_cached(tmp_path, tin
     monkeypatch.setenv("SMOLALIGN_REFERENCE_CACHE", str(tmp_path / "cache"))
 
     def run(name, **extra):
-        final = train(load_config(None, {**settings, **extra, "output_dir": str(tmp_path / name)}))
+        final = run_training(load_config(None, {**settings, **extra, "output_dir": str(tmp_path / name)}))
         return load_file(final / "model.safetensors"), read_jsonl(tmp_path / name / "metrics.jsonl")
 
     inline_weights, inline_metrics = run("inline", precompute_ref_log_probs=False)
@@ -54,7 +54,7 @@ def test_lora_precomputes_the_reference_of_its_base_model(tmp_path, tiny_model, 
     monkeypatch.setenv("SMOLALIGN_REFERENCE_CACHE", str(tmp_path / "cache"))
 
     def run(name, **extra):
-        final = train(load_config(None, {**settings, **extra, "output_dir": str(tmp_path / name)}))
+        final = run_training(load_config(None, {**settings, **extra, "output_dir": str(tmp_path / name)}))
         return load_file(final / "adapter_model.safetensors"), read_jsonl(tmp_path / name / "metrics.jsonl")
 
     per_step_weights, per_step_metrics = run("per-step", precompute_ref_log_probs=False)
@@ -101,8 +101,8 @@ def test_reference_cache_is_kept_apart_per_precision_and_merges_concurrent_write
     # Two runs that started with an empty cache, each scoring its own tokenized_pairs, save one after the other.
     fresh = tmp_path / "shared"
     first, second = (smolalign.core.reference.ReferenceCache(model, fresh) for _ in range(2))
-    first_values = {smolalign.core.reference.pair_key(p): (1.0, 2.0) for p in tokenized_pairs[:3]}
-    second_values = {smolalign.core.reference.pair_key(p): (3.0, 4.0) for p in tokenized_pairs[3:]}
+    first_values = {smolalign.core.reference.pair_key(p): (1.0, 2.0, 0.5, 1.5) for p in tokenized_pairs[:3]}
+    second_values = {smolalign.core.reference.pair_key(p): (3.0, 4.0, 2.5, 3.5) for p in tokenized_pairs[3:]}
     first.save(first_values)
     second.save(second_values)
     assert first.load() == {**first_values, **second_values}
@@ -123,7 +123,7 @@ def test_eval_reuses_the_reference_cache_of_training(tmp_path, tiny_model, pairs
                                                      reference_cache_saves):
     monkeypatch.setenv("SMOLALIGN_REFERENCE_CACHE", str(tmp_path / "cache"))
     policy, reference = tiny_model(0), tiny_model(1)
-    train(load_config(None, {"model": str(policy), "ref_model": str(reference), "dataset": str(pairs_file),
+    run_training(load_config(None, {"model": str(policy), "ref_model": str(reference), "dataset": str(pairs_file),
                              "eval_dataset": str(pairs_file), "max_steps": 1, "precompute_ref_log_probs": True,
                              "output_dir": str(tmp_path / "run")}))
     reference_cache_saves.clear()

@@ -7,7 +7,7 @@ import pytest
 
 from smolalign.config.train import load_config
 from smolalign.core.layouts import block_tokens
-from smolalign.training.loop import train
+from smolalign.training.loop import run_training
 from smolalign.training.plan import StepPlan
 
 
@@ -57,7 +57,7 @@ def test_every_process_gets_pairs_even_from_a_short_micro_batch(max_tokens):
 
 
 def test_training_with_a_token_budget(tmp_path, tiny_model, pairs_file):
-    final = train(load_config(None, {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_steps": 2,
+    final = run_training(load_config(None, {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_steps": 2,
                                      "max_tokens_per_batch": 300, "per_device_train_batch_size": 8,
                                      "output_dir": str(tmp_path / "run")}))
     assert final.exists()
