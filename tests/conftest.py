@@ -15,6 +15,7 @@ if "SMOLALIGN_CACHE" not in os.environ:  # a fresh cache per session: reference 
     os.environ["SMOLALIGN_CACHE"] = tempfile.mkdtemp(prefix="smolalign-test-cache-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("SMOLALIGN_CPU_BF16", "0")  # float32 on every CPU, as golden numbers need; bf16 tests set it
 
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -95,13 +96,20 @@ def pairs_file(tmp_path_factory, hh_rows) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", hh_rows[100:116])
 
 
+def tokenize_hh(rows: list[dict], tokenizer):
+    """HH-RLHF rows as tokenized pairs (index = position in `rows`), through the chat template."""
+    from smolalign.data.columns import map_columns
+    from smolalign.data.formats import RowFormat, to_pair
+    from smolalign.data.tokenize import tokenize_pairs
+
+    hh_rlhf = RowFormat("hh_rlhf", map_columns(["chosen", "rejected"]))
+    return tokenize_pairs([to_pair(row, i, hh_rlhf) for i, row in enumerate(rows)], tokenizer)
+
+
 @pytest.fixture(scope="session")
 def tokenized_pairs(hh_rows, tokenizer):
     """6 HH-RLHF pairs (rows 500-505) tokenized with the real tokenizer's chat template."""
-    from smolalign.data.formats import to_pair
-    from smolalign.data.tokenize import tokenize_pairs
-
-    return tokenize_pairs([to_pair(row, i, "hh_rlhf") for i, row in enumerate(hh_rows[500:506])], tokenizer)
+    return tokenize_hh(hh_rows[500:506], tokenizer)
 
 
 @pytest.fixture(scope="session")

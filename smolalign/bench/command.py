@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
 from smolalign.bench.flops import matmul_peak_flops, training_flops
@@ -46,6 +47,7 @@ from smolalign.data.sources import bundled_dataset
 from smolalign.data.tokenize import TokenizedPair
 from smolalign.errors import UserError
 from smolalign.models.loading import load_tokenizer, model_source, resolve_device
+from smolalign.models.precision import resolve_precision
 from smolalign.report.plots import plot_growth
 
 
@@ -115,16 +117,18 @@ def worker_environment(run_dir: Path) -> dict[str, str]:
 
 def _wait(process: subprocess.Popen, memory_limit_gb: float | None):
     """Wait for `process` (its exit status and resource usage); with a limit, poll its resident memory
-    (from /proc) and kill it when it passes. Returns whether it was stopped."""
-    status_file = Path(f"/proc/{process.pid}/status")
-    if memory_limit_gb is None or not status_file.exists():
+    (psutil) and kill it when it passes. Returns whether it was stopped."""
+    if memory_limit_gb is None:
         return (*os.wait4(process.pid, 0)[1:], False)
+    watched = psutil.Process(process.pid)
     while True:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             return status, usage, False
-        rss = next((int(line.split()[1]) * 1024 for line in status_file.read_text().splitlines()
-                    if line.startswith("VmRSS:")), 0)
+        try:
+            rss = watched.memory_info().rss
+        except psutil.Error:  # exited between the two calls
+            continue
         if rss > memory_limit_gb * 1e9:
             process.kill()
             return (*os.wait4(process.pid, 0)[1:], True)
@@ -161,7 +165,8 @@ def bench(config: BenchConfig) -> dict:
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results: list[BenchResult] = []
-    peaks: list[float] = []
+    precision = resolve_precision(config.dtype, device, lora=config.lora)[1]  # what every framework trains in
+    peaks: dict[str, list[float]] = {"float32": [], "bfloat16": []}
     with tempfile.TemporaryDirectory(prefix="smolalign-bench-") as scratch:
         workdir = Path(scratch)
         if config.model_config:
@@ -176,10 +181,11 @@ def bench(config: BenchConfig) -> dict:
             for algorithm, framework in itertools.product(config.algorithm, frameworks):
                 flops = training_flops(architecture, job.pairs, algorithm=algorithm, framework=framework,
                                        lora=config.lora)
-                results.append(measure(config, job, algorithm, framework, model, flops, device, workdir, peaks))
+                results.append(measure(config, job, algorithm, framework, model, flops, device, workdir, peaks,
+                                       precision))
     if all(r.failure for r in results):
         raise UserError(f"the {results[0].framework} run failed: {results[0].failure}")
-    report = summarise(results, max(peaks), config, device)
+    report = summarise(results, {name: max(values) for name, values in peaks.items()}, precision, config, device)
     (output_dir / "bench.json").write_text(json.dumps(report, indent=2))
     (output_dir / "bench.md").write_text(report["markdown"])
     plot_growth(report["rows"], output_dir / "growth.png")
@@ -197,12 +203,12 @@ def prepare_job(config: BenchConfig, tokenizer, data: Path, max_length: int, bat
 
 
 def measure(config: BenchConfig, job: Job, algorithm: str, framework: str, model: str, flops: float,
-            device: torch.device, workdir: Path, peaks: list[float]) -> BenchResult:
+            device: torch.device, workdir: Path, peaks: dict[str, list[float]], precision: str) -> BenchResult:
     """The fastest of `repeats` runs of one framework on one job (memory: the highest peak seen), or the
-    first failed run."""
+    first failed run. Before each run, the machine's float32 and bf16 matmul peaks are measured again."""
     spec = {"framework": framework, "algorithm": algorithm, "model": model, "dataset": str(job.data),
             "steps": config.steps, "batch_size": job.batch_size, "max_length": job.max_length,
-            "device": device.type, "lora": config.lora,
+            "device": device.type, "lora": config.lora, "dtype": config.dtype, "precision": precision,
             "keep_freed_memory": framework == "smolalign" or config.trl_keep_freed_memory}
     logs = Path(config.output_dir) / "logs"
     logs.mkdir(exist_ok=True)
@@ -211,7 +217,8 @@ def measure(config: BenchConfig, job: Job, algorithm: str, framework: str, model
         name = f"{algorithm}-{job.max_length}-{job.batch_size}-{framework}-{repeat}"
         print(f"running {algorithm} with {framework}, max_length {job.max_length}, {job.batch_size} pairs per step "
               f"({repeat + 1}/{config.repeats}) ...", flush=True)
-        peaks.append(matmul_peak_flops(device, torch.bfloat16 if device.type == "cuda" else torch.float32))
+        for dtype_name, values in peaks.items():
+            values.append(matmul_peak_flops(device, getattr(torch, dtype_name)))
         try:
             result, seconds, peak_rss = run_framework(spec, workdir / name, config.memory_limit_gb)
         except UserError as failure:

@@ -68,10 +68,17 @@ def versions() -> dict[str, str]:
     return found
 
 
-def summarise(results: list[BenchResult], peak: float, config: BenchConfig, device: torch.device) -> dict:
-    """bench.json's content: a row per run, the ratios to the baselines, and the markdown tables."""
+PRECISIONS = {"bf16": "bf16 autocast", "fp16": "fp16 autocast", "no": "float32"}
+PEAK_OF = {"bf16": "bfloat16", "fp16": "bfloat16", "no": "float32"}  # the matmul peak a precision is measured on
+
+
+def summarise(results: list[BenchResult], peaks: dict[str, float], precision: str, config: BenchConfig,
+              device: torch.device) -> dict:
+    """bench.json's content: a row per run, the ratios to the baselines, and the markdown tables. Model FLOP
+    utilisation is measured against the matmul peak of the precision every framework trained in."""
     memory = "peak CUDA memory" if device.type == "cuda" else "peak RSS"
-    lines = [_heading(results, peak, config, device), "",
+    peak = peaks[PEAK_OF[precision]]
+    lines = [_heading(results, peaks, precision, config, device), "",
              f"| algorithm | max_length | pairs/step | framework | whole process (s) | s/step | tokens/s | "
              f"{memory} (GB) | MFU |", "|---|---|---|---|---|---|---|---|---|"]
     rows = [_row(r, peak) for r in results]
@@ -90,7 +97,7 @@ def summarise(results: list[BenchResult], peak: float, config: BenchConfig, devi
                      f"**{ratio['speedup_tokens_per_second']:.2f}x** | **{ratio['memory_ratio']:.2f}x** | |")
     lines += growth_table(results, memory)
     lines += ["", "versions: " + ", ".join(f"{name} {version}" for name, version in versions().items())]
-    return {"matmul_peak_flops": peak, "rows": rows, "ratios": ratios, "markdown": "\n".join(lines) + "\n",
+    return {"matmul_peak_flops": peaks, "precision": PRECISIONS[precision], "rows": rows, "ratios": ratios, "markdown": "\n".join(lines) + "\n",
             "settings": {"steps": config.steps, "batch_size": config.batch_size, "max_length": config.max_length,
                          "fill": config.fill, "repeats": config.repeats,
                          "trl_keep_freed_memory": config.trl_keep_freed_memory, "model": config.model or "embedded",
@@ -100,19 +107,18 @@ def summarise(results: list[BenchResult], peak: float, config: BenchConfig, devi
                          "versions": versions()}}
 
 
-def _heading(results: list[BenchResult], peak: float, config: BenchConfig, device: torch.device) -> str:
+def _heading(results: list[BenchResult], peaks: dict[str, float], precision: str, config: BenchConfig,
+             device: torch.device) -> str:
     trl_kept = [r.kept_freed_memory for r in results if r.framework == "trl" and not r.failure]
     trl_malloc = ""
     if device.type == "cpu" and trl_kept:
         trl_malloc = ("; TRL also keeps freed memory (--trl_keep_freed_memory)" if all(trl_kept)
                       else "; TRL with glibc's default malloc settings")
     model = config.model_config or config.model or "embedded"
-    if device.type == "cuda":
-        where = f"{torch.cuda.get_device_name()}, bf16 autocast"
-        rate = f"measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s"
-    else:
-        where = f"cpu, {torch.get_num_threads()} threads"
-        rate = f"measured matmul peak {peak / 1e9:.0f} GFLOP/s"
+    unit, scale = ("TFLOP/s", 1e12) if device.type == "cuda" else ("GFLOP/s", 1e9)
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    where = f"{device_name}, every framework in {PRECISIONS[precision]}"
+    rate = "measured matmul peaks " + ", ".join(f"{name} {value / scale:,.0f} {unit}" for name, value in peaks.items())
     timed = f" (step times without the first {config.warmup_steps})" if config.warmup_steps else ""
     filled = ", pairs filled to about max_length with earlier conversations" if config.fill else ""
     return (f"{model}: {config.steps} steps{timed}{filled}, {'LoRA' if config.lora else 'full fine-tuning'}, "

@@ -23,17 +23,17 @@ LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-l
 
 def run_smolalign(spec: dict, output_dir: Path) -> dict:
     from smolalign.config.train import load_config
-    from smolalign.metrics import read_metrics
-    from smolalign.training.loop import train
+    from smolalign.run_folder import RunFolder
+    from smolalign.training.loop import run_training
 
     config = load_config(None, {
         "model": spec["model"], "dataset": spec["dataset"], "algorithm": spec["algorithm"],
         "per_device_train_batch_size": spec["batch_size"], "max_steps": spec["steps"],
         "max_length": spec["max_length"], "logging_steps": 1, "save_steps": 10**9, "output_dir": str(output_dir),
-        "device": spec["device"], "lora": LORA if spec.get("lora") else None,
+        "device": spec["device"], "lora": LORA if spec.get("lora") else None, "dtype": spec["dtype"],
     })
-    final = train(config)
-    records = [r for r in read_metrics(output_dir / "metrics.jsonl") if "tokens_per_second" in r]
+    final = run_training(config)
+    records = [r for r in RunFolder(output_dir).read_metrics() if "tokens_per_second" in r]
     tokens = [r["num_tokens"] for r in records]
     step_tokens = [t - previous for t, previous in zip(tokens, [0, *tokens[:-1]], strict=True)]
     return {"step_seconds": [n / r["tokens_per_second"] for n, r in zip(step_tokens, records, strict=True)],
@@ -77,7 +77,9 @@ def run_trl(spec: dict, output_dir: Path) -> dict:
     common = {
         "output_dir": str(output_dir), "per_device_train_batch_size": spec["batch_size"], "max_steps": spec["steps"],
         "max_length": spec["max_length"], "logging_steps": 1, "save_strategy": "no", "report_to": "none",
-        "gradient_checkpointing": False, "bf16": cuda, "use_cpu": not cuda,
+        "gradient_checkpointing": False, "use_cpu": not cuda,
+        # the precision smolalign trains in, set as TRL's users set it
+        "bf16": spec["precision"] == "bf16", "fp16": spec["precision"] == "fp16",
         "use_liger_kernel": spec["framework"] == "trl_liger",
     }
     if spec["algorithm"] == "dpo":
@@ -97,7 +99,8 @@ def run_trl(spec: dict, output_dir: Path) -> dict:
         from peft import LoraConfig
 
         peft_config = LoraConfig(task_type="CAUSAL_LM", **LORA)
-        dtype = torch.bfloat16 if cuda else torch.float32  # the frozen base in bf16, as smolalign keeps it
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["precision"], torch.float32)
+        dtype = half  # the frozen base in the half precision, as smolalign keeps it
     trainer = Trainer(
         model=AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype),
         args=Config(**common),

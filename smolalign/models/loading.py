@@ -21,7 +21,14 @@ from transformers import (
 from smolalign.errors import UserError, first_line
 from smolalign.hub import hub_failure_reason, looks_like_path, prefer_local_cache
 from smolalign.models.attention import describe_attention, resolve_attention
-from smolalign.models.embedded import EMBEDDED_NAME, embedded_model_dir, embedded_tokenizer_dir, is_embedded
+from smolalign.models.embedded import (
+    EMBEDDED_NAME,
+    embedded_model_dir,
+    embedded_tokenizer_dir,
+    gguf_model_dir,
+    is_embedded,
+)
+from smolalign.run_folder import RunFolder
 
 log = logging.getLogger("smolalign")
 
@@ -39,48 +46,6 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def native_bf16() -> bool:
-    """Whether the CUDA GPU computes in bf16 natively (Ampere and later). A T4 reports bf16 as supported
-    when emulation counts, and emulated bf16 is slower than float32 there."""
-    return torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-def resolve_precision(requested: str, device: torch.device, *, lora: bool) -> tuple[torch.dtype, str]:
-    """Weights dtype and Accelerate mixed precision for training.
-
-    On a CPU: float32 (bf16 is emulated there). On a CUDA GPU: float32 master weights under autocast in
-    half precision, as TRL trains, since AdamW on half-precision weights loses small updates: bf16 where
-    the GPU has it natively, else fp16, for which Accelerate adds a gradient scaler (it scales the loss,
-    unscales before clipping and skips steps whose gradients overflow). Under LoRA the frozen base weights
-    are stored in that half precision and only the adapters are float32. `float16` forces the fp16 path
-    on any GPU (it is how older cards train); `float32` turns autocast off.
-    """
-    if device.type != "cuda":
-        return resolve_dtype(requested, device), "no"
-    if requested == "float32":
-        return torch.float32, "no"
-    if requested == "bfloat16" and not native_bf16():
-        raise UserError("dtype bfloat16 was asked for but this GPU has no native bf16 (it would be emulated); "
-                        "use float16 or auto.")
-    if requested == "bfloat16" or (requested == "auto" and native_bf16()):
-        return (torch.bfloat16 if lora else torch.float32), "bf16"
-    return (torch.float16 if lora else torch.float32), "fp16"
-
-
-def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """Weights dtype for inference: float32 on CPU (bf16 is emulated and slow there); bf16 on CUDA GPUs
-    that have it natively, float32 on older ones (float16 when asked)."""
-    if requested == "auto":
-        if device.type == "cuda" and native_bf16():
-            return torch.bfloat16
-        return torch.float32
-    if requested == "float16" and device.type == "cpu":
-        raise UserError("dtype float16 is not supported on the CPU; use float32 (or auto).")
-    if requested == "bfloat16" and device.type == "cpu":
-        log.warning("bfloat16 on this CPU is emulated and usually slower than float32")
-    return getattr(torch, requested)
-
-
 _logged_attention: set[str | None] = set()
 
 
@@ -93,17 +58,16 @@ def attention_implementation(requested: str, device: torch.device) -> str | None
     return implementation
 
 
-def run_folder_of(model: str) -> Path | None:
-    """RUN when `model` names a run's `RUN/final` (beside the run's config.yaml; it may not exist yet)."""
-    path = Path(model)
-    return path.parent if path.name == "final" and (path.parent / "config.yaml").is_file() else None
-
-
 def model_source(name: str | None) -> str:
-    """A loadable folder or Hub id for `name`; None or 'embedded' means the embedded SmolLM2."""
+    """A loadable folder or Hub id for `name`; None or 'embedded' means the embedded SmolLM2, and a .gguf
+    file is read through its cached conversion to a Hugging Face folder."""
     if is_embedded(name):
         return str(embedded_model_dir())
     path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file '{name}' does not exist.")
+        return str(gguf_model_dir(path))
     if path.is_dir():
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise UserError(f"'{name}' is a folder but not a model folder (no config.json).")
@@ -111,7 +75,7 @@ def model_source(name: str | None) -> str:
             raise UserError(f"model folder '{name}' is incomplete: it has no weights "
                             "(model.safetensors or adapter_model.safetensors).")
         return str(path)
-    if run_folder_of(name):
+    if RunFolder.of_final(name):
         raise UserError(f"'{name}' does not exist: the run in '{path.parent}' has not finished; resume it with "
                         "--resume_from_checkpoint latest.")
     if looks_like_path(name) or path.exists():
@@ -127,10 +91,12 @@ def _hub_failure(name: str, error: Exception) -> UserError:
     )
 
 
-def load_tokenizer(name: str | None, *, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(name: str | None, *, chat_template: str | None = None, revision: str | None = None,
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model (`revision` and `trust_remote_code` as transformers reads them for Hub ids)."""
     source = str(embedded_tokenizer_dir()) if is_embedded(name) else model_source(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as error:  # missing repo, no network, corrupt files
         raise _hub_failure(name, error) from None
     if chat_template is not None:
@@ -164,20 +130,23 @@ def load_model(
     tokenizer: PreTrainedTokenizerBase | None = None,
     reward_head: bool = False,
     attention: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """A causal LM in `dtype` on `device`, dropout off (as TRL), vocabulary grown to the tokenizer's.
 
     With `reward_head`, the same backbone with a one-output sequence-classification head to train (see
     load_reward_model). `attention` chooses the kernel of the packed and prefix-shared layouts
-    (attention.resolve_attention).
+    (attention.resolve_attention); `revision` and `trust_remote_code` go to transformers.
     """
     source = model_source(name)
     implementation = attention_implementation(attention, device)
+    hub = {"revision": revision, "trust_remote_code": trust_remote_code}
     if reward_head:
-        model = load_reward_model(name, dtype=dtype, trained_head=False, attn_implementation=implementation)
+        model = load_reward_model(name, dtype=dtype, trained_head=False, attn_implementation=implementation, **hub)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=implementation)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=implementation, **hub)
         except Exception as error:
             if Path(source).is_dir():
                 raise UserError(f"cannot load a causal language model from '{name}': {first_line(error)}") from None
@@ -194,7 +163,8 @@ def load_model(
 
 
 def load_reward_model(
-    name: str, *, dtype: torch.dtype, trained_head: bool, attn_implementation: str | None = None
+    name: str, *, dtype: torch.dtype, trained_head: bool, attn_implementation: str | None = None,
+    revision: str | None = None, trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """A sequence-classification model with one output, the format TRL's RewardTrainer saves and loads.
 
@@ -203,7 +173,8 @@ def load_reward_model(
     task SEQ_CLS) is loaded on its base model.
     """
     source = model_source(name)
-    options = {"dtype": dtype, "attn_implementation": attn_implementation, "output_loading_info": True}
+    options = {"dtype": dtype, "attn_implementation": attn_implementation, "output_loading_info": True,
+               "revision": revision, "trust_remote_code": trust_remote_code}
     if not trained_head or _is_reward_adapter(source):
         # A causal LM's config does not say num_labels=1: transformers would build a two-output head.
         options["num_labels"] = 1
@@ -268,8 +239,8 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
     return reference
 
 
-def load_frozen(name: str, *, dtype, device, tokenizer) -> PreTrainedModel:
-    model = load_model(name, dtype=dtype, device=device, tokenizer=tokenizer).eval()
+def load_frozen(name: str, *, dtype, device, tokenizer, trust_remote_code: bool = False) -> PreTrainedModel:
+    model = load_model(name, dtype=dtype, device=device, tokenizer=tokenizer, trust_remote_code=trust_remote_code).eval()
     model.requires_grad_(False)
     return model
 
@@ -289,6 +260,7 @@ def add_lora(model: PreTrainedModel, settings) -> torch.nn.Module:
         model = get_peft_model(model, config)
     except ValueError as error:
         raise UserError(f"invalid LoRA settings: {first_line(error)}") from None
+    _disable_dropout(model)  # the adapters' dropout too: TRL's preference trainers train without any dropout
     # PEFT makes the adapters float32 over a half-precision base; a trained head copy (the reward model's
     # score) must be float32 too: AdamW loses small updates on half weights, and fp16's gradient scaler
     # refuses half-precision gradients.

@@ -12,6 +12,8 @@ from smolalign.bench.command import bench
 from smolalign.config.commands import BenchConfig
 from smolalign.core.reference import IGNORE_SHIPPED
 
+pytestmark = pytest.mark.slow  # times TRL against smolalign in subprocesses
+
 
 @pytest.mark.parametrize("trl_keeps", [False, True], ids=["trl-default-malloc", "trl-keeps-freed-memory"])
 def test_bench_runs_both_frameworks_and_reports_ratios(tmp_path, tiny_model, pairs_file, trl_keeps):

@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
+from conftest import tokenize_hh
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from smolalign.bench.command import bench, model_config_file
 from smolalign.bench.flops import forward_flops, training_flops
 from smolalign.bench.tables import BenchResult
 from smolalign.config.commands import BenchConfig
-from smolalign.data.formats import to_pair
 from smolalign.data.tokenize import tokenize_pairs
 from smolalign.errors import UserError
 
@@ -34,6 +34,7 @@ def test_bundled_architectures_have_the_smollm2_sizes(name, parameters):
     assert config.vocab_size == 49152 and config.tie_word_embeddings
 
 
+@pytest.mark.slow
 def test_lora_bench_of_a_random_model_against_trl(tmp_path, tokenizer, pairs_file):
     """A tiny architecture from a config.json, LoRA in both frameworks, the first step left out of the timings."""
     config = tmp_path / "tiny.json"
@@ -79,7 +80,7 @@ def test_warmup_steps_leave_their_share_of_tokens_and_flops_out():
 
 def test_lora_flops_count_no_weight_gradients(tiny_model, tokenizer, hh_rows):
     config = AutoConfig.from_pretrained(tiny_model(0))
-    pairs = tokenize_pairs([to_pair(row, i, "hh_rlhf") for i, row in enumerate(hh_rows[500:504])], tokenizer)
+    pairs = tokenize_hh(hh_rows[500:504], tokenizer)
     forward = sum(forward_flops(config, p, shared_prompt=True, scored_prompt=False) for p in pairs)
     assert training_flops(config, pairs, algorithm="dpo", framework="smolalign") == pytest.approx(3 * forward)
     assert training_flops(config, pairs, algorithm="dpo", framework="smolalign", lora=True) == pytest.approx(

@@ -1,0 +1,104 @@
+"""bf16 on CPUs that multiply it natively (AMX, AVX512-BF16): the policy's decisions, and training and inference
+under it. These run on any CPU (emulated bf16 is slow but computes the same numbers)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import read_jsonl, tokenize_hh, varied_llama, write_jsonl
+from transformers import AutoModelForCausalLM
+
+from smolalign.config.train import load_config
+from smolalign.core.layouts import build_batch
+from smolalign.core.logprobs import SequenceScorer, score_batch
+from smolalign.models import precision
+from smolalign.models.precision import resolve_dtype, resolve_precision
+from smolalign.training.loop import run_training
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def native(monkeypatch):
+    """`native(True)`: this CPU counts as one with native bf16 (as SMOLALIGN_CPU_BF16=1 says); False: without."""
+
+    def set_native(value: bool) -> None:
+        monkeypatch.setenv(precision.CPU_BF16_OVERRIDE, "1" if value else "0")
+        precision.cpu_native_bf16.cache_clear()
+
+    yield set_native
+    precision.cpu_native_bf16.cache_clear()
+
+
+def test_cpu_precision_follows_the_hardware(native):
+    native(True)
+    assert resolve_precision("auto", CPU, lora=False) == (torch.float32, "bf16")  # float32 master weights
+    assert resolve_precision("auto", CPU, lora=True) == (torch.bfloat16, "bf16")  # frozen base in bf16
+    assert resolve_precision("float32", CPU, lora=False) == (torch.float32, "no")  # always off
+    assert resolve_dtype("auto", CPU) == torch.bfloat16
+    native(False)
+    assert resolve_precision("auto", CPU, lora=True) == (torch.float32, "no")
+    assert resolve_precision("bfloat16", CPU, lora=False) == (torch.float32, "bf16")  # asked for: autocast anyway
+    assert resolve_dtype("auto", CPU) == torch.float32
+
+
+def test_the_probe_reads_the_flags_times_a_matmul_and_remembers(monkeypatch, tmp_path):
+    monkeypatch.delenv(precision.CPU_BF16_OVERRIDE)
+    monkeypatch.setattr(precision, "cache_root", lambda: tmp_path)
+    timed = []
+    monkeypatch.setattr(precision, "bf16_speedup", lambda: timed.append(1) or 2.5)
+    for flags, expected in [(set(), False), ({"avx512_bf16"}, True)]:
+        monkeypatch.setattr(precision, "_cpu_flags", lambda flags=flags: flags)
+        precision.cpu_native_bf16.cache_clear()
+        assert precision.cpu_native_bf16() is expected
+    assert timed == [1]  # without the flags nothing is timed
+    precision.cpu_native_bf16.cache_clear()
+    assert precision.cpu_native_bf16() is True and timed == [1]  # the machine's answer is kept on disk
+    assert list(json.loads((tmp_path / "cpu-bf16.json").read_text()).values()) == [True]
+    monkeypatch.setattr(precision, "cache_root", lambda: tmp_path / "other")
+    monkeypatch.setattr(precision, "bf16_speedup", lambda: 0.4)  # emulated: slower than float32
+    precision.cpu_native_bf16.cache_clear()
+    assert precision.cpu_native_bf16() is False
+    precision.cpu_native_bf16.cache_clear()
+
+
+def test_autocast_log_probs_stay_close_to_float32(tokenizer, hh_rows):
+    """bf16 matmuls, float32 log-softmax and sums: each answer's summed log-prob within 2% of float32's."""
+    model = varied_llama(tokenizer, 0, max_position_embeddings=2048)
+    pairs = tokenize_hh(hh_rows[500:504], tokenizer)
+    batch = build_batch(pairs, "prefix_shared", pad_token_id=tokenizer.pad_token_id)
+    scorer = SequenceScorer(model, 64)
+    with torch.no_grad():
+        exact = score_batch(scorer, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = score_batch(scorer, batch)
+    assert half.chosen.dtype == torch.float32  # the sums stay float32
+    for name in ("chosen", "rejected"):
+        torch.testing.assert_close(getattr(half, name), getattr(exact, name), rtol=2e-2, atol=0.0)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_training_under_bf16_autocast_starts_at_log_two_and_saves_float32_weights(tmp_path, tiny_model, hh_rows,
+                                                                                   native, lora):
+    native(True)
+    data = write_jsonl(tmp_path / "pairs.jsonl", hh_rows[:8])
+    settings = {"model": str(tiny_model(0)), "dataset": str(data), "max_steps": 2, "logging_steps": 1,
+                "per_device_train_batch_size": 4, "learning_rate": 1e-3, "max_length": 512,
+                "output_dir": str(tmp_path / "run"), "lora": {"r": 4, "lora_alpha": 8} if lora else None}
+    final = run_training(load_config(None, settings))
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    # the reference ran in the policy's precision (and its cache is keyed by it): step 1 is log 2 exactly
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert records[1]["loss"] != pytest.approx(math.log(2), abs=1e-6)
+    if lora:
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(final)
+        adapters = [p for n, p in model.named_parameters() if "lora_B" in n]
+        assert adapters and all(p.dtype == torch.float32 for p in adapters) and any(p.abs().sum() > 0 for p in adapters)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(final)
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # float32 master weights, saved as such
