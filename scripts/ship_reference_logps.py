@@ -41,7 +41,7 @@ def main(recipe: str = "demo") -> None:
         dtype, mixed_precision = resolve_precision(config.dtype, device, lora=config.lora is not None)
         accelerator = make_accelerator(config, device, mixed_precision, config.output_dir)
         tokenizer = load_tokenizer(config.model, chat_template=config.chat_template)
-        data = prepare_data(config, tokenizer, needs_rejected=objective.needs_rejected)
+        data = prepare_data(config, tokenizer, use=objective.rows)
         policy, layout = build_policy(config, objective, tokenizer, dtype=dtype, device=accelerator.device)
         scoring = build_scoring(config, policy, layout, tokenizer, accelerator, mixed_precision)
         build_reference(config, objective, policy=policy, scorer=SequenceScorer(policy, config.logprob_chunk_size),

@@ -1,4 +1,5 @@
-"""The Python API: `smolalign train`, `eval`, `compare` and `sweep` as functions, for notebooks and scripts.
+"""The Python API: `smolalign train`, `eval`, `compare`, `sweep`, `export` and `bench` as functions, for notebooks
+and scripts.
 
 Settings have the command line's names and meanings: a config file or packaged recipe name gives the
 defaults (`train("demo")`), keyword arguments override them (`beta=0.2`, `lora={"r": 8}` or
@@ -20,7 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from smolalign.config.commands import EvalConfig
+    from smolalign.config.commands import (
+        BenchConfig,
+        EvalConfig,
+        ExportBenchConfig,
+        GenerationBenchConfig,
+        QualityConfig,
+    )
     from smolalign.config.train import TrainConfig
     from smolalign.results import ComparisonResult, EvalResult, TrainResult
 
@@ -38,7 +45,8 @@ def train(config: str | Path | TrainConfig | None = None, **settings: Any) -> Tr
     from smolalign.errors import writes_reported
     from smolalign.report.write import write_report
     from smolalign.results import TrainResult
-    from smolalign.training.loop import train as run_training
+    from smolalign.run_folder import RunFolder
+    from smolalign.training.loop import run_training
     from smolalign.training.push import push_run
 
     run_config = train_config(config, **settings)
@@ -46,11 +54,27 @@ def train(config: str | Path | TrainConfig | None = None, **settings: Any) -> Tr
     with _quiet_libraries():
         finished = run_training(run_config) is not None  # in the process that saved final/ (the main one)
     if finished:
-        with writes_reported(run_dir / "report.html"):
+        with writes_reported(RunFolder(run_dir).report_html):
             log.info("report: %s", write_report([run_dir], run_dir))
+        if run_config.export_gguf:
+            _export_final(run_dir, run_config)
         if run_config.push_to_hub:  # after the report, which goes up with the model
             log.info("pushed to the Hub: %s", push_run(run_dir, run_config))
     return TrainResult(run_dir)
+
+
+def _export_final(run_dir: Path, config: TrainConfig) -> Path:
+    """final/ as a GGUF file beside it (`export_gguf`); a failure says the run itself is complete."""
+    from smolalign.errors import RunError, UserError
+    from smolalign.gguf_export.gguf import export_gguf
+    from smolalign.run_folder import RunFolder
+
+    name = config.run_name or run_dir.resolve().name
+    try:
+        return export_gguf(RunFolder(run_dir).final, run_dir / f"{name}-{config.export_gguf}.gguf",
+                           quantization=config.export_gguf)
+    except (UserError, RunError) as error:
+        raise RunError(f"the run is complete in '{run_dir}', but its GGUF export failed: {error}") from None
 
 
 def train_config(config: str | Path | TrainConfig | None = None, **settings: Any) -> TrainConfig:
@@ -124,6 +148,27 @@ def sweep(
             train(run)
     report = write_report(plan.run_dirs, plan.root, sweep_keys=list(plan.grid))
     return ComparisonResult(report, plan.run_dirs)
+
+
+def export(model: str | Path | None = None, output: str | Path = "model.gguf", *, quantization: str = "q8_0") -> Path:
+    """Write `model` as one GGUF file for llama.cpp, Ollama and LM Studio, as `smolalign export MODEL --output
+    FILE.gguf`: a run folder (its final/; a LoRA adapter is merged into its base), any model folder or Hub id,
+    or None for the embedded SmolLM2-135M-Instruct. Returns the file's path."""
+    from smolalign.config.commands import ExportConfig
+    from smolalign.gguf_export.gguf import export_gguf
+
+    config = ExportConfig.from_values({"model": _plain(model), "output": _plain(output), "quantization": quantization})
+    with _quiet_libraries():
+        return export_gguf(config.model, config.output, quantization=config.quantization)
+
+
+def bench(config: BenchConfig | QualityConfig | GenerationBenchConfig | ExportBenchConfig) -> Path:
+    """Run the bench a config is for (`smolalign bench speed | quality | generation | export`); returns the folder
+    its tables and plots went to."""
+    from smolalign.bench.benches import run_bench
+
+    with _quiet_libraries():
+        return run_bench(config)
 
 
 @contextlib.contextmanager

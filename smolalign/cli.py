@@ -1,7 +1,11 @@
-"""`smolalign` command line: train, eval, compare, sweep, bench, chat, data inspect.
+"""`smolalign` command line: train, sweep, eval, compare, chat, export, data inspect, bench speed | quality |
+generation | export.
 
-User mistakes end with one sentence on stderr and exit status 2, a run that had to stop (non-finite
-losses, a failed save) with one sentence and exit status 1; never a traceback.
+Every command reads its flags one way: a flag per field of its config dataclass (config/arguments.py), and
+flags argparse does not know (`--lora.r 8`, TRL's and LLaMA-Factory's names for `train`) as `--key value`
+config keys, checked by the same rules as config files. User mistakes end with one sentence on stderr and
+exit status 2, a run that had to stop (non-finite losses, a failed save) with one sentence and exit status
+1; never a traceback.
 """
 
 from __future__ import annotations
@@ -13,35 +17,36 @@ import os
 import sys
 import warnings
 
-from smolalign.config.arguments import add_config_arguments, config_from_args
+from smolalign.config.arguments import add_config_arguments, config_from_args, given_values
 from smolalign.config.commands import (
     BenchConfig,
     ChatConfig,
     EvalConfig,
+    ExportBenchConfig,
+    ExportConfig,
     GenerationBenchConfig,
     InspectConfig,
     QualityConfig,
 )
+from smolalign.config.fields import parse_override_args
+from smolalign.config.train import TrainConfig
 from smolalign.errors import RunError, UserError
 
 log = logging.getLogger("smolalign")
 
-TRAIN_USAGE = """smolalign train [--config FILE.yaml] [--KEY VALUE ...]
-
-Defaults come from the dataclass, then the YAML file, then --KEY VALUE flags (nested keys as
---lora.r 8). Keys:
-"""
+BENCHES = {"speed": BenchConfig, "quality": QualityConfig, "generation": GenerationBenchConfig,
+           "export": ExportBenchConfig}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     _configure_logging()
     parser = _parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command is None:
-        parser.print_help()
-        sys.exit(2)
     try:
+        args, rest = parser.parse_known_args(_bench_subcommand(argv))
+        if getattr(args, "run", None) is None:
+            parser.print_help()
+            sys.exit(2)
         if args.command == "compare" and rest:
             raise UserError(f"unrecognised arguments: {' '.join(rest)}")
         args.run(args, rest)
@@ -70,74 +75,81 @@ def _configure_logging() -> None:
     transformers.logging.disable_progress_bar()  # weight loading takes a second; our own bars show long work
 
 
+def _bench_subcommand(argv: list[str]) -> list[str]:
+    """`bench --quality` and `bench --generation`, and `bench` alone for the speed bench, as the subcommands
+    that replace them (with a note; the old forms go in the next release)."""
+    if argv[:1] != ["bench"] or (len(argv) > 1 and argv[1] in (*BENCHES, "-h", "--help")):
+        return argv
+    mode = next((flag[2:] for flag in ("--quality", "--generation") if flag in argv[1:]), "speed")
+    if mode != "speed" and {"--quality", "--generation"} <= set(argv):
+        raise UserError("--quality and --generation are two benches: run `smolalign bench quality` or "
+                        "`smolalign bench generation`.")
+    log.warning("`smolalign bench%s` is now `smolalign bench %s`; the old form goes in the next release",
+                f" --{mode}" if mode != "speed" else "", mode)
+    return ["bench", mode, *(arg for arg in argv[1:] if arg != f"--{mode}")]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smolalign", description="Align small language models with preferences.")
     commands = parser.add_subparsers(dest="command")
 
-    train = commands.add_parser(
-        "train", help="train a model: DPO and variants, ORPO, SimPO, SFT, or a reward model", add_help=False
-    )
-    train.add_argument("--config", help="YAML file with the run's settings")
-    train.add_argument("-h", "--help", action="store_true")
-    train.set_defaults(run=_run_train)
+    def command(name: str, help: str, run, config=None, **options) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, allow_abbrev=False, **options)
+        if config is not None:
+            add_config_arguments(sub, config)
+        sub.set_defaults(run=run)
+        return sub
 
-    evaluate = commands.add_parser("eval", help="held-out preference accuracy, drift, generations and a judge's win rate",
-                                   allow_abbrev=False)
-    add_config_arguments(evaluate, EvalConfig)
-    evaluate.set_defaults(run=_run_eval)
+    train = command("train", "train a model: DPO and its loss types, KTO, ORPO, SimPO, SFT, or a reward model",
+                    _run_train)
+    train.add_argument("--config", help="YAML file or packaged recipe: smolalign's keys, or those of TRL, the "
+                                        "alignment-handbook or LLaMA-Factory")
+    add_config_arguments(train, TrainConfig)
 
-    bench = commands.add_parser("bench", help="time the same job with smolalign and TRL, side by side; --quality: "
-                                "the methods' held-out quality at one budget; --generation: generation speed",
-                                allow_abbrev=False)
-    add_config_arguments(bench, BenchConfig)
-    bench.add_argument("--quality", action="store_true", help="Instead of speed: train DPO, IPO, ORPO and SimPO at "
-                       "one budget, evaluate each on held-out pairs, judge them with a reward model.")
-    bench.add_argument("--generation", action="store_true", help="Instead of training speed: time greedy answers "
-                       "from transformers' one-prompt loop and from smolalign's batched generation.")
-    quality = bench.add_argument_group("with --quality", "algorithm (default: dpo,ipo,orpo,simpo), device and "
-                                       "output_dir (default: runs/quality) apply too")
-    add_config_arguments(quality, QualityConfig, skip=_field_names(BenchConfig))
-    generation = bench.add_argument_group("with --generation", "model, dataset (its prompts), device, max_new_tokens "
-                                          "(default: 64) and output_dir (default: runs/generation) apply too")
-    add_config_arguments(generation, GenerationBenchConfig,
-                         skip=_field_names(BenchConfig) | _field_names(QualityConfig))
-    bench.set_defaults(run=_run_bench)
-
-    sweep = commands.add_parser("sweep", help="train a grid of settings, then compare the runs", add_help=False)
-    sweep.add_argument("--config", help="YAML file with the settings shared by every run")
+    sweep = command("sweep", "train a grid of settings, then compare the runs", _run_sweep)
+    sweep.add_argument("--config", help="YAML file or packaged recipe with the settings shared by every run")
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                        help="a swept key and its values; repeat for a grid over several keys")
-    sweep.add_argument("-h", "--help", action="store_true")
-    sweep.set_defaults(run=_run_sweep)
+    add_config_arguments(sweep, TrainConfig)
 
-    compare = commands.add_parser("compare", help="side-by-side report of runs: settings, metrics, curves, samples")
+    command("eval", "held-out preference accuracy, drift, generations and a judge's win rate", _run_eval, EvalConfig)
+    compare = command("compare", "side-by-side report of runs: settings, metrics, curves, samples", _run_compare)
     compare.add_argument("runs", nargs="+", help="run folders (each with config.yaml and metrics.jsonl)")
     compare.add_argument("--output_dir", default="runs/compare", help="where report.html, report.md and plots go")
-    compare.set_defaults(run=_run_compare)
+    command("chat", "talk with a model in the terminal; --compare answers with its reference too", _run_chat,
+            ChatConfig)
+    command("export", "write a model as a GGUF file for llama.cpp, Ollama and LM Studio", _run_export, ExportConfig)
 
-    chat = commands.add_parser("chat", help="talk with a model in the terminal; --compare answers with its reference too",
-                               allow_abbrev=False)
-    add_config_arguments(chat, ChatConfig)
-    chat.set_defaults(run=_run_chat)
-
-    data = commands.add_parser("data", help="dataset tools")
-    data_commands = data.add_subparsers(dest="data_command", required=True)
-    inspect = data_commands.add_parser("inspect", help="format, counts, token lengths and problems of a dataset",
-                                       allow_abbrev=False)
+    data = commands.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    inspect = data.add_parser("inspect", help="format, counts, token lengths and problems of a dataset",
+                              allow_abbrev=False)
     add_config_arguments(inspect, InspectConfig)
     inspect.set_defaults(run=_run_inspect)
+
+    benches = commands.add_parser("bench", help="speed and memory against TRL, quality of the methods, generation "
+                                                "speed, GGUF exports").add_subparsers(dest="bench")
+    for name, config in BENCHES.items():
+        sub = benches.add_parser(name, help=config.__doc__.splitlines()[0], allow_abbrev=False)
+        add_config_arguments(sub, config)
+        sub.set_defaults(run=_run_bench, bench_config=config)
     return parser
+
+
+def _train_settings(args: argparse.Namespace, rest: list[str]) -> dict:
+    """The config keys the command line gave: TrainConfig's flags and any other `--key value`."""
+    return {**given_values(TrainConfig, args), **parse_override_args(rest)}
 
 
 def _run_train(args, rest: list[str]) -> None:
     from smolalign.api import train
-    from smolalign.config.fields import parse_override_args
-    from smolalign.config.train import describe_keys
 
-    if args.help:
-        print(TRAIN_USAGE + describe_keys())
-        return
-    train(args.config, **parse_override_args(rest))
+    train(args.config, **_train_settings(args, rest))
+
+
+def _run_sweep(args, rest: list[str]) -> None:
+    from smolalign.api import sweep
+
+    print(f"report: {sweep(args.config, grid=args.grid, **_train_settings(args, rest)).report}")
 
 
 def _run_eval(args, rest: list[str]) -> None:
@@ -151,51 +163,10 @@ def _run_eval(args, rest: list[str]) -> None:
     print(f"wrote {result.output_dir}/eval.json, eval_pairs.jsonl" + (", generations.jsonl" if config.generate else ""))
 
 
-# The benches of `smolalign bench`: the training speed bench, or the one its flag names.
-BENCH_MODES = {"quality": QualityConfig, "generation": GenerationBenchConfig}
-
-
 def _run_bench(args, rest: list[str]) -> None:
-    """The speed bench, or the bench --quality or --generation names; a flag of another bench is refused."""
-    modes = [mode for mode in BENCH_MODES if getattr(args, mode)]
-    if len(modes) > 1:
-        raise UserError("--quality and --generation are two benches: run one at a time.")
-    chosen = BENCH_MODES[modes[0]] if modes else BenchConfig
-    for flag in sorted(vars(args)):
-        owners = [cls for cls in (BenchConfig, *BENCH_MODES.values()) if flag in _field_names(cls)]
-        if owners and chosen not in owners:
-            if owners[0] is BenchConfig:
-                raise UserError(f"--{flag} belongs to the speed bench: leave out --{modes[0]} or the flag.")
-            raise UserError(f"--{flag} belongs to {owners[0].command}: add {owners[0].command.split()[1]}.")
-    config = config_from_args(chosen, args, rest)
-    if chosen is QualityConfig:
-        from smolalign.bench.quality import quality_bench
+    from smolalign.api import bench
 
-        quality_bench(config)
-    elif chosen is GenerationBenchConfig:
-        from smolalign.bench.generation import generation_bench
-
-        generation_bench(config)
-    else:
-        from smolalign.bench.command import bench
-
-        bench(config)
-
-
-def _field_names(cls) -> frozenset[str]:
-    return frozenset(field.name for field in dataclasses.fields(cls))
-
-
-def _run_sweep(args, rest: list[str]) -> None:
-    from smolalign.api import sweep
-    from smolalign.config.fields import parse_override_args
-
-    if args.help:
-        print("smolalign sweep --config FILE.yaml --grid KEY=V1,V2 [--grid KEY=…] [--KEY VALUE …]\n\n"
-              "Trains one run per grid point into OUTPUT_DIR/KEY=VALUE,…/ (finished runs are skipped,\n"
-              "interrupted ones resumed), then writes OUTPUT_DIR/report.html comparing them.")
-        return
-    print(f"report: {sweep(args.config, grid=args.grid, **parse_override_args(rest)).report}")
+    bench(config_from_args(args.bench_config, args, rest))
 
 
 def _run_compare(args, rest: list[str]) -> None:
@@ -208,6 +179,13 @@ def _run_chat(args, rest: list[str]) -> None:
     from smolalign.evaluation.chat import run_chat
 
     run_chat(config_from_args(ChatConfig, args, rest))
+
+
+def _run_export(args, rest: list[str]) -> None:
+    from smolalign.api import export
+
+    config = config_from_args(ExportConfig, args, rest)
+    print(export(**dataclasses.asdict(config)))
 
 
 def _run_inspect(args, rest: list[str]) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from smolalign.errors import UserError
+from smolalign.run_folder import RunFolder
 
 try:
     import fcntl
@@ -23,7 +24,6 @@ except ImportError:  # Windows
 
 log = logging.getLogger("smolalign")
 
-RUN_LOCK = ".smolalign.lock"
 
 
 @contextlib.contextmanager
@@ -44,7 +44,7 @@ def exclusive_file_lock(path: Path) -> Iterator[None]:
 def run_folder_lock(output_dir: Path) -> Iterator[None]:
     """Own `output_dir` for the `with` block, or fail at once (UserError) naming the run that owns it."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / RUN_LOCK
+    path = RunFolder(output_dir).lock_file
     handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
     try:
         if fcntl is not None:

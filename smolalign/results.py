@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 from pathlib import Path
 
-from smolalign.metrics import read_metrics
 from smolalign.report.runs import Run, read_runs
 from smolalign.report.sections import format_number, prompt_text
 from smolalign.report.verdicts import effect_verdict, held_out_key, outcomes, win_rate
+from smolalign.run_folder import EvalFolder, RunFolder, read_jsonl
 from smolalign.stats import ACCURACY_METRICS, Proportion, interval_keys
 
 SHOWN_CURVES = ("loss", "accuracy", "margins")  # plots/<name>.png shown at once; the others behind a click
@@ -31,29 +30,28 @@ class TrainResult:
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
+        self.folder = RunFolder(self.run_dir)
 
     @property
     def final_model(self) -> Path | None:
         """`RUN/final` (a transformers folder, or a PEFT adapter under LoRA); None until the run finished."""
-        final = self.run_dir / "final"
-        return final if final.is_dir() else None
+        return self.folder.final if self.folder.final.is_dir() else None
 
     @property
     def report(self) -> Path | None:
-        report = self.run_dir / "report.html"
-        return report if report.is_file() else None
+        return self.folder.report_html if self.folder.report_html.is_file() else None
 
     @property
     def config(self):
         """The run's resolved settings (a TrainConfig), as config.yaml holds them."""
         from smolalign.config.train import load_config
 
-        return load_config(self.run_dir / "config.yaml")
+        return load_config(self.folder.config_file)
 
     @property
     def metrics(self) -> list[dict]:
         """metrics.jsonl: one dict per logged step; held-out lines have `eval_…` keys."""
-        return read_metrics(self.run_dir / "metrics.jsonl")
+        return self.folder.read_metrics()
 
     @property
     def evaluation(self) -> dict:
@@ -95,7 +93,7 @@ class TrainResult:
                 for name, path in places.items()]
         rows += [(name, html.escape(_text(value))) for name, value in numbers.items()]
         return (f"<div>{head}{_html_table(rows)}<p>{html.escape(verdict)}</p>"
-                f"{_curves_html(self.run_dir / 'plots')}</div>")
+                f"{_curves_html(self.folder.plots)}</div>")
 
 
 class EvalResult:
@@ -103,22 +101,23 @@ class EvalResult:
 
     def __init__(self, output_dir: str | Path, model: str | None = None):
         self.output_dir = Path(output_dir)
+        self.folder = EvalFolder(self.output_dir)
         self.model = model
 
     @property
     def summary(self) -> dict:
         """eval.json: accuracies with `_ci_low`/`_ci_high`, `pairs`, drift, and the judge's numbers when judged."""
-        return json.loads((self.output_dir / "eval.json").read_text())
+        return self.folder.read_summary()
 
     @property
     def pairs(self) -> list[dict]:
         """eval_pairs.jsonl: per pair, in dataset order, the answers' log-prob sums (and the reference's)."""
-        return read_metrics(self.output_dir / "eval_pairs.jsonl")
+        return read_jsonl(self.folder.pairs_file)
 
     @property
     def generations(self) -> list[dict]:
         """generations.jsonl: prompts answered by the policy and the reference (empty without `generate`)."""
-        return read_metrics(self.output_dir / "generations.jsonl")
+        return self.folder.read_generations()
 
     def to_pandas(self):
         """The per-pair rows as a pandas DataFrame (needs pandas)."""

@@ -63,13 +63,14 @@ def test_train_mistakes(case, tmp_path, capsys, tiny_model, good_data):
 def test_bad_files(tmp_path, capsys, tiny_model):
     model = tiny_model(0)
     cases = {
-        "wrong_columns.jsonl": ('{"question": "a", "answer": "b"}\n', "columns"),
+        "wrong_columns.jsonl": ('{"text": "a", "score": 1}\n', "columns"),
         "empty.jsonl": ("", "empty"),
         "broken.jsonl": ('{"chosen": "a", "rejected"\n', "cannot parse"),
-        "all_bad.jsonl": ('{"prompt": "q", "chosen": "", "rejected": "x"}\n', "no usable pairs"),
+        "all_bad.jsonl": ('{"prompt": "q", "chosen": "", "rejected": "x"}\n', "no usable rows"),
         "empty_prompts.jsonl": ('{"prompt": "", "chosen": "a", "rejected": "b"}\n', "row 0: empty 'prompt'"),
         "sft_only.jsonl": ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n',
-                           "without rejected answers"),
+                           "needs a chosen and a rejected answer"),
+        "unpaired.jsonl": ('{"prompt": "q", "completion": "a", "label": true}\n', "use algorithm kto"),
     }
     for name, (content, expected) in cases.items():
         path = tmp_path / name
@@ -98,8 +99,10 @@ def test_eval_and_inspect_mistakes(tmp_path, capsys, tiny_model, good_data):
     (["eval", "--model", "m", "--dataset", "d", "--max_length", "many"], "'max_length' must be of type int"),
     (["eval", "--model", "m", "--dataset", "d", "--beta", "0"], "'beta' must be > 0, not 0."),
     (["eval", "--dataset", "d"], "missing 'model'"),
-    (["bench", "--algorithm", "dpo,sft"], "'algorithm' must be one of dpo, orpo, simpo, not 'sft'."),
-    (["bench", "--steps", "2", "--warmup_steps", "2"], "'warmup_steps' (2) must be smaller than 'steps' (2)."),
+    (["bench", "speed", "--algorithm", "dpo,sft"], "'algorithm' must be one of dpo, orpo, simpo, not 'sft'."),
+    (["bench", "speed", "--steps", "2", "--warmup_steps", "2"], "'warmup_steps' (2) must be smaller than 'steps'"),
+    (["export", "--output", "model.txt"], "the GGUF output must be a file name ending in .gguf"),
+    (["export", "--output", "m.gguf", "--quantization", "q5_k"], "'quantization' must be one of f32, f16"),
     (["chat", "--top_p", "0"], "'top_p' must lie in (0, 1], not 0.0."),
     (["data", "inspect", "d.jsonl", "--max_lenght", "64"], "did you mean 'max_length'?"),
     (["data", "inspect", "d.jsonl", "--max_prompt_length", "64", "--max_length", "64"], "'max_prompt_length' (64)"),

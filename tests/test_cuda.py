@@ -13,7 +13,7 @@ import math
 import accelerate.accelerator
 import pytest
 import torch
-from conftest import read_jsonl, write_jsonl
+from conftest import read_jsonl, tokenize_hh, write_jsonl
 from core.test_trl_parity import (  # noqa: F401 (its fixtures, reused here)
     SCHEDULE,
     TRL_ONLY,
@@ -30,11 +30,9 @@ from smolalign.config.train import load_config
 from smolalign.core.layouts import block_tokens, build_batch
 from smolalign.core.logprobs import SequenceScorer, score_batch
 from smolalign.core.scoring import activation_bytes_per_token, default_max_tokens_per_forward
-from smolalign.data.formats import to_pair
-from smolalign.data.tokenize import tokenize_pairs
 from smolalign.models.attention import BLOCK_SPARSE
 from smolalign.models.loading import load_for_scoring
-from smolalign.training.loop import train
+from smolalign.training.loop import run_training
 
 pytestmark = pytest.mark.cuda
 
@@ -43,7 +41,7 @@ FLOAT32_ON_CUDA = {"device": "cuda", "dtype": "float32"}
 
 @pytest.fixture(scope="module")
 def pairs(hh_rows, tokenizer):
-    return tokenize_pairs([to_pair(row, i, "hh_rlhf") for i, row in enumerate(hh_rows[500:508])], tokenizer)
+    return tokenize_hh(hh_rows[500:508], tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +126,7 @@ def test_a_run_on_cuda_saves_a_model_that_reloads(tmp_path, cuda_device, tiny_mo
     config = load_config(None, {"model": str(policy), "dataset": str(pairs_file), "max_steps": 3,
                                 "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
                                 "device": "cuda", "dtype": dtype, "lora": lora, "output_dir": str(tmp_path / "run")})
-    final = train(config)
+    final = run_training(config)
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert len(records) == 3 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
     half = dtype == "float16" or not torch.cuda.is_bf16_supported(including_emulation=False)

@@ -7,15 +7,14 @@ import math
 
 import pytest
 import torch
+from conftest import tokenize_hh
 from transformers import AutoModelForCausalLM
 
 from smolalign.core.heldout import format_summary_table, preference_summary
 from smolalign.core.logprobs import PairLogps, SequenceScorer
 from smolalign.core.losses import OBJECTIVES, LossSettings
 from smolalign.core.reference import model_reference
-from smolalign.core.scoring import NoGradScorer, PairScoring
-from smolalign.data.formats import to_pair
-from smolalign.data.tokenize import tokenize_pairs
+from smolalign.core.scoring import PairScoring, ScorerView
 from smolalign.evaluation.judge import Verdict, win_rate_summary
 from smolalign.stats import Z_95, Proportion, wilson_interval
 from smolalign.training.bookkeeping import evaluate_objective
@@ -86,9 +85,9 @@ def test_eval_summary_gives_each_accuracy_its_interval_and_prints_it_on_one_line
 
 @pytest.mark.parametrize("algorithm", ["dpo", "simpo"])
 def test_held_out_lines_carry_intervals_over_all_eval_pairs(tiny_model, tokenizer, hh_rows, algorithm):
-    """Five pairs in batches of 2, 2 and 1: the interval counts the pairs right over all batches; the logged
-    accuracy stays TRL's mean of the batch means."""
-    pairs = tokenize_pairs([to_pair(row, i, "hh_rlhf") for i, row in enumerate(hh_rows[500:505])], tokenizer)
+    """Five pairs in batches of 2, 2 and 1: the accuracy and its interval count the pairs right over all
+    batches (not a mean of batch means, which weighs the last pair as much as two)."""
+    pairs = tokenize_hh(hh_rows[500:505], tokenizer)
     policy_model = AutoModelForCausalLM.from_pretrained(tiny_model(0))
     reference_model = AutoModelForCausalLM.from_pretrained(tiny_model(1))
     objective = OBJECTIVES[algorithm]
@@ -98,10 +97,10 @@ def test_held_out_lines_carry_intervals_over_all_eval_pairs(tiny_model, tokenize
                         scoring)
     record = evaluate_objective(runner, pairs, batch_size=2)
 
-    policy = scoring.logps(NoGradScorer(SequenceScorer(policy_model)), pairs)
+    policy = scoring.logps(ScorerView(SequenceScorer(policy_model)), pairs)
     mean_wins = (policy.chosen_mean > policy.rejected_mean).tolist()
     if algorithm == "dpo":
-        ref = scoring.logps(NoGradScorer(SequenceScorer(reference_model)), pairs)
+        ref = scoring.logps(ScorerView(SequenceScorer(reference_model)), pairs)
         reward_wins = ((policy.chosen - ref.chosen) > (policy.rejected - ref.rejected)).tolist()
     else:  # SimPO's rewards are beta times the mean token log-probs
         reward_wins = mean_wins
@@ -110,6 +109,26 @@ def test_held_out_lines_carry_intervals_over_all_eval_pairs(tiny_model, tokenize
         low, high = wilson_interval(sum(wins), 5)
         assert record[f"eval_{name}_ci_low"] == pytest.approx(low)
         assert record[f"eval_{name}_ci_high"] == pytest.approx(high)
-        batch_means = [sum(wins[0:2]) / 2, sum(wins[2:4]) / 2, wins[4] / 1]
-        assert record[f"eval_{name}"] == pytest.approx(sum(batch_means) / 3, abs=1e-6)
+        assert record[f"eval_{name}"] == pytest.approx(sum(wins) / 5)
     assert all(isinstance(value, (int, float)) and math.isfinite(value) for value in record.values())
+
+
+def test_training_eval_lines_and_smolalign_eval_agree(tmp_path, tiny_model, hh_rows):
+    """13 held-out pairs in batches of 4: the run's last eval line and `smolalign eval` of its final/ on the same
+    pairs give the same accuracy, margin and interval (one evaluator, exact counts)."""
+    from conftest import write_jsonl
+
+    from smolalign.api import evaluate, train
+
+    held_out = write_jsonl(tmp_path / "test.jsonl", hh_rows[300:313])
+    run = train(model=str(tiny_model(0)), dataset=str(write_jsonl(tmp_path / "train.jsonl", hh_rows[200:208])),
+                eval_dataset=str(held_out), per_device_train_batch_size=4, per_device_eval_batch_size=4,
+                max_steps=2, learning_rate=5e-3, max_length=512, output_dir=str(tmp_path / "run"))
+    line = [record for record in run.metrics if "eval_pairs" in record][-1]
+    summary = evaluate(model=str(run.final_model), dataset=str(held_out)).summary
+    assert line["eval_pairs"] == summary["pairs"] == 13
+    for name in ("rewards/accuracies", "rewards/accuracies_ci_low", "rewards/accuracies_ci_high", "rewards/margins",
+                 "logps/mean_accuracy"):
+        assert line[f"eval_{name}"] == pytest.approx(summary[name], abs=1e-6), name
+    wins = summary["rewards/accuracies"] * 13
+    assert wins == pytest.approx(round(wins), abs=1e-5)  # an exact count of the 13 pairs

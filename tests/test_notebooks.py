@@ -14,6 +14,8 @@ import pytest
 from jupyter_client import KernelManager
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # runs the notebooks in a kernel
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY_SIZES = {"TRAIN_PAIRS": 2, "EVAL_PAIRS": 2, "MAX_STEPS": 1, "BATCH_SIZE": 2, "MAX_LENGTH": 128}
 NOTEBOOKS = {

@@ -1,9 +1,10 @@
 """The package's architecture, checked: which part may import which, and how large a module or function grows.
 
 Lower layers never import higher ones, so each part can be read (and tested) with only what lies below it:
-foundations (errors, locks, stats, hub, metrics) < config < models < data < core < training | evaluation,
-with report beside them reading run folders only, bench on top of training and evaluation, and the API and command
-line (api, results, cli) above all. Imports inside functions count: a lazy import is still a dependency.
+foundations (errors, locks, stats, hub, metrics, run_folder) < config < models < data < core < training | evaluation,
+with report beside them reading run folders only, gguf_export on models and data, bench on top of training,
+evaluation and gguf_export, and the API and command line (api, results, cli) above all. Imports inside functions
+count: a lazy import is still a dependency.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "smolalign"
-FOUNDATIONS = {"errors", "locks", "stats", "hub", "metrics"}
+FOUNDATIONS = {"errors", "locks", "stats", "hub", "metrics", "run_folder"}
 BELOW_CORE = {"foundations", "config", "models", "data"}
 MAY_IMPORT = {
     "foundations": {"foundations"},
@@ -25,7 +26,8 @@ MAY_IMPORT = {
     "training": BELOW_CORE | {"core"},
     "evaluation": BELOW_CORE | {"core"},
     "report": {"foundations", "config"},
-    "bench": BELOW_CORE | {"core", "training", "evaluation", "report"},
+    "gguf_export": BELOW_CORE,
+    "bench": BELOW_CORE | {"core", "training", "evaluation", "report", "gguf_export"},
 }
 HEAVY = {"torch", "transformers", "peft", "accelerate", "datasets"}  # what the report must not need
 MAX_MODULE_LINES = 400

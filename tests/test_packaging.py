@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import read_jsonl
 
+pytestmark = pytest.mark.slow  # builds and installs a wheel
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

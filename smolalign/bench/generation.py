@@ -26,7 +26,7 @@ from smolalign.data.sources import bundled_dataset
 from smolalign.errors import UserError
 from smolalign.evaluation.generation import generate_answers
 from smolalign.models.loading import load_for_scoring, load_tokenizer, resolve_device
-from smolalign.models.memory import keep_freed_memory
+from smolalign.models.memory import freed_memory_kept
 
 TRANSFORMERS_LOOP = "transformers generate, one prompt at a time"
 
@@ -61,11 +61,16 @@ def transformers_loop(model, prompts: list[list[int]], *, max_new_tokens: int, e
 def generation_bench(config: GenerationBenchConfig) -> list[GenerationTiming]:
     """Time the three ways of answering (see the module's docstring); writes generation.json and .md."""
     device = resolve_device(config.device)
-    keep_freed_memory(device)  # as `smolalign eval` does; all three ways run under it
+    with freed_memory_kept(device):  # as `smolalign eval` does; all three ways run under it
+        return _time_generation(config, device)
+
+
+def _time_generation(config: GenerationBenchConfig, device) -> list[GenerationTiming]:
+    """The same prompts answered by each way in turn, timed, and their answers compared with the loop's."""
     tokenizer = load_tokenizer(config.model)
     read = read_pairs(config.dataset or bundled_dataset("test"), split="test", limit=config.prompts)
     pairs = tokenize_and_fit(read, tokenizer, max_length=TrainConfig.max_length,
-                             max_prompt_length=TrainConfig.max_prompt_length, needs_rejected=False)
+                             max_prompt_length=TrainConfig.max_prompt_length, use="answers")
     if len(pairs) < config.prompts:
         raise UserError(f"the dataset gave {len(pairs)} usable prompts, fewer than 'prompts' ({config.prompts}).")
     prompts = [pair.prompt_ids for pair in pairs[: config.prompts]]

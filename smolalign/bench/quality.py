@@ -27,13 +27,13 @@ from smolalign.config.commands import EvalConfig, QualityConfig
 from smolalign.config.train import TrainConfig, load_config
 from smolalign.errors import UserError
 from smolalign.evaluation.command import run_eval
-from smolalign.metrics import read_metrics
 from smolalign.models.loading import model_source
 from smolalign.report.plots import plot_quality
 from smolalign.report.verdicts import chance_label, win_rate
+from smolalign.run_folder import RunFolder
 from smolalign.stats import Proportion
 from smolalign.training.grid import run_config
-from smolalign.training.loop import train
+from smolalign.training.loop import run_training
 
 log = logging.getLogger("smolalign")
 
@@ -44,6 +44,7 @@ METHOD_SETTINGS = {
     "ipo": {"algorithm": "dpo", "loss_type": "ipo", "beta": 0.1},
     "orpo": {"algorithm": "orpo", "beta": 0.1},
     "simpo": {"algorithm": "simpo", "beta": 2.0, "simpo_gamma": 0.5},
+    "kto": {"algorithm": "kto", "beta": 0.1},  # the same pairs, unpaired into desirable and undesirable rows
 }
 JUDGE = "reward"  # the reward model's run folder under output_dir
 STARTING_MODEL = "start"  # the starting model's evaluation folder
@@ -67,7 +68,7 @@ class Evaluated:
 
 
 @dataclass
-class Judge:
+class TrainedJudge:
     model: Path
     accuracy: Proportion | None  # the reward model's own held-out accuracy
     train_seconds: float | None
@@ -83,14 +84,14 @@ def quality_bench(config: QualityConfig) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     total = len(config.algorithm) + bool(config.judge_prompts)
     judge = train_judge(config, output, total) if config.judge_prompts else None
-    start = evaluate(config, recipe, output / STARTING_MODEL, model=model_source(recipe.model), judge=None,
-                     train_seconds=None)
+    start = evaluate_method(config, recipe, output / STARTING_MODEL, model=model_source(recipe.model), judge=None,
+                            train_seconds=None)
     methods = []
     for number, method in enumerate(config.algorithm, start=1 + bool(judge)):
         settings = {**METHOD_SETTINGS[method], "eval_dataset": None}  # scored once, by eval, after training
         seconds = train_run(config, output / method, settings, number=number, total=total)
-        methods.append(evaluate(config, recipe, output / method, model=str(output / method / "final"),
-                                judge=judge, train_seconds=seconds))
+        methods.append(evaluate_method(config, recipe, output / method, model=str(RunFolder(output / method).final),
+                                       judge=judge, train_seconds=seconds))
     result = summarise(config, recipe, start, methods, judge)
     (output / "quality.json").write_text(json.dumps(result, indent=2))
     (output / "quality.md").write_text(result["markdown"])
@@ -107,34 +108,35 @@ def train_run(config: QualityConfig, folder: Path, settings: dict, *, number: in
     if run is None:
         return json.loads(timing.read_text()) if timing.exists() else None
     start = time.perf_counter()
-    train(run)
+    run_training(run)
     seconds = time.perf_counter() - start
     timing.write_text(json.dumps(seconds))
     return seconds
 
 
-def train_judge(config: QualityConfig, output: Path, total: int) -> Judge:
+def train_judge(config: QualityConfig, output: Path, total: int) -> TrainedJudge:
     """The reward model trained on the recipe's pairs, with its accuracy on `eval_pairs` held-out pairs."""
     folder = output / JUDGE
     seconds = train_run(config, folder, {"algorithm": "reward", "max_eval_pairs": config.eval_pairs},
                         number=1, total=total)
-    held_out = [r for r in read_metrics(folder / "metrics.jsonl") if "eval_accuracy" in r]
+    run = RunFolder(folder)
+    held_out = [r for r in run.read_metrics() if "eval_accuracy" in r]
     accuracy = Proportion.read(held_out[-1], "eval_accuracy", n_key="eval_pairs") if held_out else None
-    log.info("judge: %s, held-out accuracy %s", folder / "final", accuracy)
-    return Judge(folder / "final", accuracy, seconds)
+    log.info("judge: %s, held-out accuracy %s", run.final, accuracy)
+    return TrainedJudge(run.final, accuracy, seconds)
 
 
-def evaluate(config: QualityConfig, recipe: TrainConfig, folder: Path, *, model: str, judge: Judge | None,
-             train_seconds: float | None) -> Evaluated:
+def evaluate_method(config: QualityConfig, recipe: TrainConfig, folder: Path, *, model: str,
+                    judge: TrainedJudge | None, train_seconds: float | None) -> Evaluated:
     """`smolalign eval` of `model` on the held-out pairs into FOLDER/eval (skipped when done earlier with
     the same settings); the starting model is scored without a reference, at the recipe's lengths."""
     settings = {"model": model, "dataset": recipe.eval_dataset, "split": recipe.eval_split,
-                "max_pairs": config.eval_pairs, "output_dir": str(folder / "eval"), "device": config.device,
+                "max_pairs": config.eval_pairs, "output_dir": str(RunFolder(folder).eval.path), "device": config.device,
                 "max_length": recipe.max_length, "max_prompt_length": recipe.max_prompt_length,
                 "chat_template": recipe.chat_template, "system_prompt": recipe.system_prompt}
     if judge is not None:
         settings.update(generate=config.judge_prompts, max_new_tokens=config.max_new_tokens, judge=str(judge.model))
-    done = folder / "eval" / "quality_eval.json"
+    done = RunFolder(folder).eval.path / "quality_eval.json"  # the bench's own record beside eval.json
     earlier = json.loads(done.read_text()) if done.exists() else {}
     if earlier.get("settings") == settings:
         log.info("%s: evaluated earlier, skipped", folder.name)
@@ -152,7 +154,7 @@ def verdict(accuracy: Proportion | None) -> str:
 
 
 def summarise(config: QualityConfig, recipe: TrainConfig, start: Evaluated, methods: list[Evaluated],
-              judge: Judge | None) -> dict:
+              judge: TrainedJudge | None) -> dict:
     """quality.json's content, with the markdown table people read."""
     pairs = f"{recipe.max_train_pairs} pairs" if recipe.max_train_pairs else "all pairs"
     lines = [

@@ -19,15 +19,14 @@ from smolalign.config.fields import FlagText, Settings, parse_override_args
 S = TypeVar("S", bound=Settings)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type[Settings], *,
-                         skip: frozenset[str] = frozenset()) -> None:
-    """A flag per field of `cls` (an argument for fields marked `positional`), but those in `skip` (flags that
-    another config of the same command already added); fields left off the command line stay out of the
-    parsed namespace, so the dataclass's defaults apply."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Settings]) -> None:
+    """A flag per field of `cls` (an argument for fields marked `positional`); fields left off the command line
+    stay out of the parsed namespace, so the dataclass's defaults apply."""
     hints = typing.get_type_hints(cls)
+    # `--flag false` turns off what a config file turned on; where the command takes a positional argument, a
+    # bool flag takes no value instead (it would swallow the positional one that follows it).
+    has_positional = any(field.metadata.get("positional") for field in dataclasses.fields(cls))
     for field in dataclasses.fields(cls):
-        if field.name in skip:
-            continue
         annotation = hints[field.name]
         help = _help_text(field, annotation)
         if field.metadata.get("positional"):
@@ -36,20 +35,26 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
             # `type` (Python 3.11), which would make it the text '==SUPPRESS=='. None means: not given.
             parser.add_argument(field.name, nargs="?" if has_default else None, default=None, type=FlagText,
                                 help=help)
-        elif annotation is bool and field.default is False:
-            parser.add_argument(f"--{field.name}", action="store_true", default=argparse.SUPPRESS, help=help)
+        elif annotation is bool and has_positional:
+            parser.add_argument(f"--{field.name}", action="store_const", const=FlagText("true"),
+                                default=argparse.SUPPRESS, help=help)
+        elif annotation is bool:
+            parser.add_argument(f"--{field.name}", nargs="?", const=FlagText("true"), default=argparse.SUPPRESS,
+                                type=FlagText, metavar="{true,false}", help=help)
         else:
             parser.add_argument(f"--{field.name}", default=argparse.SUPPRESS, type=FlagText, help=help,
                                 metavar=field.metadata.get("metavar") or _metavar(annotation))
 
 
+def given_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The values of `cls`'s fields that the command line gave (flags left off stay out of the namespace)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+
+
 def config_from_args(cls: type[S], args: argparse.Namespace, rest: list[str]) -> S:
     """The validated config of the flags argparse parsed (`args`) and those it did not know (`rest`):
     an unknown flag is refused with the closest valid one."""
-    values: dict[str, Any] = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-                              if getattr(args, f.name, None) is not None}
-    values.update(parse_override_args(rest))
-    return cls.from_values(values)
+    return cls.from_values({**given_values(cls, args), **parse_override_args(rest)})
 
 
 def _help_text(field: dataclasses.Field, annotation: Any) -> str:

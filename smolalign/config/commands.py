@@ -1,4 +1,5 @@
-"""The configs of `smolalign eval`, `bench` (speed and `--quality`), `chat` and `data inspect`: typed dataclasses like TrainConfig.
+"""The configs of `smolalign eval`, `chat`, `export`, `data inspect` and the benches: typed dataclasses like
+TrainConfig.
 
 Each field has its help text, and its type says which values it takes; the command line's flags are
 derived from the fields (config/arguments.py), and the Python API builds the same configs from keyword
@@ -12,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from smolalign.config.choices import BatchLayout, Device, Dtype
+from smolalign.config.choices import QUANTIZATIONS, BatchLayout, Device, Dtype, Quantization
 from smolalign.config.fields import Settings, option, require, require_at_least, required
 from smolalign.config.train import TrainConfig, check_lengths
-from smolalign.config.trl import TRL_ALGORITHMS
+from smolalign.config.trl_keys import TRL_ALGORITHMS
 
 Framework = Literal["smolalign", "trl", "trl_liger"]  # trl_liger: TRL with use_liger_kernel=True
 BenchAlgorithm = Literal[TRL_ALGORITHMS]
-QualityMethod = Literal["dpo", "ipo", "orpo", "simpo"]  # the methods `bench --quality` compares (IPO: DPO's ipo loss)
+QualityMethod = Literal["dpo", "ipo", "orpo", "simpo", "kto"]  # what `bench quality` compares (IPO: DPO's ipo loss)
 BUNDLED_ARCHITECTURES = Path(__file__).resolve().parents[1] / "bundled" / "model-configs"  # shipped in the wheel
 
 
@@ -48,6 +49,8 @@ class EvalConfig(Settings):
     )
     output_dir: str | None = option(None, "Where eval.json and the rest go; default: RUN/eval for RUN/final, else ./eval.")
     split: str = option(TrainConfig.eval_split, "Split of a Hub dataset.")
+    dataset_columns: dict[str, str] | None = option(None, "Role -> column for columns named otherwise, e.g. "
+                                                          "{prompt: question}.")
     beta: float | None = from_run("beta", "Reward scale (DPO beta).")
     max_length: int | None = from_run("max_length", "Maximum tokens of prompt + answer.")
     max_prompt_length: int | None = from_run("max_prompt_length", "Maximum prompt tokens.")
@@ -56,8 +59,9 @@ class EvalConfig(Settings):
     chat_template: str | None = from_run("chat_template", "'chatml' for a base model without a chat template.")
     system_prompt: str | None = from_run("system_prompt", "System message for prompts that have none.")
     max_pairs: int | None = option(None, "Use only the first N pairs.")
-    batch_size: int = option(TrainConfig.per_device_eval_batch_size, "About this many pairs per forward pass: "
-                                 "the token budget of a pass is batch_size x max_length.")
+    max_tokens_per_forward: int | None = option(
+        None, "Tokens per forward pass (whole pairs; a longer pair goes alone). Default: 8 x max_length. Numbers "
+        "do not change.")
     batch_layout: BatchLayout = option(TrainConfig.batch_layout, "How pairs become rows (numbers do not change).")
     generate: int = option(0, "Answer the first N prompts with the policy and the reference, side by side.",
                            metavar="N")
@@ -79,7 +83,7 @@ class EvalConfig(Settings):
     def validate(self) -> None:
         require(self.beta is None or self.beta > 0, f"'beta' must be > 0, not {self.beta}.")
         check_lengths(self.max_length, self.max_prompt_length)
-        require_at_least(self, 1, "logprob_chunk_size", "max_pairs", "batch_size", "generation_batch_size")
+        require_at_least(self, 1, "logprob_chunk_size", "max_pairs", "max_tokens_per_forward", "generation_batch_size")
         require_at_least(self, 0, "generate")
         require(not self.do_sample or self.temperature > 0, f"'temperature' must be > 0 to sample, not {self.temperature}.")
         check_sampling(self)
@@ -124,7 +128,9 @@ class InspectConfig(Settings):
 
     dataset: str = required("Preference data: a file or a Hub id.", positional=True)
     model: str | None = option(None, "Tokenizer to measure lengths with; default: the embedded SmolLM2's.")
-    split: str = option(TrainConfig.dataset_split, "Split of a Hub dataset.")
+    split: str = option(TrainConfig.dataset_split, "Split of a Hub dataset or a folder of splits.")
+    dataset_columns: dict[str, str] | None = option(None, "Role -> column for columns named otherwise, e.g. "
+                                                          "{prompt: question}.")
     max_length: int = option(TrainConfig.max_length, "Maximum tokens of prompt + answer, as training would cut.")
     max_prompt_length: int | None = option(TrainConfig.max_prompt_length, "Maximum prompt tokens.")
     chat_template: str | None = option(None, "'chatml' for a base model without a chat template.")
@@ -136,9 +142,9 @@ class InspectConfig(Settings):
 
 @dataclass
 class BenchConfig(Settings):
-    """`smolalign bench`: the same training job timed with smolalign and TRL, side by side."""
+    """`smolalign bench speed`: the same training job timed with smolalign and TRL, side by side."""
 
-    command: ClassVar[str] = "bench"
+    command: ClassVar[str] = "bench speed"
 
     algorithm: list[BenchAlgorithm] = option(["dpo"], "Algorithms to time, as a comma list.")
     model: str | None = option(
@@ -160,6 +166,9 @@ class BenchConfig(Settings):
                                "the dataset before its prompt.")
     lora: bool = option(False, "LoRA (r 16, all linear layers) instead of full fine-tuning.")
     device: Device = option(TrainConfig.device, "Where to run; auto = CUDA when available.")
+    dtype: Dtype = option(TrainConfig.dtype, "Precision of every framework: auto = the device's native half "
+                                             "precision (bf16 autocast, TRL with bf16=True) where it has one; "
+                                             "float32 turns it off.")
     frameworks: list[Framework] = option(
         ["smolalign", "trl"], "Frameworks to time, as a comma list; trl_liger is TRL with use_liger_kernel=True "
         "(CUDA only)."
@@ -187,12 +196,12 @@ class BenchConfig(Settings):
 
 @dataclass
 class QualityConfig(Settings):
-    """`smolalign bench --quality`: the preference methods trained at one budget and judged on held-out pairs."""
+    """`smolalign bench quality`: the preference methods trained at one budget and judged on held-out pairs."""
 
-    command: ClassVar[str] = "bench --quality"
+    command: ClassVar[str] = "bench quality"
 
-    algorithm: list[QualityMethod] = option(["dpo", "ipo", "orpo", "simpo"], "Methods to train and evaluate, as a "
-                                                                             "comma list.")
+    algorithm: list[QualityMethod] = option(["dpo", "ipo", "orpo", "simpo", "kto"], "Methods to train and evaluate, "
+                                                                                    "as a comma list.")
     recipe: str = option("quality", "Recipe with the budget every method shares (model, pairs, steps, lengths, "
                                     "learning rate): a packaged recipe's name or a YAML file.")
     eval_pairs: int = option(120, "Held-out test pairs each model is scored on.")
@@ -210,10 +219,10 @@ class QualityConfig(Settings):
 
 @dataclass
 class GenerationBenchConfig(Settings):
-    """`smolalign bench --generation`: the same greedy answers from transformers' one-prompt loop and from
+    """`smolalign bench generation`: the same greedy answers from transformers' one-prompt loop and from
     smolalign's batched generation, timed side by side."""
 
-    command: ClassVar[str] = "bench --generation"
+    command: ClassVar[str] = "bench generation"
 
     model: str | None = option(None, "Model folder or Hub id; default: the embedded SmolLM2-135M-Instruct.")
     dataset: str | None = option(None, "Preference pairs whose prompts are answered; default: the bundled HH-RLHF "
@@ -226,3 +235,34 @@ class GenerationBenchConfig(Settings):
 
     def validate(self) -> None:
         require_at_least(self, 1, "prompts", "max_new_tokens", "generation_batch_size")
+
+
+@dataclass(kw_only=True)
+class ExportConfig(Settings):
+    """`smolalign export`: a model as one GGUF file for llama.cpp, Ollama and LM Studio."""
+
+    command: ClassVar[str] = "export"
+
+    model: str | None = option(
+        None, "A run folder (its final/), a model or LoRA adapter folder, or a Hub id; default: the embedded "
+        "SmolLM2-135M-Instruct.", positional=True,
+    )
+    output: str = required("The .gguf file to write.")
+    quantization: Quantization = option("q8_0", "Storage type of the matrices: " + ", ".join(QUANTIZATIONS) + ".")
+
+
+@dataclass
+class ExportBenchConfig(Settings):
+    """`smolalign bench export`: the embedded model exported at each quantization, each file's size, and how
+    often it predicts the float model's next token."""
+
+    command: ClassVar[str] = "bench export"
+
+    quantization: list[Quantization] = option(list(QUANTIZATIONS), "Quantizations to export, as a comma list.")
+    texts: int = option(16, "Held-out HH-RLHF conversations the files predict.")
+    max_tokens: int = option(128, "Tokens of each conversation compared.")
+    output_dir: str = option("runs/export", "Where the .gguf files, export.json and export.md go.")
+
+    def validate(self) -> None:
+        require_at_least(self, 1, "texts", "max_tokens")
+        require(bool(self.quantization), "'quantization' names no quantization.")

@@ -1,6 +1,5 @@
-"""Config files: packaged recipes, reading YAML, writing a run's config.yaml, and comparing two configs.
+"""Config files: packaged recipes, reading YAML, and comparing two configs.
 
-A run folder's `config.yaml` (and each checkpoint's) is the resolved config, enough to rerun the run;
 `changed_settings` is the one test of "the same run": resuming from a checkpoint and reusing a sweep's
 run folder both ask it.
 """
@@ -42,10 +41,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"config file '{path}' must hold a mapping of keys to values, not {type(data).__name__}.")
     return data
-
-
-def save_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, Any]:

@@ -22,8 +22,9 @@ from transformers import PreTrainedTokenizerBase, TextStreamer
 from smolalign.config.commands import ChatConfig
 from smolalign.errors import UserError
 from smolalign.models.embedded import EMBEDDED_NAME, is_embedded
-from smolalign.models.loading import load_for_scoring, load_tokenizer, resolve_device, resolve_dtype
+from smolalign.models.loading import load_for_scoring, load_tokenizer, resolve_device
 from smolalign.models.packed import packed_linears
+from smolalign.models.precision import resolve_dtype
 
 COMMANDS = "/reset starts a new conversation, /quit leaves"
 

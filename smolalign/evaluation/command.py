@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
 
 import torch
-import yaml
 from peft import PeftModel
 
 from smolalign.config.commands import EvalConfig
 from smolalign.config.train import TrainConfig
-from smolalign.core.heldout import preference_summary, write_pair_rows
+from smolalign.core.heldout import labelled_summary, preference_summary, write_pair_rows
 from smolalign.core.layouts import choose_layout
 from smolalign.core.logprobs import SequenceScorer
 from smolalign.core.reference import ReferenceCache, pair_key
-from smolalign.core.scoring import NoGradScorer, PairScoring
+from smolalign.core.scoring import PairScoring, ScorerView
 from smolalign.data.prepare import read_pairs, tokenize_and_fit
 from smolalign.errors import UserError
 from smolalign.evaluation.drift import generate_with_drift, score_with_drift
@@ -35,25 +33,27 @@ from smolalign.models.loading import (
     load_tokenizer,
     model_source,
     resolve_device,
-    resolve_dtype,
-    run_folder_of,
 )
-from smolalign.models.memory import keep_freed_memory
+from smolalign.models.memory import freed_memory_kept
 from smolalign.models.packed import packed_linears
+from smolalign.models.precision import resolve_dtype
+from smolalign.run_folder import EvalFolder, RunFolder
 
 log = logging.getLogger("smolalign")
+
+EVAL_PAIRS_PER_FORWARD = 8  # the default token budget of a forward pass is this many pairs of max_length tokens
 
 
 def default_output_dir(model: str) -> Path:
     """`RUN/eval` for a run's `RUN/final` model (where `smolalign compare` looks), else `./eval`."""
-    run = run_folder_of(model)
-    return run / "eval" if run else Path("eval")
+    run = RunFolder.of_final(model)
+    return run.eval.path if run else Path("eval")
 
 
 def run_config_of(model: str) -> dict:
     """The settings of the run whose `RUN/final` `model` is (its config.yaml), else nothing."""
-    run = run_folder_of(model)
-    return (yaml.safe_load((run / "config.yaml").read_text()) or {}) if run else {}
+    run = RunFolder.of_final(model)
+    return run.read_config() if run else {}
 
 
 def with_run_settings(config: EvalConfig) -> EvalConfig:
@@ -81,6 +81,7 @@ def starting_model_of_run(model: str) -> str | None:
 def run_eval(config: EvalConfig) -> dict:
     """Score every pair with the model (and the reference), measure drift, generate and judge."""
     with contextlib.ExitStack() as packed:  # no weight changes in an eval: packed once (models/packed.py)
+        packed.enter_context(freed_memory_kept(resolve_device(config.device)))
         return _run_eval(with_run_settings(config), packed)
 
 
@@ -88,20 +89,22 @@ def _run_eval(config: EvalConfig, packed: contextlib.ExitStack) -> dict:
     ref_model = config.ref_model or starting_model_of_run(config.model)
     check_judge_settings(config, has_reference=bool(ref_model) or is_adapter(config.model))
     device = resolve_device(config.device)
-    keep_freed_memory(device)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = load_tokenizer(config.model, chat_template=config.chat_template)
     read = read_pairs(config.dataset, split=config.split, system_prompt=config.system_prompt,
-                      limit=config.max_pairs)
-    pairs = tokenize_and_fit(read, tokenizer, max_length=config.max_length,
-                             max_prompt_length=config.max_prompt_length)
+                      limit=config.max_pairs, columns=config.dataset_columns)
+    labelled = read.data_format.kind == "unpaired"  # KTO's rows: scored by the sign of their implicit reward
+    pairs = tokenize_and_fit(read, tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                             use="labelled" if labelled else "pairs", algorithm="smolalign eval")
+    if labelled and not (ref_model or is_adapter(config.model)):
+        raise UserError(f"'{config.dataset}' holds unpaired rows, scored by the sign of the implicit reward "
+                        "log pi/pi_ref: give --ref_model (or evaluate a run's final/ or a LoRA adapter).")
 
     model = load_for_scoring(config.model, dtype=dtype, device=device, tokenizer=tokenizer)
     packed.enter_context(packed_linears(model))
-    # A forward pass holds up to batch_size pairs' worth of tokens (max_length each).
     scoring = PairScoring(choose_layout(config.batch_layout, model), tokenizer.pad_token_id, device,
-                          max_tokens=config.batch_size * config.max_length)
-    policy_view = NoGradScorer(SequenceScorer(model, config.logprob_chunk_size))
+                          max_tokens=config.max_tokens_per_forward or EVAL_PAIRS_PER_FORWARD * config.max_length)
+    policy_view = ScorerView(SequenceScorer(model, config.logprob_chunk_size))
 
     # The reference: --ref_model, the model a run's final/ started from, or the base model of a LoRA
     # adapter (the adapter switched off).
@@ -121,7 +124,7 @@ def _run_eval(config: EvalConfig, packed: contextlib.ExitStack) -> dict:
         summary = preference_summary(policy, None, beta=config.beta)
         summary["perplexity/chosen"] = math.exp(-policy.chosen.sum().item() / policy.chosen_tokens.sum().item())
     else:
-        reference_view = NoGradScorer(SequenceScorer(reference_model, config.logprob_chunk_size), reference_context)
+        reference_view = ScorerView(SequenceScorer(reference_model, config.logprob_chunk_size), reference_context)
         scored = score_with_drift(policy_view, reference_view, pairs, name="chosen", scoring=scoring)
         policy = scored.policy
         # The reference log-probs that training runs share: values cached by training are the ones used (so
@@ -130,11 +133,12 @@ def _run_eval(config: EvalConfig, packed: contextlib.ExitStack) -> dict:
         cached = ReferenceCache(reference_model).fill(
             pairs, lambda missing: scored.reference.take([row_of[pair_key(p)] for p in missing]))
         reference = cached.of_pairs(pairs)
-        summary = preference_summary(policy, reference, beta=config.beta)
+        summarize = labelled_summary if labelled else preference_summary
+        summary = summarize(policy, reference, beta=config.beta)
         summary.update(scored.statistics)
 
-    output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config.model)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    folder = EvalFolder(Path(config.output_dir) if config.output_dir else default_output_dir(config.model))
+    folder.path.mkdir(parents=True, exist_ok=True)
     if config.generate:
         shown = pairs[: config.generate]
         prompts = [p.prompt_ids for p in shown]
@@ -153,11 +157,11 @@ def _run_eval(config: EvalConfig, packed: contextlib.ExitStack) -> dict:
         summary["generation/policy_mean_tokens"] = sum(r["policy_tokens"] for r in rows) / len(rows)
         if reference_answers is not None:
             summary["generation/reference_mean_tokens"] = sum(r["reference_tokens"] for r in rows) / len(rows)
-    write_results(output_dir, summary, rows if config.generate else None)
-    write_pair_rows(output_dir / "eval_pairs.jsonl", pairs, policy, reference)
+    write_results(folder, summary, rows if config.generate else None)
+    write_pair_rows(folder.pairs_file, pairs, policy, reference)
     if config.judge or config.judge_url:  # after the results are safe on disk: an endpoint may give up
         summary.update(judge_generations(build_judge_from_settings(config, device), rows))
-        write_results(output_dir, summary, rows)
+        write_results(folder, summary, rows)
     return summary
 
 
@@ -179,11 +183,10 @@ def generation_rows(pairs, read, tokenizer, policy_answers, reference_answers) -
     return rows
 
 
-def write_results(output_dir: Path, summary: dict, rows: list[dict] | None) -> None:
-    (output_dir / "eval.json").write_text(json.dumps(summary, indent=2))
+def write_results(folder: EvalFolder, summary: dict, rows: list[dict] | None) -> None:
+    folder.write_summary(summary)
     if rows is not None:
-        with (output_dir / "generations.jsonl").open("w") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        folder.write_generations(rows)
 
 
 def is_adapter(model: str) -> bool:

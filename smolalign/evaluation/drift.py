@@ -33,7 +33,7 @@ from smolalign.core.logprobs import (
     sum_by_pair,
     token_logprobs,
 )
-from smolalign.core.scoring import NoGradScorer, PairScoring
+from smolalign.core.scoring import PairScoring, ScorerView
 from smolalign.data.tokenize import TokenizedPair
 from smolalign.evaluation.generation import (
     GENERATION_BATCH_SIZE,
@@ -68,7 +68,7 @@ def kl_of_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def kl_chunk_size(policy: NoGradScorer, reference: NoGradScorer) -> int:
+def kl_chunk_size(policy: ScorerView, reference: ScorerView) -> int:
     """The run's head chunk, at most CHUNK positions: the KL holds both models' full-vocabulary rows of a chunk."""
     return min(policy.scorer.chunk_size, reference.scorer.chunk_size, CHUNK)
 
@@ -95,8 +95,8 @@ class DriftScores:
 
 @torch.no_grad()
 def score_with_drift(
-    policy: NoGradScorer,
-    reference: NoGradScorer,
+    policy: ScorerView,
+    reference: ScorerView,
     pairs: list[TokenizedPair],
     *,
     name: str,
@@ -111,11 +111,11 @@ def score_with_drift(
         with policy.context():
             hidden = policy.scorer.hidden_at(*inputs)
             head = policy.scorer.head
-            token_logps = token_logprobs(hidden, head.weight, head.bias, batch.score_targets, chunk_size)
+            token_logps, _ = token_logprobs(hidden, head.weight, head.bias, batch.score_targets, chunk_size)
         with reference.context():
             reference_hidden = reference.scorer.hidden_at(*inputs)
             reference_head = reference.scorer.head
-            reference_token_logps = token_logprobs(reference_hidden, reference_head.weight, reference_head.bias,
+            reference_token_logps, _ = token_logprobs(reference_hidden, reference_head.weight, reference_head.bias,
                                                    batch.score_targets, chunk_size)
             chosen = batch.score_owners % PARTS_PER_PAIR == CHOSEN
             kl = token_kl(hidden[chosen], head, reference_hidden[chosen], reference_head, chunk_size)
@@ -140,8 +140,8 @@ class GeneratedDrift:
 
 @torch.no_grad()
 def generate_with_drift(
-    policy: NoGradScorer,
-    reference: NoGradScorer,
+    policy: ScorerView,
+    reference: ScorerView,
     prompts: list[list[int]],
     *,
     pad_token_id: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -13,13 +14,14 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import Cache, DynamicLayer
 
-from smolalign.errors import UserError
+from smolalign.errors import UserError, first_line
 from smolalign.models.packed import packed_linears
 
 log = logging.getLogger("smolalign")
 
 GENERATION_BATCH_SIZE = 16
-NEAR_TIE = 3e-5
+NEAR_TIE = 3e-5  # float32 weights with full-precision matmuls
+NEAR_TIE_HALF = 2e-2  # bf16 or fp16 weights (or TF32 matmuls): rounding 2^-8 of a value, compounded over layers
 """A choice is near-tied when its top two scores differ by less than this times max(1, |top logit|): float32
 rounding differs between a batched and a one-row run by up to 1e-4 on SmolLM2-135M's logits of ~45 (2e-6 of
 them, measured), and between packed and plain matmul kernels (models/packed.py) by up to 1.7e-4 (6.2e-6 of
@@ -117,39 +119,26 @@ def generate_in_batches(
     of similar length share a batch). Each batch runs within `context()` (a LoRA reference's adapters off), so
     two models' batches can be interleaved.
 
-    Batches: each prompt but its last token is run alone (no padding, so no compute is spent on it: the same
-    pass as one-at-a-time generation), and the KV caches are stacked, left-padded, into buffers with room for
-    the new tokens; `generate` then decodes the batch one token per step with the attention mask hiding the
-    padding, each row stopping at its own EOS (a finished row is fed padding until the batch is done, and its
-    answer is cut after its EOS). On a CPU, packed weights (models/packed.py, entered by the callers) make a
-    decoding step's matmuls twice as fast.
+    A batch runs each prompt but its last token alone (no padding) and stacks the KV caches, left-padded, into
+    buffers with room for the new tokens (`stacked_prompt_cache`); `generate` then decodes one token per step,
+    each row stopping at its own EOS.
 
-    Greedy answers are identical to one-at-a-time ones. No batching can promise that by itself: a batched
-    float32 run rounds differently from a one-row run (matmul kernels depend on the batch shape: even prompts
-    of equal length, with no padding at all, differ by 7e-5 on SmolLM2-135M's logits), so grouping prompts by
-    length would not give equal bits either, nor would any change of matmul kernel (packed weights, another
-    PyTorch). A choice can differ only where its top two scores are nearly tied, though: every choice's
-    margin is recorded, and an answer with a near-tie (NEAR_TIE) is generated again alone, which is
-    one-at-a-time generation itself (1 answer in 112 for SmolLM2-135M on HH-RLHF prompts, 64 new tokens
-    each). The check holds for float32 weights with full-precision float32 matmuls; in
-    bf16 or fp16 (or with TF32) rounding is too coarse for it, and batched answers, like answers under any
-    other change of kernel, may differ from one-at-a-time ones at near-ties.
+    Greedy answers equal one-at-a-time generation's: batched float32 matmuls round differently from one-row
+    ones, which can change a choice only where its top two scores are nearly tied, so every choice's margin is
+    recorded and an answer with a near-tie (NEAR_TIE, or NEAR_TIE_HALF for half-precision weights, whose
+    rounding is coarser) is generated again alone.
 
-    Sampling draws each prompt's tokens from its own generator seeded with `seed` + the prompt's index (as
-    before), by the Gumbel-max trick: the token with the largest logit + temperature x Gumbel noise, among
-    the top-p nucleus, which is a draw from softmax(logits / temperature) restricted to the nucleus. So an
-    answer depends on the seed and the prompt's index only, not on the batch size or the order; the policy
-    and the reference answer a prompt with the same random numbers; and the near-tie check covers sampled
-    answers too. What changed from the one-at-a-time sampler (transformers' `generate` seeded per prompt):
-    the random numbers are used differently, so a seed gives other answers than before, and transformers'
-    implicit top-k of 50 is gone: --temperature and --top_p alone shape the distribution.
+    Sampling draws each prompt's tokens from its own generator seeded with `seed` + the prompt's index, by the
+    Gumbel-max trick within the top-p nucleus (a draw from softmax(logits / temperature) there), so an answer
+    depends on the seed and the prompt's index only, and the policy and the reference answer a prompt with the
+    same random numbers. There is no implicit top-k: temperature and top_p alone shape the distribution.
     """
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise UserError(f"sampling needs --temperature > 0 and 0 < --top_p <= 1 (got {temperature} and {top_p}).")
     settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
                 "top_p": top_p, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "device": device,
                 "keep_logits": keep_logits}
-    near_tie = NEAR_TIE if computes_in_full_float32(model) else 0.0
+    near_tie = NEAR_TIE if computes_in_full_float32(model) else NEAR_TIE_HALF
     longest_first = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for start in range(0, len(prompts), batch_size):
         rows = longest_first[start:start + batch_size]
@@ -227,7 +216,7 @@ def stacked_prompt_cache(model: torch.nn.Module, prompts: list[list[int]], *, ca
     cache with room for `capacity` positions (`generate` runs the last tokens). None where a cache is not plain
     keys and values per layer (sliding windows, ...) or a prompt has a single token: `generate` then runs the
     padded prompts itself."""
-    if min(map(len, prompts)) < 2:
+    if min(map(len, prompts)) < 2 or not preallocation_works():
         return None
     width = max(map(len, prompts)) - 1
     per_prompt = []
@@ -248,9 +237,10 @@ def stacked_prompt_cache(model: torch.nn.Module, prompts: list[list[int]], *, ca
 class PreallocatedLayer(DynamicLayer):
     """A cache layer whose keys and values sit at the front of buffers with room for `capacity` positions, so
     that a decoding step writes its position in place instead of copying the whole cache (DynamicLayer's
-    torch.cat: 20 of a 100 ms step for 16 rows of SmolLM2-135M on 2 CPU cores). Built from one prompt's
-    [1, heads, length, head_dim] states per row, each left-padded to `width` with zeros. Should the cache
-    outgrow the buffers or be replaced (`generate` reordering it), it grows like a DynamicLayer."""
+    torch.cat each step). Built from one prompt's [1, heads, length, head_dim] states per row, each
+    left-padded to `width` with zeros. Should the cache outgrow the buffers or be replaced (`generate`
+    reordering it), it grows like a DynamicLayer. It subclasses transformers' DynamicLayer, whose internals may
+    change between releases: `preallocation_works` checks it once per process before it is used."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], *, width: int, capacity: int):
         super().__init__()
@@ -277,6 +267,22 @@ class PreallocatedLayer(DynamicLayer):
         self.value_buffer[..., start:end, :] = value_states
         self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
         return self.keys, self.values
+
+
+@functools.cache
+def preallocation_works() -> bool:
+    """Whether PreallocatedLayer builds and updates as a DynamicLayer would in this transformers (else batches
+    decode with `generate`'s own cache: slower, the same answers)."""
+    states = [torch.arange(12.0).reshape(1, 2, 3, 2), torch.arange(8.0).reshape(1, 2, 2, 2)]
+    step = torch.full((2, 2, 1, 2), -1.0)
+    try:
+        layer = PreallocatedLayer(states, [s + 100 for s in states], width=3, capacity=5)
+        keys, values = layer.update(step, step - 1)
+    except Exception as error:  # a changed private API: any failure means "do not use it"
+        log.info("batched generation without preallocated caches: %s", first_line(error))
+        return False
+    padded = torch.cat([states[0], torch.cat([torch.zeros(1, 2, 1, 2), states[1]], dim=2)])
+    return torch.equal(keys, torch.cat([padded, step], dim=2)) and torch.equal(values[..., :3, :][0], states[0][0] + 100)
 
 
 class PreallocatedCache(DynamicCache):

@@ -18,22 +18,24 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlparse
 
 import requests
 import torch
+from requests.adapters import HTTPAdapter
 from tqdm.auto import tqdm
+from urllib3.util.retry import Retry
 
 from smolalign.core.layouts import block_tokens, choose_layout
 from smolalign.core.logprobs import RewardScorer, score_batch
 from smolalign.core.scoring import PairScoring
 from smolalign.data.tokenize import TokenizedPair
 from smolalign.errors import UserError, first_line
-from smolalign.models.loading import load_reward_model, load_tokenizer, resolve_dtype
+from smolalign.models.loading import load_reward_model, load_tokenizer
 from smolalign.models.packed import packed_linears
+from smolalign.models.precision import resolve_dtype
 from smolalign.stats import wilson_interval
 
 log = logging.getLogger("smolalign")
@@ -237,7 +239,7 @@ class ChatJudge:
         self, prompts: list[Prompt], policy_answers: list[str], reference_answers: list[str]
     ) -> list[Verdict]:
         verdicts = []
-        with requests.Session() as session:
+        with self.retrying_session() as session:
             rows = zip(prompts, policy_answers, reference_answers, strict=True)
             for prompt, policy, reference in tqdm(
                 rows, total=len(prompts), desc=f"judging with {self.model}", unit="prompt"
@@ -264,37 +266,38 @@ class ChatJudge:
         return choice
 
     def complete(self, session: requests.Session, messages: list[Message]) -> str:
-        """The endpoint's reply text, after up to `attempts` tries on failures that may pass."""
+        """The endpoint's reply text; the session retries what may pass (see `retrying_session`)."""
         payload = {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": self.max_tokens}
-        failure = ""
-        for attempt in range(self.attempts):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                response = session.post(
-                    self.endpoint, json=payload, headers=self.headers, timeout=self.timeout
-                )
-            except (requests.ConnectionError, requests.Timeout) as error:
-                failure = f"{type(error).__name__} ({first_line(error)})"
-                continue
-            if response.status_code in RETRY_STATUS:
-                failure = f"HTTP {response.status_code}: {_server_message(response)}"
-                continue
-            if not response.ok:
-                raise UserError(
-                    f"the judge at {self.endpoint} refused the request with HTTP {response.status_code}: "
-                    f"{_server_message(response)}"
-                )
-            try:
-                return response.json()["choices"][0]["message"]["content"] or ""
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise UserError(
-                    f"the judge at {self.endpoint} did not answer with a chat completion: "
-                    f"{response.text[:200]!r}"
-                ) from None
-        raise UserError(
-            f"the judge at {self.endpoint} failed {self.attempts} times; the last failure: {failure}."
-        )
+        try:
+            response = session.post(self.endpoint, json=payload, headers=self.headers, timeout=self.timeout)
+        except (requests.ConnectionError, requests.Timeout) as error:
+            raise self.gave_up(f"{type(error).__name__} ({first_line(error)})") from None
+        if response.status_code in RETRY_STATUS:
+            raise self.gave_up(f"HTTP {response.status_code}: {_server_message(response)}")
+        if not response.ok:
+            raise UserError(
+                f"the judge at {self.endpoint} refused the request with HTTP {response.status_code}: "
+                f"{_server_message(response)}"
+            )
+        try:
+            return response.json()["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise UserError(
+                f"the judge at {self.endpoint} did not answer with a chat completion: {response.text[:200]!r}"
+            ) from None
+
+    def gave_up(self, failure: str) -> UserError:
+        return UserError(f"the judge at {self.endpoint} failed {self.attempts} times; the last failure: {failure}.")
+
+    def retrying_session(self) -> requests.Session:
+        """A session that tries a request up to `attempts` times on connection errors, timeouts, HTTP 429 and
+        5xx, with exponential backoff (urllib3's Retry, POST included: judging is idempotent)."""
+        retry = Retry(total=self.attempts - 1, status_forcelist=sorted(RETRY_STATUS), allowed_methods=None,
+                      backoff_factor=self.backoff, raise_on_status=False, respect_retry_after_header=False)
+        session = requests.Session()
+        for scheme in ("http://", "https://"):
+            session.mount(scheme, HTTPAdapter(max_retries=retry))
+        return session
 
 
 def _transcript(prompt: Prompt) -> str:

@@ -1,17 +1,14 @@
-"""Run folders as the report reads them: config.yaml, metrics.jsonl, eval/eval.json, eval/generations.jsonl."""
+"""Run folders as the report reads them: the config, the metrics, and `smolalign eval`'s summary and generations."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import yaml
 
 from smolalign.config.choices import MEAN_LOGPS_ALGORITHMS
 from smolalign.config.files import flatten
 from smolalign.errors import UserError
-from smolalign.metrics import read_metrics
+from smolalign.run_folder import RunFolder
 
 
 @dataclass
@@ -44,19 +41,15 @@ class Run:
 
 def read_runs(run_dirs: list[Path]) -> list[Run]:
     """Every run folder read whole; a folder that is not a run is the user's mistake, said in one sentence."""
-    for path in run_dirs:
-        if not (path / "config.yaml").is_file() and not (path / "metrics.jsonl").is_file():
-            raise UserError(f"'{path}' is not a run folder: it has neither config.yaml nor metrics.jsonl.")
+    folders = [RunFolder(path) for path in run_dirs]
+    for folder in folders:
+        if not folder.is_run():
+            raise UserError(f"'{folder.path}' is not a run folder: it has neither {folder.config_file.name} nor "
+                            f"{folder.metrics_file.name}.")
     return [
-        Run(
-            name=name,
-            path=path,
-            config=flatten(_read_yaml(path / "config.yaml")),
-            records=read_metrics(path / "metrics.jsonl"),
-            evaluation=_read_json(path / "eval" / "eval.json"),
-            generations=read_metrics(path / "eval" / "generations.jsonl"),  # any JSONL, torn lines skipped
-        )
-        for name, path in zip(run_names(run_dirs), run_dirs, strict=True)
+        Run(name=name, path=folder.path, config=flatten(folder.read_config()), records=folder.read_metrics(),
+            evaluation=folder.eval.read_summary(), generations=folder.eval.read_generations())
+        for name, folder in zip(run_names(run_dirs), folders, strict=True)
     ]
 
 
@@ -73,25 +66,6 @@ def run_names(run_dirs: list[Path]) -> list[str]:
         names = ["/".join(path.parts[-depth:]) if names.count(name) > 1 else name
                  for path, name in zip(paths, names, strict=True)]
     return names
-
-
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        raise UserError(f"{path} is not valid YAML: fix it or rerun the training that wrote it.") from None
-    return config if isinstance(config, dict) else {}
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path} is not valid JSON (line {error.lineno}): rerun `smolalign eval` to rewrite it.") from None
 
 
 def _is_held_out(record: dict) -> bool:

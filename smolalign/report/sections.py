@@ -13,6 +13,7 @@ from smolalign.report.plots import CURVES, logps_unit, plot_curves, plot_sweep, 
 from smolalign.report.render import Answer, Collapsible, Figures, Paragraph, Sample, Section, Table
 from smolalign.report.runs import Run
 from smolalign.report.verdicts import effect_verdict, held_out_key, outcomes, win_rate
+from smolalign.run_folder import RunFolder
 from smolalign.stats import ACCURACY_METRICS, Proportion, interval_keys
 
 MAX_SAMPLES = 8  # prompts shown side by side: enough to get a feel for the answers, few enough to read
@@ -92,14 +93,14 @@ def sweep_section(runs: list[Run], sweep_keys: list[str], out_dir: Path) -> Sect
         line = ", ".join(f"{k}={_setting(run.config.get(k, _MISSING))}" for k in sweep_keys[1:])
         finals = {name: value for name, value in outcomes(run, key).items() if name != "held-out accuracy before"}
         points.append((run.config.get(sweep_keys[0]), line, finals))
-    path = plot_sweep(points, sweep_keys[0], out_dir / "plots" / "sweep.png")
+    path = plot_sweep(points, sweep_keys[0], RunFolder(out_dir).plots / "sweep.png")
     if path is None:
         return Section("Sweep", [Paragraph("No run has final metrics to plot against the swept settings.")])
     return Section("Sweep", [Figures([(_relative(path, out_dir), f"final metrics against {sweep_keys[0]}")])])
 
 
 def curves_section(runs: list[Run], out_dir: Path) -> Section:
-    images = plot_curves({run.name: run.records for run in runs}, out_dir / "plots",
+    images = plot_curves({run.name: run.records for run in runs}, RunFolder(out_dir).plots,
                          {run.name: run.logps_scale for run in runs})
     if not images:
         return Section("Training curves", [Paragraph("No run has logged metrics yet.")])
@@ -175,7 +176,7 @@ def judge_section(runs: list[Run], out_dir: Path) -> Section | None:
              format_number(win_rate(run.evaluation))] for run in judged]
     rates = {run.name: (run.evaluation["judge/win_rate"], run.evaluation.get("judge/ci_low"),
                         run.evaluation.get("judge/ci_high")) for run in judged}
-    chart = plot_win_rates(rates, out_dir / "plots" / "win_rates.png", run_colors([run.name for run in runs]))
+    chart = plot_win_rates(rates, RunFolder(out_dir).plots / "win_rates.png", run_colors([run.name for run in runs]))
     return Section("Judge", [Table(header, rows), Figures([(_relative(chart, out_dir), "judge win rates")])])
 
 

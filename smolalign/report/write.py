@@ -26,6 +26,7 @@ from smolalign.report.sections import (
     settings_section,
     sweep_section,
 )
+from smolalign.run_folder import RunFolder
 
 
 def write_report(run_dirs: list[Path], out_dir: Path, sweep_keys: list[str] | None = None) -> Path:
@@ -52,8 +53,8 @@ def write_report(run_dirs: list[Path], out_dir: Path, sweep_keys: list[str] | No
     ]
     sections = [section for section in sections if section is not None]
     title = "smolalign report: " + (", ".join(run.name for run in runs) if len(runs) <= 4 else f"{len(runs)} runs")
-    (out_dir / "report.md").write_text(render_markdown(title, sections))
-    path = out_dir / "report.html"
-    path.write_text(render_html(title, sections))
-    return path
+    folder = RunFolder(out_dir)  # a run's own report, or a comparison's folder laid out alike
+    folder.report_md.write_text(render_markdown(title, sections))
+    folder.report_html.write_text(render_html(title, sections))
+    return folder.report_html
 

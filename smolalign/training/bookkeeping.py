@@ -12,11 +12,13 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from smolalign.config.train import TrainConfig
-from smolalign.core.heldout import mean_logps_wins
+from smolalign.core.heldout import labelled_summary, preference_summary, reward_model_summary
+from smolalign.core.logprobs import PairLogps, concat_pair_logps
+from smolalign.core.losses import Objective
 from smolalign.data.tokenize import TokenizedPair
 from smolalign.errors import RunError, writes_reported
-from smolalign.metrics import MetricsFile, MetricWindow
-from smolalign.stats import ACCURACY_METRICS, interval_fields
+from smolalign.metrics import MetricWindow
+from smolalign.run_folder import RunFolder
 from smolalign.training.checkpoint import (
     RunProgress,
     last_good_checkpoint,
@@ -35,10 +37,9 @@ class Bookkeeper:
     a checkpoint every `save_steps`. Time spent evaluating and saving does not count as training time."""
 
     def __init__(self, accelerator: Accelerator, config: TrainConfig, plan: StepPlan, runner: PairRunner,
-                 eval_pairs: list[TokenizedPair], metrics_file: MetricsFile, progress: RunProgress,
-                 output_dir: Path):
+                 eval_pairs: list[TokenizedPair], run: RunFolder, progress: RunProgress):
         self.accelerator, self.config, self.plan, self.runner = accelerator, config, plan, runner
-        self.eval_pairs, self.metrics_file, self.progress, self.output_dir = eval_pairs, metrics_file, progress, output_dir
+        self.eval_pairs, self.run, self.progress, self.output_dir = eval_pairs, run, progress, run.path
         self.window, self.window_tokens, self.window_start = MetricWindow(), 0, time.perf_counter()
 
     def begin(self, start_step: int) -> None:
@@ -51,13 +52,13 @@ class Bookkeeper:
         """Count optimizer step number `step` (from 1), then log, evaluate and save where the config asks."""
         self.count(step, outcome, step_pairs)
         bar.update(1)
-        config, last = self.config, step == self.plan.total_steps
-        if step % config.logging_steps == 0 or last:
+        config, plan, last = self.config, self.plan, step == self.plan.total_steps
+        if step % plan.every(config.logging_steps) == 0 or last:
             self.log_window(step, outcome, bar)
         paused = time.perf_counter()
-        if self.eval_pairs and (last or (config.eval_steps and step % config.eval_steps == 0)):
+        if self.eval_pairs and (last or (config.eval_steps and step % plan.every(config.eval_steps) == 0)):
             self.evaluate(step)
-        if step % config.save_steps == 0 and not last:
+        if step % plan.every(config.save_steps) == 0 and not last:
             require_finite_weights(self.runner.scorer, f"checkpoint-{step}", self.output_dir)
             save_checkpoint(self.accelerator, self.output_dir, step, self.progress, config, config.save_total_limit)
         self.window_start += time.perf_counter() - paused
@@ -102,37 +103,40 @@ class Bookkeeper:
         """One line of metrics.jsonl (written by the main process) and the trackers' values at `step`."""
         record = {"step": step, "epoch": round(self.plan.epoch_at(step), 4), **values}
         if self.accelerator.is_main_process:
-            with writes_reported(self.metrics_file.path):
-                self.metrics_file.write(record)
+            with writes_reported(self.run.metrics_file):
+                self.run.append_metrics(record)
         self.accelerator.log(values, step=step)
 
 
 @torch.no_grad()
 def evaluate_objective(runner: PairRunner, pairs: list[TokenizedPair], *, batch_size: int) -> dict[str, float]:
-    """The objective's loss and metrics on held-out pairs, averaged over batches as TRL's evaluate does;
-    for each accuracy also its 95% interval (`eval_<name>_ci_low`, `eval_<name>_ci_high`), and the
-    number of pairs (`eval_pairs`).
-
-    The interval is Wilson's for the pairs the accuracy got right out of all pairs. The logged accuracy
-    is TRL's mean of batch means, which is that same share when every batch is full; a smaller last
-    batch weighs as much as a full one in TRL's number, so the two may then differ a little.
-    """
+    """The objective's loss (and its other terms, as `kl` and `nll_loss`) on held-out pairs, averaged over
+    batches as TRL's evaluate does; the preference numbers (accuracies with their 95% intervals, margins,
+    rewards) over all pairs at once, as `smolalign eval` computes them (core/heldout.py); `eval_pairs`."""
     window = MetricWindow()
-    wins: dict[str, int] = dict.fromkeys(ACCURACY_METRICS, 0)
+    policy_parts, reference_parts = [], []
     for start in tqdm(range(0, len(pairs), batch_size), desc="evaluating", leave=False, unit="batch"):
-        batch = pairs[start : start + batch_size]
-        result = runner.run(batch)
-        metrics = {"loss": result.output.loss, **result.output.metrics}
-        if runner.objective.needs_rejected and not runner.objective.reward_model:
-            metrics["logps/mean_accuracy"] = mean_logps_wins(result.policy).float().mean()
-        window.add(metrics)
-        for name in wins.keys() & metrics.keys():  # an accuracy is a share of the batch: back to a count
-            wins[name] += round(float(metrics[name]) * len(batch))
-    summary = window.mean()
-    for name in [name for name in ACCURACY_METRICS if name in summary]:
-        summary |= interval_fields(name, wins[name], len(pairs))
-    summary["pairs"] = len(pairs)
-    return {f"eval_{name}": value for name, value in summary.items()}
+        result = runner.run(pairs[start : start + batch_size])
+        window.add({"loss": result.output.loss, **result.output.metrics})
+        policy_parts.append(result.policy)
+        reference_parts.append(result.reference)
+    policy = concat_pair_logps(policy_parts)
+    reference = concat_pair_logps(reference_parts) if runner.reference is not None else None
+    summary = {**window.mean(), **held_out_summary(runner.objective, policy, reference, beta=runner.settings.beta)}
+    return {f"eval_{name}": value for name, value in summary.items()
+            if isinstance(value, (int, float)) and name != "beta"}
+
+
+def held_out_summary(objective: Objective, policy: PairLogps, reference: PairLogps | None, *,
+                     beta: float) -> dict[str, float]:
+    """The held-out numbers of core/heldout.py that fit the objective's rows."""
+    if objective.reward_model:
+        return reward_model_summary(policy)
+    if objective.rows == "labelled":
+        return labelled_summary(policy, reference, beta=beta)
+    if objective.rows == "pairs":
+        return preference_summary(policy, reference, beta=beta)
+    return {"pairs": len(policy.chosen)}
 
 
 def skip_nonfinite_step(

@@ -7,8 +7,6 @@ while saving never leaves a checkpoint that looks whole. Only the newest `save_t
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +14,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from smolalign.config.files import changed_settings, save_config
+from smolalign.config.files import changed_settings
 from smolalign.config.train import TrainConfig, load_config
 from smolalign.errors import RunError, UserError, writes_reported
-
-STATE_FILE = "smolalign_state.json"
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+from smolalign.run_folder import RunFolder, is_checkpoint, read_checkpoint_state, write_checkpoint_state
 
 
 @dataclass
@@ -38,8 +34,8 @@ def save_checkpoint(
     limit: int | None,
 ) -> Path:
     """Write checkpoint-`step`; if the disk is full or the folder unwritable, the earlier ones stay whole."""
-    target = output_dir / f"checkpoint-{step}"
-    staging = output_dir / f".checkpoint-{step}.partial"
+    run = RunFolder(output_dir)
+    target, staging = run.checkpoint(step), run.checkpoint_staging(step)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -47,8 +43,8 @@ def save_checkpoint(
         with writes_reported(staging):
             accelerator.save_state(str(staging), safe_serialization=False)  # tied embeddings: torch.save keeps the tie
             if accelerator.is_main_process:
-                (staging / STATE_FILE).write_text(json.dumps({"step": step, **dataclasses.asdict(progress)}))
-                save_config(config, staging / "config.yaml")
+                write_checkpoint_state(staging, {"step": step, **dataclasses.asdict(progress)})
+                RunFolder(staging).write_config(config)
                 shutil.rmtree(target, ignore_errors=True)
                 staging.rename(target)
                 _rotate(output_dir, limit)
@@ -62,19 +58,13 @@ def save_checkpoint(
 def _rotate(output_dir: Path, limit: int | None) -> None:
     if limit is None:
         return
-    for old in list_checkpoints(output_dir)[:-limit]:
+    for old in RunFolder(output_dir).checkpoints()[:-limit]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := CHECKPOINT.match(p.name))]
-    return [p for _, p in sorted(found) if (p / STATE_FILE).exists()]
 
 
 def last_good_checkpoint(output_dir: Path) -> str:
     """What a stopped run leaves to resume from, as part of its one sentence."""
-    checkpoints = list_checkpoints(output_dir)
+    checkpoints = RunFolder(output_dir).checkpoints()
     return f"the last good checkpoint, '{checkpoints[-1]}', is kept" if checkpoints else "no checkpoint had been written yet"
 
 
@@ -88,13 +78,13 @@ def require_finite_weights(model: torch.nn.Module, target: str, output_dir: Path
 
 def resolve_checkpoint(requested: str, output_dir: Path) -> Path:
     if requested == "latest":
-        checkpoints = list_checkpoints(output_dir)
+        checkpoints = RunFolder(output_dir).checkpoints()
         if not checkpoints:
             raise UserError(f"resume_from_checkpoint=latest, but '{output_dir}' holds no complete checkpoint.")
         return checkpoints[-1]
     path = Path(requested)
-    if not (path / STATE_FILE).exists():
-        raise UserError(f"'{requested}' is not a smolalign checkpoint folder (no {STATE_FILE}).")
+    if not is_checkpoint(path):
+        raise UserError(f"'{requested}' is not a complete smolalign checkpoint folder.")
     return path
 
 
@@ -102,11 +92,11 @@ def load_checkpoint(accelerator: Accelerator, path: Path, config: TrainConfig) -
     """Restore everything Accelerate prepared; returns the optimizer steps done and the progress counters."""
     # A resumed run may change bookkeeping settings only: any other change would alter the pairs or the
     # schedule of later steps.
-    changed = changed_settings(load_config(path / "config.yaml"), config)
+    changed = changed_settings(load_config(RunFolder(path).config_file), config)
     if changed:
         raise UserError(f"cannot resume from '{path}' with other settings ({', '.join(changed[:3])}): later steps "
                         "would see other pairs or another schedule. Resume with the checkpoint's settings.")
     accelerator.load_state(str(path))
-    state = json.loads((path / STATE_FILE).read_text())
+    state = read_checkpoint_state(path)
     step = state.pop("step")
     return step, RunProgress(**state)

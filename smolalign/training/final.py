@@ -5,12 +5,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from smolalign.config.algorithms import loss_types
 from smolalign.config.choices import ALGORITHM_TITLES
 from smolalign.config.train import TrainConfig
-from smolalign.models.embedded import EMBEDDED_NAME, WEIGHTS_NOTE, is_embedded
+from smolalign.hub import looks_like_path
+from smolalign.models.embedded import EMBEDDED_HUB_ID, EMBEDDED_NAME, WEIGHTS_NOTE, is_embedded
+from smolalign.run_folder import RunFolder
 from smolalign.stats import ACCURACY_METRICS, Proportion
 
 
@@ -18,15 +22,15 @@ def save_final_model(
     model, tokenizer: PreTrainedTokenizerBase, config: TrainConfig, output_dir: Path, summary: dict[str, float]
 ) -> Path:
     """Write final/ atomically: a full model, a PEFT adapter, or (merge_lora) the merged full model."""
-    final = output_dir / "final"
-    staging = output_dir / ".final.partial"
+    run = RunFolder(output_dir)
+    final, staging = run.final, run.final_staging
     shutil.rmtree(staging, ignore_errors=True)
     is_adapter = isinstance(model, PeftModel)
     if is_adapter and config.merge_lora:
         model, is_adapter = model.merge_and_unload(), False
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    (staging / "README.md").write_text(model_card(config, summary, is_adapter=is_adapter))
+    model_card(config, summary, is_adapter=is_adapter).save(staging / "README.md")
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
     return final
@@ -44,15 +48,14 @@ def result_rows(summary: dict[str, float]) -> list[str]:
     return rows
 
 
-def model_card(config: TrainConfig, summary: dict[str, float], *, is_adapter: bool) -> str:
+def model_card(config: TrainConfig, summary: dict[str, float], *, is_adapter: bool) -> ModelCard:
+    """final/'s README.md: the Hub's metadata (library, tags, base model) and what the run was and measured."""
     base = EMBEDDED_NAME if is_embedded(config.model) else config.model
-    variant = f" (loss_type `{config.loss_type}`)" if config.algorithm == "dpo" else ""
+    variant = f" (loss_type `{', '.join(loss_types(config))}`)" if loss_types(config) else ""
+    metadata = ModelCardData(library_name="peft" if is_adapter else "transformers",
+                             tags=["smolalign", config.algorithm, "preference-alignment"],
+                             base_model=EMBEDDED_HUB_ID if is_embedded(config.model) else hub_id_or_none(config.model))
     lines = [
-        "---",
-        "library_name: " + ("peft" if is_adapter else "transformers"),
-        "tags: [smolalign, " + config.algorithm + ", preference-alignment]",
-        "---",
-        "",
         f"# {Path(config.output_dir).name}",
         "",
         f"{base} trained by smolalign as {ALGORITHM_TITLES[config.algorithm]}{variant}."
@@ -101,4 +104,11 @@ def model_card(config: TrainConfig, summary: dict[str, float], *, is_adapter: bo
             'model = AutoModelForCausalLM.from_pretrained("path/to/final")',
         ]
     lines += ['tokenizer = AutoTokenizer.from_pretrained("path/to/final")', "```", ""]
-    return "\n".join(lines)
+    return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def hub_id_or_none(name: str | None) -> str | None:
+    """`name` when it is a Hub id (`owner/name`), which the card's base_model can link to; None for a local path."""
+    if name is None or looks_like_path(name) or Path(name).exists() or name.count("/") != 1:
+        return None
+    return name

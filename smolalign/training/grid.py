@@ -18,7 +18,7 @@ from smolalign.config.fields import FlagText
 from smolalign.config.files import changed_settings, read_yaml
 from smolalign.config.train import TrainConfig, load_config
 from smolalign.errors import UserError
-from smolalign.training.checkpoint import list_checkpoints
+from smolalign.run_folder import RunFolder
 
 log = logging.getLogger("smolalign")
 
@@ -72,9 +72,10 @@ def plan_sweep(config_path: str | TrainConfig | None, grid_specs: list[str], ove
 def check_same_settings(folder: Path, config: TrainConfig) -> None:
     """A run folder left by an earlier sweep is reused only if it was started with `config`'s settings
     (bookkeeping ones aside, as when resuming from a checkpoint)."""
-    if not (folder / "config.yaml").exists():
+    run = RunFolder(folder)
+    if not run.config_file.exists():
         return
-    started = load_config(folder / "config.yaml")
+    started = load_config(run.config_file)
     changed = changed_settings(started, config)
     if changed:
         raise UserError(f"'{folder}' holds a run with other settings ({', '.join(changed[:3])}); remove it or "
@@ -86,10 +87,11 @@ def run_config(config_path: str | TrainConfig | None, overrides: dict, folder: P
     """The config to train one point with (resuming its last checkpoint, if any); None when it finished earlier."""
     settings = {**overrides, **point, "output_dir": str(folder)}
     check_same_settings(folder, load_config(config_path, settings))
-    if (folder / "final").exists():
+    run = RunFolder(folder)
+    if run.final.exists():
         log.info("[%d/%d] %s: finished earlier, skipped", number, total, folder.name)
         return None
-    if folder.is_dir() and list_checkpoints(folder):
+    if folder.is_dir() and run.checkpoints():
         settings["resume_from_checkpoint"] = "latest"
         log.info("[%d/%d] %s: resuming from its last checkpoint", number, total, folder.name)
     else:

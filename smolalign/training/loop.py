@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -23,9 +22,11 @@ from smolalign.core.losses import OBJECTIVES, LossSettings
 from smolalign.data.prepare import prepare_data
 from smolalign.errors import writes_reported
 from smolalign.locks import run_folder_lock
-from smolalign.metrics import MetricsFile, last_values, read_metrics
-from smolalign.models.loading import count_parameters, load_tokenizer, resolve_device, resolve_precision
-from smolalign.models.memory import keep_freed_memory
+from smolalign.metrics import last_values
+from smolalign.models.loading import count_parameters, load_tokenizer, resolve_device
+from smolalign.models.memory import freed_memory_kept
+from smolalign.models.precision import resolve_precision
+from smolalign.run_folder import RunFolder
 from smolalign.training.bookkeeping import Bookkeeper
 from smolalign.training.checkpoint import require_finite_weights
 from smolalign.training.final import save_final_model
@@ -41,13 +42,14 @@ from smolalign.training.setup import (
     make_output_dir,
     open_run_folder,
     require_trackers,
+    reset_accelerate_state,
 )
 from smolalign.training.step import PairRunner, training_step
 
 log = logging.getLogger("smolalign")
 
 
-def train(config: TrainConfig) -> Path | None:
+def run_training(config: TrainConfig) -> Path | None:
     """Run one alignment job end to end; returns the folder of the final model (None in the processes
     other than the main one, which saves it).
 
@@ -64,7 +66,11 @@ def train(config: TrainConfig) -> Path | None:
 
 def _train(config: TrainConfig, output_dir: Path) -> Path | None:
     device = resolve_device(config.device)
-    keep_freed_memory(device)
+    with freed_memory_kept(device):
+        return _train_on(device, config, output_dir)
+
+
+def _train_on(device, config: TrainConfig, output_dir: Path) -> Path | None:
     require_trackers(config.report_to)
     check_push_access(config)  # push_to_hub: token, network and repository id, before any work
     dtype, mixed_precision = resolve_precision(config.dtype, device, lora=config.lora is not None)
@@ -75,7 +81,7 @@ def _train(config: TrainConfig, output_dir: Path) -> Path | None:
     # while gloo's worker threads are joined) can deadlock: a process then never exits.
     accelerator.free_memory()
     accelerator.end_training()
-    AcceleratorState._reset_state()  # leave the process as we found it, for whatever trains next
+    reset_accelerate_state()  # leave the process as we found it, for whatever trains next
     return final
 
 
@@ -86,8 +92,9 @@ def _train_steps(accelerator: Accelerator, config: TrainConfig, output_dir: Path
     set_seed(config.seed)  # before LoRA: PEFT initialises the adapters randomly
 
     # Data comes first, so that a bad file fails before any weights are loaded.
-    tokenizer = load_tokenizer(config.model, chat_template=config.chat_template)
-    data = prepare_data(config, tokenizer, needs_rejected=objective.needs_rejected)
+    tokenizer = load_tokenizer(config.model, chat_template=config.chat_template, revision=config.model_revision,
+                               trust_remote_code=config.trust_remote_code)
+    data = prepare_data(config, tokenizer, use=objective.rows)
 
     # Models: the policy, the batches it is scored in, and its reference (see build_reference).
     policy, layout = build_policy(config, objective, tokenizer, dtype=dtype, device=accelerator.device)
@@ -96,7 +103,8 @@ def _train_steps(accelerator: Accelerator, config: TrainConfig, output_dir: Path
     log.info("%s on %s (%s): %d/%d parameters trainable, layout %s, %d training pairs",
              config.algorithm, accelerator.device, str(dtype).removeprefix("torch."), trainable, total, layout,
              len(data.train))
-    scorer = (RewardScorer if objective.reward_model else SequenceScorer)(policy, config.logprob_chunk_size)
+    scorer = (RewardScorer(policy, config.logprob_chunk_size) if objective.reward_model else
+              SequenceScorer(policy, config.logprob_chunk_size, square_mass=config.use_weighting))
     plan = build_plan(config, data, accelerator.num_processes)
     reference = build_reference(config, objective, policy=policy, scorer=scorer, tokenizer=tokenizer, dtype=dtype,
                                 accelerator=accelerator, scoring=scoring, plan=plan, data=data)
@@ -105,10 +113,11 @@ def _train_steps(accelerator: Accelerator, config: TrainConfig, output_dir: Path
     scheduler = build_scheduler(config, optimizer, plan.total_steps)
     scorer, optimizer, scheduler = accelerator.prepare(scorer, optimizer, scheduler)
     runner = PairRunner(scorer, reference, objective, LossSettings.from_config(config), scoring,
-                        autocast=accelerator.autocast)
+                        autocast=accelerator.autocast,
+                        mean_across_processes=lambda value: accelerator.reduce(value, reduction="mean"))
 
-    metrics_file, start_step, progress = open_run_folder(accelerator, config, output_dir)
-    books = Bookkeeper(accelerator, config, plan, runner, data.eval, metrics_file, progress, output_dir)
+    run, start_step, progress = open_run_folder(accelerator, config, output_dir)
+    books = Bookkeeper(accelerator, config, plan, runner, data.eval, run, progress)
     books.begin(start_step)
     scorer.train()
     with tqdm(total=plan.total_steps, initial=start_step, desc=config.algorithm, unit="step",
@@ -121,16 +130,16 @@ def _train_steps(accelerator: Accelerator, config: TrainConfig, output_dir: Path
                                     max_grad_norm=config.max_grad_norm)
             books.after_step(step + 1, outcome, step_pairs, bar)
 
-    return save_final(accelerator, scorer, tokenizer, config, metrics_file) if accelerator.is_main_process else None
+    return save_final(accelerator, scorer, tokenizer, config, run) if accelerator.is_main_process else None
 
 
-def save_final(accelerator: Accelerator, scorer, tokenizer, config: TrainConfig, metrics_file: MetricsFile) -> Path:
+def save_final(accelerator: Accelerator, scorer, tokenizer, config: TrainConfig, run: RunFolder) -> Path:
     """final/: the trained model, with a model card holding the last logged metrics."""
     output_dir = Path(config.output_dir)
-    summary = {k: v for k, v in last_values(read_metrics(metrics_file.path)).items() if k not in ("step", "epoch")}
+    summary = {k: v for k, v in last_values(run.read_metrics()).items() if k not in ("step", "epoch")}
     model = accelerator.unwrap_model(scorer).model
     require_finite_weights(model, "final/", output_dir)
-    with writes_reported(output_dir / "final"):
+    with writes_reported(run.final):
         final = save_final_model(model, tokenizer, config, output_dir, summary)
     log.info("final model: %s", final)
     return final

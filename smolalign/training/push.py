@@ -12,8 +12,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from smolalign.config.train import TrainConfig
 from smolalign.errors import RunError, UserError, first_line
 from smolalign.hub import hub_reachable
-
-REPORT_FILES = ["report.html", "report.md", "plots/*.png", "config.yaml", "metrics.jsonl"]
+from smolalign.run_folder import RunFolder
 
 
 def check_push_access(config: TrainConfig) -> str | None:
@@ -59,7 +58,8 @@ def push_run(output_dir: Path, config: TrainConfig) -> str:
     """Upload `final/` (the model and its card) to the root of the repository, and the report with the
     config and metrics under `report/`; returns the repository's URL. A failed upload is a RunError that
     says how to retry: the run itself is complete on disk."""
-    final = Path(output_dir) / "final"
+    run = RunFolder(Path(output_dir))
+    final = run.final
     try:
         repo_id = hub_repo_id(config)  # checked before training; the network or the token may have gone since
     except UserError as error:
@@ -69,7 +69,7 @@ def push_run(output_dir: Path, config: TrainConfig) -> str:
         url = api.create_repo(repo_id, private=config.hub_private, exist_ok=True, repo_type="model")
         api.upload_folder(repo_id=repo_id, folder_path=final, commit_message="smolalign: final model")
         api.upload_folder(repo_id=repo_id, folder_path=output_dir, path_in_repo="report",
-                          allow_patterns=REPORT_FILES, commit_message="smolalign: training report")
+                          allow_patterns=run.published_files(), commit_message="smolalign: training report")
     except Exception as error:  # network failure, refused permission, full quota: the run stays as it is
         raise RunError(f"the run is complete in '{output_dir}', but uploading it to '{repo_id}' failed "
                        f"({first_line(error)}); upload it later with `hf upload {repo_id} {final}`.") from None

@@ -15,7 +15,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, is_tensorboard_available, is_wandb_available
 from transformers import get_scheduler
 
-from smolalign.config.files import flatten, save_config
+from smolalign.config.files import flatten
 from smolalign.config.train import TrainConfig
 from smolalign.core.layouts import block_tokens, choose_layout
 from smolalign.core.losses import Objective
@@ -23,9 +23,9 @@ from smolalign.core.reference import Reference, precompute_reference, precompute
 from smolalign.core.scoring import PairScoring, default_max_tokens_per_forward
 from smolalign.data.prepare import PreparedData
 from smolalign.errors import UserError, writes_reported
-from smolalign.metrics import MetricsFile
 from smolalign.models.loading import add_lora, base_model_of, load_model
-from smolalign.training.checkpoint import RunProgress, list_checkpoints, load_checkpoint, resolve_checkpoint
+from smolalign.run_folder import RunFolder
+from smolalign.training.checkpoint import RunProgress, load_checkpoint, resolve_checkpoint
 from smolalign.training.plan import StepPlan
 
 log = logging.getLogger("smolalign")
@@ -56,7 +56,7 @@ def make_accelerator(config: TrainConfig, device: torch.device, mixed_precision:
     """Accelerate for this run, in a fresh state."""
     # Accelerate keeps one state per process: without a reset, a trainer made earlier in the same process
     # (a notebook that ran TRL first) would impose its mixed precision on this run.
-    AcceleratorState._reset_state()
+    reset_accelerate_state()
     # The schedule counts optimizer steps of the whole job, so the scheduler steps once per optimizer step
     # (Accelerate would otherwise step it once per process).
     # Processes may run different numbers of forward passes per step (chunks of their own pairs), so DDP
@@ -67,10 +67,22 @@ def make_accelerator(config: TrainConfig, device: torch.device, mixed_precision:
                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 
+def reset_accelerate_state() -> bool:
+    """Forget Accelerate's per-process state (its private `_reset_state`); False where a release lacks it, and
+    then a run in a process where another trainer ran first keeps that one's settings."""
+    reset = getattr(AcceleratorState, "_reset_state", None)
+    if reset is None:
+        log.debug("accelerate has no AcceleratorState._reset_state: its state is kept between runs")
+        return False
+    reset()
+    return True
+
+
 def build_policy(config: TrainConfig, objective: Objective, tokenizer, *, dtype, device) -> tuple[torch.nn.Module, str]:
     """The model to train (with LoRA adapters and gradient checkpointing if asked) and its batch layout."""
     policy = load_model(config.model, dtype=dtype, device=device, tokenizer=tokenizer,
-                        reward_head=objective.reward_model)
+                        reward_head=objective.reward_model, revision=config.model_revision,
+                        trust_remote_code=config.trust_remote_code)
     if config.lora is not None:
         policy = add_lora(policy, config.lora)
     if config.gradient_checkpointing:
@@ -87,6 +99,7 @@ def build_plan(config: TrainConfig, data: PreparedData, num_processes: int) -> S
         num_train_epochs=config.num_train_epochs,
         max_steps=config.max_steps,
         seed=config.seed,
+        shuffle=config.train_sampling_strategy == "random",
         pair_tokens=tuple(block_tokens(p) for p in data.train),
         max_tokens=config.max_tokens_per_batch,
     )
@@ -123,7 +136,7 @@ def build_reference(
     needed = [data.train[i] for i in plan.pairs_used()] + data.eval
     # The main process fills the on-disk cache first; the others then read it instead of recomputing.
     with accelerator.main_process_first(), accelerator.autocast():  # the precision the policy will train in
-        return precompute_reference(source, weights, needed, scoring)
+        return precompute_reference(source, weights, needed, scoring, shared=config.ld_alpha is not None)
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -147,33 +160,34 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total
         optimizer,
         num_warmup_steps=config.warmup_steps or math.ceil(config.warmup_ratio * total_steps),
         num_training_steps=total_steps,
+        scheduler_specific_kwargs=config.lr_scheduler_kwargs,
     )
 
 
 def open_run_folder(
     accelerator: Accelerator, config: TrainConfig, output_dir: Path
-) -> tuple[MetricsFile, int, RunProgress]:
+) -> tuple[RunFolder, int, RunProgress]:
     """Create or reopen the run folder: restore a checkpoint if asked, keep metrics only up to it, save
-    the resolved config, start the trackers. Returns the metrics file, the steps already done and the
-    progress counters."""
-    metrics_file = MetricsFile(output_dir / "metrics.jsonl")
+    the resolved config, start the trackers. Returns the folder, the steps already done and the progress
+    counters."""
+    run = RunFolder(output_dir)
     start_step, progress = 0, RunProgress()
     if config.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(config.resume_from_checkpoint, output_dir)
         start_step, progress = load_checkpoint(accelerator, checkpoint, config)
         log.info("resumed from step %d", start_step)
     if start_step:
-        metrics_file.truncate_after(start_step)
+        run.keep_metrics_until(start_step)
     elif accelerator.is_main_process:  # a fresh run replaces an earlier run in the folder, checkpoints included
-        metrics_file.path.unlink(missing_ok=True)
-        for stale in list_checkpoints(output_dir):
+        run.metrics_file.unlink(missing_ok=True)
+        for stale in run.checkpoints():
             log.warning("starting afresh: removing %s of an earlier run in this folder", stale.name)
             shutil.rmtree(stale)
     if accelerator.is_main_process:
-        with writes_reported(output_dir / "config.yaml"):
-            save_config(config, output_dir / "config.yaml")
+        with writes_reported(run.config_file):
+            run.write_config(config)
     tracked = {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)  # lists become text
                for k, v in flatten(config.to_dict()).items()}
     accelerator.init_trackers("smolalign", config=tracked,
                               init_kwargs={"wandb": {"name": config.run_name or output_dir.name}})
-    return metrics_file, start_step, progress
+    return run, start_step, progress

@@ -9,15 +9,14 @@ import math
 
 import pytest
 import torch
-from conftest import read_jsonl, varied_llama, write_jsonl
+from conftest import read_jsonl, tokenize_hh, varied_llama, write_jsonl
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from smolalign.cli import main
 from smolalign.core.logprobs import SequenceScorer, chunk_logits
-from smolalign.core.scoring import NoGradScorer, PairScoring
-from smolalign.data.formats import to_pair
-from smolalign.data.tokenize import TokenizedPair, tokenize_pairs
+from smolalign.core.scoring import PairScoring, ScorerView
+from smolalign.data.tokenize import TokenizedPair
 from smolalign.evaluation import drift, generation
 from smolalign.evaluation.drift import generate_with_drift, score_with_drift
 from smolalign.evaluation.generation import generate_answers
@@ -55,9 +54,9 @@ def full_logits_statistics(policy, reference, pairs):
 def test_kl_and_perplexity_match_a_full_logits_computation(tiny_model, tokenizer, rows, monkeypatch):
     """One pass gives the drift on the chosen answers and both models' log-probs of every answer, the same
     as scoring each model on its own."""
-    policy = NoGradScorer(SequenceScorer(AutoModelForCausalLM.from_pretrained(tiny_model(0))))
-    reference = NoGradScorer(SequenceScorer(AutoModelForCausalLM.from_pretrained(tiny_model(1))))
-    pairs = tokenize_pairs([to_pair(r, i, "hh_rlhf") for i, r in enumerate(rows)], tokenizer)
+    policy = ScorerView(SequenceScorer(AutoModelForCausalLM.from_pretrained(tiny_model(0))))
+    reference = ScorerView(SequenceScorer(AutoModelForCausalLM.from_pretrained(tiny_model(1))))
+    pairs = tokenize_hh(rows, tokenizer)
     scoring = PairScoring("prefix_shared", tokenizer.pad_token_id, torch.device("cpu"), 300)
     ours = score_with_drift(policy, reference, pairs, name="chosen", scoring=scoring)
     expected = full_logits_statistics(policy.scorer.model, reference.scorer.model, pairs)
@@ -72,7 +71,7 @@ def test_kl_and_perplexity_match_a_full_logits_computation(tiny_model, tokenizer
     head_rows = []
     monkeypatch.setattr(drift, "chunk_logits",
                         lambda hidden, *a: head_rows.append(len(hidden)) or chunk_logits(hidden, *a))
-    small = [NoGradScorer(SequenceScorer(view.scorer.model, chunk_size=3)) for view in (policy, reference)]
+    small = [ScorerView(SequenceScorer(view.scorer.model, chunk_size=3)) for view in (policy, reference)]
     in_small_chunks = score_with_drift(*small, pairs, name="chosen", scoring=scoring).statistics
     assert in_small_chunks == pytest.approx(ours.statistics, rel=1e-5)
     assert max(head_rows) == 3
@@ -93,7 +92,7 @@ def generation_options(tokenizer, policy_model, prompts, *, batch_size: int, do_
 
 
 def prompts_of(rows, tokenizer) -> list[list[int]]:
-    prompts = [p.prompt_ids for p in tokenize_pairs([to_pair(r, i, "hh_rlhf") for i, r in enumerate(rows)], tokenizer)]
+    prompts = [p.prompt_ids for p in tokenize_hh(rows, tokenizer)]
     assert len({len(p) for p in prompts}) > 1  # batches are left-padded
     return prompts
 
@@ -137,8 +136,8 @@ def test_drift_along_generated_answers_equals_scoring_them_afterwards(
     else:
         policy_model, reference_model = varied_llama(tokenizer, 0), varied_llama(tokenizer, 1)
         reference_context = contextlib.nullcontext
-    policy = NoGradScorer(SequenceScorer(policy_model))
-    reference = NoGradScorer(SequenceScorer(reference_model), reference_context)
+    policy = ScorerView(SequenceScorer(policy_model))
+    reference = ScorerView(SequenceScorer(reference_model), reference_context)
     prompts = prompts_of(rows, tokenizer)
     options = generation_options(tokenizer, policy_model, prompts, batch_size=batch_size, do_sample=do_sample)
     if not stacked_cache:
@@ -173,7 +172,7 @@ def test_drift_along_generated_answers_equals_scoring_them_afterwards(
 
 def test_a_model_does_not_drift_from_itself_along_its_answers(tokenizer, rows):
     model = varied_llama(tokenizer, 0)
-    view = NoGradScorer(SequenceScorer(model))
+    view = ScorerView(SequenceScorer(model))
     prompts = prompts_of(rows, tokenizer)
     statistics = generate_with_drift(view, view, prompts,
                                      **generation_options(tokenizer, model, prompts, batch_size=3)).statistics
@@ -189,8 +188,8 @@ def test_kept_logits_bound_the_batch(tokenizer, rows, monkeypatch):
     per_prompt = options["max_new_tokens"] * policy_model.config.vocab_size * 4
     monkeypatch.setattr(drift, "KEPT_LOGITS_BYTES", 2 * per_prompt + 1)
     passes = spy_on_reference_passes(monkeypatch)
-    generated = generate_with_drift(NoGradScorer(SequenceScorer(policy_model)),
-                                    NoGradScorer(SequenceScorer(reference_model)), prompts, **options)
+    generated = generate_with_drift(ScorerView(SequenceScorer(policy_model)),
+                                    ScorerView(SequenceScorer(reference_model)), prompts, **options)
     assert len(passes) == 3  # 6 prompts, 2 at a time
     assert generated.policy_answers == generate_answers(policy_model, prompts, desc="policy", **options)
 
@@ -207,7 +206,7 @@ def test_eval_generates_side_by_side_and_measures_drift(tmp_path, tiny_model, to
     generations = read_jsonl(out / "generations.jsonl")
     assert [g["index"] for g in generations] == [0, 1]
     policy = AutoModelForCausalLM.from_pretrained(tiny_model(0))
-    pairs = tokenize_pairs([to_pair(r, i, "hh_rlhf") for i, r in enumerate(rows[:2])], tokenizer)
+    pairs = tokenize_hh(rows[:2], tokenizer)
     for row, pair in zip(generations, pairs, strict=True):
         assert row["prompt"][-1]["role"] == "user"  # the prompt as the dataset gave it
         ids = torch.tensor([pair.prompt_ids])

@@ -15,12 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from smolalign.cli import main
 from smolalign.config.commands import EvalConfig
 from smolalign.config.train import TrainConfig, load_config
-from smolalign.data.formats import _parse_hh
+from smolalign.data.messages import parse_hh_transcript
 from smolalign.errors import UserError
 from smolalign.evaluation.command import with_run_settings
 from smolalign.models.embedded import embedded_model_dir
 from smolalign.stats import wilson_interval
-from smolalign.training.loop import train
+from smolalign.training.loop import run_training
 
 
 def plain_answer_logps(model, tokenizer, messages: list[dict]) -> tuple[float, int]:
@@ -43,7 +43,7 @@ def check_against_plain_transformers(model_dir, rows, pair_rows, tolerance):
     assert [r["index"] for r in pair_rows] == list(range(len(rows)))
     for row, result in zip(rows, pair_rows, strict=True):
         for side in ("chosen", "rejected"):
-            expected, count = plain_answer_logps(model, tokenizer, _parse_hh(row[side]))
+            expected, count = plain_answer_logps(model, tokenizer, parse_hh_transcript(row[side]))
             assert result[f"n_tokens_{side}"] == count
             assert abs(result[f"logps_{side}"] - expected) < tolerance, (side, result[f"logps_{side}"], expected)
 
@@ -132,7 +132,7 @@ def test_unset_run_settings_come_from_the_run_else_from_training_defaults(tmp_pa
 def test_eval_of_a_full_fine_tuning_run_uses_its_starting_model_as_reference(tmp_path, tiny_model, pairs_file,
                                                                              monkeypatch, reference_cache_saves):
     monkeypatch.setenv("SMOLALIGN_REFERENCE_CACHE", str(tmp_path / "cache"))
-    final = train(load_config(None, {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_steps": 1,
+    final = run_training(load_config(None, {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_steps": 1,
                                      "per_device_train_batch_size": 16, "output_dir": str(tmp_path / "run")}))
     reference_cache_saves.clear()
     main(["eval", "--model", str(final), "--dataset", str(pairs_file), "--max_pairs", "4"])

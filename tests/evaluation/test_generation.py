@@ -7,13 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import read_jsonl, tiny_llama_config, varied_llama, write_jsonl
+from conftest import read_jsonl, tiny_llama_config, tokenize_hh, varied_llama, write_jsonl
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from smolalign.cli import main
-from smolalign.data.formats import to_pair
-from smolalign.data.tokenize import tokenize_pairs
 from smolalign.evaluation.generation import PreallocatedLayer, generate_answers, gumbel_scores
 
 MAX_NEW_TOKENS = 12
@@ -23,7 +21,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def prompts(hh_rows, tokenizer) -> list[list[int]]:
     """Seven real prompts of seven different lengths (37 to 50 tokens): every batch is left-padded."""
-    pairs = tokenize_pairs([to_pair(r, i, "hh_rlhf") for i, r in enumerate(hh_rows[60:67])], tokenizer)
+    pairs = tokenize_hh(hh_rows[60:67], tokenizer)
     prompts = [pair.prompt_ids for pair in pairs]
     assert len({len(p) for p in prompts}) == len(prompts)
     return prompts
@@ -79,6 +77,24 @@ def test_batched_greedy_answers_equal_one_at_a_time(model, tokenizer, prompts, m
     assert answers == expected
     # Batches of batch_size rows (3, 3, 1 for size 3); no answer needed a second, one-row pass here.
     assert calls == [min(batch_size, len(prompts) - start) for start in range(0, len(prompts), batch_size)]
+
+
+def test_without_preallocated_caches_batches_give_the_same_answers(model, tokenizer, prompts, monkeypatch):
+    """The fallback where transformers' DynamicLayer changed under PreallocatedLayer: generate's own cache."""
+    from smolalign.evaluation import generation
+
+    expected = one_at_a_time(model, prompts, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    monkeypatch.setattr(generation, "preallocation_works", lambda: False)
+    assert generation.stacked_prompt_cache(model, prompts[:2], capacity=80, device=CPU) is None
+    answers = batched(model, prompts, batch_size=4, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    assert answers == expected
+
+
+def test_preallocated_layers_are_checked_once_against_this_transformers():
+    from smolalign.evaluation.generation import preallocation_works
+
+    assert preallocation_works() is True
 
 
 def test_each_row_stops_at_its_own_eos(model, tokenizer, prompts):
@@ -186,7 +202,7 @@ def test_eval_writes_batched_generations_and_their_speed(tmp_path, tiny_model, t
     err = capsys.readouterr().err
     generations = read_jsonl(out / "generations.jsonl")
     assert [g["index"] for g in generations] == [0, 1, 2, 3]
-    pairs = tokenize_pairs([to_pair(r, i, "hh_rlhf") for i, r in enumerate(rows[:4])], tokenizer)
+    pairs = tokenize_hh(rows[:4], tokenizer)
     policy = AutoModelForCausalLM.from_pretrained(tiny_model(0))
     expected = one_at_a_time(policy, [p.prompt_ids for p in pairs], eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, max_new_tokens=5)

@@ -335,7 +335,7 @@ def test_a_server_slower_than_the_read_timeout_fails_after_the_retries(serve):
 
     server = serve(stalled)
     try:
-        with pytest.raises(UserError, match=r"/v1/chat/completions failed 3 times.*ReadTimeout"):
+        with pytest.raises(UserError, match=r"/v1/chat/completions failed 3 times.*[Rr]ead timed out"):
             fast_judge(server.url, read_timeout=0.2).judge(PROMPTS[:1], POLICY[:1], REFERENCE[:1])
         # The server records a request when its handler thread reads it, which may trail the client's timeout.
         deadline = threading.Event()
@@ -475,10 +475,10 @@ def test_a_judge_needs_generations(tmp_path, tiny_model, rows, capsys):
 def test_a_trained_reward_model_judges_generations(tmp_path, tiny_model, rows):
     """The fully local judge: `algorithm: reward` trains it, `smolalign eval --judge` uses it."""
     from smolalign.config.train import load_config
-    from smolalign.training.loop import train
+    from smolalign.training.loop import run_training
 
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    judge = train(load_config(None, {"model": str(tiny_model(1)), "algorithm": "reward", "dataset": str(data),
+    judge = run_training(load_config(None, {"model": str(tiny_model(1)), "algorithm": "reward", "dataset": str(data),
                                      "max_steps": 1, "output_dir": str(tmp_path / "rm")}))
     out = tmp_path / "eval"
     main(["eval", "--model", str(tiny_model(0)), "--ref_model", str(tiny_model(1)), "--dataset", str(data),

@@ -1,4 +1,5 @@
-"""`keep_freed_memory`: freed tensor memory stays in the heap for reuse, by glibc's own accounting."""
+"""`keep_freed_memory`: freed tensor memory stays in the heap for reuse, by glibc's own accounting; an API call
+gives glibc's defaults back when it returns."""
 
 from __future__ import annotations
 
@@ -59,3 +60,18 @@ def test_a_gpu_run_leaves_malloc_alone(monkeypatch):
     monkeypatch.setattr(memory.ctypes, "CDLL", no_libc)
     assert memory.keep_freed_memory("cuda") is False
     assert memory.keep_freed_memory(torch.device("cuda", 0)) is False
+
+
+def test_the_setting_is_given_back_when_the_work_returns(monkeypatch):
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+            return 1
+
+    monkeypatch.setattr(memory, "_glibc", lambda device: FakeLibc())
+    with memory.freed_memory_kept("cpu") as kept:
+        assert kept and calls == [(memory.M_MMAP_THRESHOLD, memory.KEEP_BELOW_BYTES),
+                                  (memory.M_TRIM_THRESHOLD, 2**31 - 1)]
+    assert calls[2:] == [(memory.M_MMAP_THRESHOLD, 128 * 1024), (memory.M_TRIM_THRESHOLD, 128 * 1024)]

@@ -23,8 +23,9 @@ from conftest import read_jsonl, write_jsonl
 from safetensors.torch import load_file
 
 from smolalign.cli import main
-from smolalign.locks import RUN_LOCK, run_folder_lock
-from smolalign.training.checkpoint import list_checkpoints, resolve_checkpoint
+from smolalign.locks import run_folder_lock
+from smolalign.run_folder import RunFolder
+from smolalign.training.checkpoint import resolve_checkpoint
 
 # Runs `smolalign train` with one crash point armed: the process kills itself with SIGKILL there.
 DRIVER = """
@@ -103,6 +104,7 @@ def uninterrupted(tmp_path_factory, tiny_model, pairs_file):
     ("crash_point", "resumed_from"),
     [("mid-step-5", "checkpoint-4"), ("saving-checkpoint-4", "checkpoint-2"), ("saving-final", "checkpoint-4")],
 )
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_weights_and_metrics(
     tmp_path, tiny_model, pairs_file, uninterrupted, crash_point, resumed_from, capsys
 ):
@@ -118,7 +120,7 @@ def test_a_killed_run_resumes_to_the_same_weights_and_metrics(
 
     main(["train", *arguments, "--resume_from_checkpoint=latest"])
     err = capsys.readouterr().err
-    assert f"taking over {folder / RUN_LOCK} from process {crashed.pid}, which is no longer running" in err
+    assert f"taking over {RunFolder(folder).lock_file} from process {crashed.pid}, which is no longer running" in err
     assert f"resumed from step {resumed_from.removeprefix('checkpoint-')}" in err
 
     expected, actual = load_file(uninterrupted / "final" / "model.safetensors"), load_file(folder / "final" / "model.safetensors")
@@ -129,7 +131,7 @@ def test_a_killed_run_resumes_to_the_same_weights_and_metrics(
     assert len(resumed_records) == len(expected_records) == 6
     for resumed_record, expected_record in zip(resumed_records, expected_records, strict=True):
         assert resumed_record == pytest.approx(expected_record, rel=1e-6)
-    assert [p.name for p in list_checkpoints(folder)] == ["checkpoint-2", "checkpoint-4"]
+    assert [p.name for p in RunFolder(folder).checkpoints()] == ["checkpoint-2", "checkpoint-4"]
     assert not list(folder.glob(".checkpoint-*.partial"))  # the resumed run rewrote what the crash left
 
 
@@ -186,10 +188,10 @@ def test_a_second_run_in_the_same_folder_stops_at_once_naming_the_first(tmp_path
         first.kill()
         first.wait()
     # The first run died without cleaning up; its lock names it, and the next run takes over with a warning.
-    assert (folder / RUN_LOCK).read_text() == str(first.pid)
+    assert RunFolder(folder).lock_file.read_text() == str(first.pid)
     with run_folder_lock(folder):
-        assert (folder / RUN_LOCK).read_text() == str(os.getpid())
-    assert (folder / RUN_LOCK).read_text() == ""  # a clean end names no holder
+        assert RunFolder(folder).lock_file.read_text() == str(os.getpid())
+    assert RunFolder(folder).lock_file.read_text() == ""  # a clean end names no holder
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,7 +218,7 @@ def test_a_full_disk_while_saving_a_checkpoint_stops_with_one_sentence(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (f"smolalign: error: could not write '{folder / '.checkpoint-4.partial' / 'optimizer.bin'}': No "
                    "space left on device; files written before it, checkpoints included, are unchanged.")
-    assert [p.name for p in list_checkpoints(folder)] == ["checkpoint-2"]
+    assert [p.name for p in RunFolder(folder).checkpoints()] == ["checkpoint-2"]
     assert not (folder / ".checkpoint-4.partial").exists()  # the space is given back
     assert resolve_checkpoint("latest", folder).name == "checkpoint-2"
     monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state)

@@ -21,7 +21,7 @@ from smolalign.config.train import load_config
 from smolalign.core.layouts import block_tokens
 from smolalign.data.prepare import prepare_data
 from smolalign.errors import UserError
-from smolalign.training.loop import train
+from smolalign.training.loop import run_training
 from smolalign.training.plan import StepPlan
 from smolalign.training.step import PairRunner
 
@@ -39,7 +39,7 @@ def run(tmp_path, name, **settings):
     defaults = {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
                 "max_length": 256}
     config = load_config(None, {**defaults, **settings, "output_dir": str(tmp_path / name)})
-    return train(config), tmp_path / name
+    return run_training(config), tmp_path / name
 
 
 def run_with_stacks_on_timeout(command: list[str], *, timeout: float, env: dict[str, str]) -> tuple[int, str]:
@@ -187,12 +187,13 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path, tiny_model, pairs
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_their_whole_batch(tmp_path, tiny_model, pairs_file):
     """torchrun, two CPU processes (DDP over gloo) with 2 pairs each per step, one of them in one forward
     pass and the other in two: the weights and logged numbers of one process with 4 pairs per step."""
     common = {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_train_pairs": 8, "max_steps": 2}
     config = load_config(None, {**common, "max_length": 256})
-    data = prepare_data(config, AutoTokenizer.from_pretrained(tiny_model(0)), needs_rejected=True)
+    data = prepare_data(config, AutoTokenizer.from_pretrained(tiny_model(0)), use="pairs")
     plan = StepPlan(num_pairs=len(data.train), batch_size=4, accumulation=1, num_train_epochs=config.num_train_epochs,
                     max_steps=2, seed=config.seed)
     shares = [sum(block_tokens(data.train[i]) for i in plan.micro_batches(0, process_index=p, num_processes=2)[0])
@@ -254,7 +255,7 @@ def test_an_earlier_trainer_in_the_process_does_not_change_the_precision(tmp_pat
 
 def test_training_precision_per_device(monkeypatch):
     from smolalign.errors import UserError
-    from smolalign.models.loading import resolve_dtype, resolve_precision
+    from smolalign.models.precision import resolve_dtype, resolve_precision
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision("auto", cpu, lora=False) == (torch.float32, "no")
@@ -280,3 +281,13 @@ def test_training_precision_per_device(monkeypatch):
     assert asked and not any(asked)  # emulated bf16 never counts
     with pytest.raises(UserError, match="no native bf16"):
         resolve_precision("bfloat16", cuda, lora=False)
+
+
+def test_accelerate_state_is_reset_where_accelerate_lets_it(monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    from smolalign.training.setup import reset_accelerate_state
+
+    assert reset_accelerate_state() is True
+    monkeypatch.delattr(AcceleratorState, "_reset_state")  # a release without the private method: run on
+    assert reset_accelerate_state() is False
