@@ -229,7 +229,7 @@ def measure(config: BenchConfig, job: Job, algorithm: str, framework: str, model
         runs.append(BenchResult(framework, algorithm, seconds, result["step_seconds"], job.tokens,
                                 result.get("cuda_peak_bytes", peak_rss), flops, result["kept_freed_memory"],
                                 config.warmup_steps, result.get("trainable_parameters"), job.max_length,
-                                job.batch_size))
+                                job.batch_size, first_step_logps=result.get("first_step_logps")))
     # The fastest repeat is the least disturbed by the machine's neighbours; memory is the highest seen.
     best = min(runs, key=lambda r: r.process_seconds)
     best.peak_bytes = max(r.peak_bytes for r in runs)

@@ -27,6 +27,7 @@ class BenchResult:
     max_length: int = 0
     batch_size: int = 0
     failure: str | None = None  # why the run stopped (out of memory …); it then has no timings
+    first_step_logps: dict[str, float] | None = None  # smolalign's logps/chosen and logps/rejected at step 1
 
     @property
     def job(self) -> tuple[str, int, int]:
@@ -131,7 +132,8 @@ def _row(r: BenchResult, peak: float) -> dict:
     if not r.failure:
         row.update(process_seconds=r.process_seconds, seconds_per_step=r.seconds_per_step,
                    step_seconds=r.step_seconds, tokens_per_second=r.tokens_per_second, peak_bytes=r.peak_bytes,
-                   mfu=r.mfu(peak), trainable_parameters=r.trainable_parameters)
+                   mfu=r.mfu(peak), trainable_parameters=r.trainable_parameters,
+                   first_step_logps=r.first_step_logps)
     return row
 
 

@@ -3,8 +3,9 @@
 SPEC names the framework (`smolalign`, `trl`, or `trl_liger`: TRL with `use_liger_kernel=True`),
 algorithm, model folder, pairs file, steps, batch size, max_length, device, LoRA or not, and whether the
 process keeps freed memory (models/memory.py). RESULT receives the seconds of every optimizer step, whether
-freed memory was kept, and on CUDA the process's peak allocated memory. The whole process's time (and
-its peak RSS on a CPU) is measured from outside, by `smolalign bench`.
+freed memory was kept, smolalign's step-1 log-probs (to compare precisions), and on CUDA the process's peak
+allocated memory. The whole process's time (and its peak RSS on a CPU) is measured from outside, by
+`smolalign bench`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def run_smolalign(spec: dict, output_dir: Path) -> dict:
     tokens = [r["num_tokens"] for r in records]
     step_tokens = [t - previous for t, previous in zip(tokens, [0, *tokens[:-1]], strict=True)]
     return {"step_seconds": [n / r["tokens_per_second"] for n, r in zip(step_tokens, records, strict=True)],
-            "trainable_parameters": _saved_parameters(final, adapter=bool(spec.get("lora")))}
+            "trainable_parameters": _saved_parameters(final, adapter=bool(spec.get("lora"))),
+            "first_step_logps": {name: records[0][name] for name in ("logps/chosen", "logps/rejected")}}
 
 
 def _saved_parameters(folder: Path, *, adapter: bool) -> int:

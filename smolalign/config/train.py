@@ -177,8 +177,8 @@ class TrainConfig(Settings):
     )
     max_tokens_per_forward: int | None = option(
         None, "Run a batch through the model in chunks of whole pairs up to this many tokens (activation memory); "
-        "auto = 256 on CPU (about one pair); on CUDA derived from free memory and the model's size (1024-32768). "
-        "Numbers do not change.", bookkeeping=True
+        "auto = 256 on CPU (about one pair), 1024 under bf16 autocast; on CUDA derived from free memory and the "
+        "model's size (1024-32768). Numbers do not change (in float32; half precision rounds per chunk).", bookkeeping=True
     )
     max_tokens_per_batch: int | None = option(
         None, "Token-budget batching: fill each micro-batch with pairs up to this many tokens instead of a fixed "

@@ -70,7 +70,8 @@ class PairScoring:
         """Per-pair answer log-prob sums and token counts of every pair, in order, on the CPU."""
         return concat_pair_logps([scorer.logps(batch, chunk) for chunk, batch in self.batches(pairs, desc=desc)]).cpu()
 
-CPU_MAX_TOKENS_PER_FORWARD = 256  # about one HH-RLHF pair: a CPU gains nothing from larger forward passes
+CPU_MAX_TOKENS_PER_FORWARD = 256  # about one HH-RLHF pair: a CPU gains nothing from larger float32 forward passes
+CPU_BF16_MAX_TOKENS_PER_FORWARD = 1024  # bf16 matmuls of 576-wide models reach their speed only on more rows
 GPU_MAX_TOKENS_PER_FORWARD = 32768  # a GPU is saturated well before; larger chunks would only cost memory
 GPU_MIN_TOKENS_PER_FORWARD = 1024
 GPU_MEMORY_HEADROOM = 0.8  # of the estimated room: allocator fragmentation, CUDA kernels' workspaces
@@ -105,7 +106,7 @@ def default_max_tokens_per_forward(model: torch.nn.Module, device: torch.device,
                                    max_length: int, free_bytes: int | None = None) -> int:
     """Tokens per forward pass (`max_tokens_per_forward` when the config leaves it unset).
 
-    On a CPU, 256 (about one pair). On CUDA, what fits in the memory that is free now (the driver's
+    On a CPU, 256 (about one pair), or 1024 under bf16 autocast. On CUDA, what fits in the memory that is free now (the driver's
     free memory plus what PyTorch's allocator holds unused): minus what the first optimizer step will
     add (a float32 gradient and AdamW's two moments per trainable parameter, and under autocast a half
     copy of the float32 weights) and the log-prob head's kept softmax, with 20% headroom, divided by
@@ -114,7 +115,7 @@ def default_max_tokens_per_forward(model: torch.nn.Module, device: torch.device,
     every step instead of precomputed) is not counted: set `max_tokens_per_forward` for such runs.
     """
     if device.type != "cuda":
-        return CPU_MAX_TOKENS_PER_FORWARD
+        return CPU_BF16_MAX_TOKENS_PER_FORWARD if mixed_precision == "bf16" else CPU_MAX_TOKENS_PER_FORWARD
     if free_bytes is None:
         driver_free, _ = torch.cuda.mem_get_info(device)
         free_bytes = driver_free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

@@ -63,6 +63,7 @@ def test_gpu_token_budget_follows_free_memory_and_model_size(monkeypatch):
         return default_max_tokens_per_forward(model, CUDA, free_bytes=int(free_gb * 1e9), **settings)
 
     assert default_max_tokens_per_forward(model, CPU, mixed_precision="no", max_length=1024) == 256
+    assert default_max_tokens_per_forward(model, CPU, mixed_precision="bf16", max_length=1024) == 1024
     assert GPU_MIN_TOKENS_PER_FORWARD < budget(16) < budget(24) < GPU_MAX_TOKENS_PER_FORWARD
     assert budget(1000) == GPU_MAX_TOKENS_PER_FORWARD and budget(2) == GPU_MIN_TOKENS_PER_FORWARD
     # 16 GB (a T4): 135M parameters need 12 bytes each of gradient and AdamW state plus a bf16 weight copy
