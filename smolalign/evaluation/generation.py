@@ -20,8 +20,7 @@ from smolalign.models.packed import packed_linears
 log = logging.getLogger("smolalign")
 
 GENERATION_BATCH_SIZE = 16
-NEAR_TIE = 3e-5  # float32 weights with full-precision matmuls
-NEAR_TIE_HALF = 2e-2  # bf16 or fp16 weights (or TF32 matmuls): rounding 2^-8 of a value, compounded over layers
+NEAR_TIE = 3e-5
 """A choice is near-tied when its top two scores differ by less than this times max(1, |top logit|): float32
 rounding differs between a batched and a one-row run by up to 1e-4 on SmolLM2-135M's logits of ~45 (2e-6 of
 them, measured), and between packed and plain matmul kernels (models/packed.py) by up to 1.7e-4 (6.2e-6 of
@@ -125,8 +124,10 @@ def generate_in_batches(
 
     Greedy answers equal one-at-a-time generation's: batched float32 matmuls round differently from one-row
     ones, which can change a choice only where its top two scores are nearly tied, so every choice's margin is
-    recorded and an answer with a near-tie (NEAR_TIE, or NEAR_TIE_HALF for half-precision weights, whose
-    rounding is coarser) is generated again alone.
+    recorded and an answer with a near-tie (NEAR_TIE) is generated again alone. This holds for float32 weights
+    with full-precision matmuls; in bf16 or fp16 a batched row's logits differ from a one-row run's by about 2%
+    of the top logit on SmolLM2-135M, so nearly every answer would have to be generated again: there batched
+    answers, like answers under any other change of kernel, may differ from one-at-a-time ones at near-ties.
 
     Sampling draws each prompt's tokens from its own generator seeded with `seed` + the prompt's index, by the
     Gumbel-max trick within the top-p nucleus (a draw from softmax(logits / temperature) there), so an answer
@@ -138,7 +139,7 @@ def generate_in_batches(
     settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
                 "top_p": top_p, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "device": device,
                 "keep_logits": keep_logits}
-    near_tie = NEAR_TIE if computes_in_full_float32(model) else NEAR_TIE_HALF
+    near_tie = NEAR_TIE if computes_in_full_float32(model) else 0.0
     longest_first = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for start in range(0, len(prompts), batch_size):
         rows = longest_first[start:start + batch_size]

@@ -100,9 +100,10 @@ def _train_steps(accelerator: Accelerator, config: TrainConfig, output_dir: Path
     policy, layout = build_policy(config, objective, tokenizer, dtype=dtype, device=accelerator.device)
     scoring = build_scoring(config, policy, layout, tokenizer, accelerator, mixed_precision)
     trainable, total = count_parameters(policy)
+    precision = str(dtype).removeprefix("torch.") + " weights" + (
+        f", {mixed_precision} autocast" if mixed_precision != "no" else "")
     log.info("%s on %s (%s): %d/%d parameters trainable, layout %s, %d training pairs",
-             config.algorithm, accelerator.device, str(dtype).removeprefix("torch."), trainable, total, layout,
-             len(data.train))
+             config.algorithm, accelerator.device, precision, trainable, total, layout, len(data.train))
     scorer = (RewardScorer(policy, config.logprob_chunk_size) if objective.reward_model else
               SequenceScorer(policy, config.logprob_chunk_size, square_mass=config.use_weighting))
     plan = build_plan(config, data, accelerator.num_processes)

@@ -38,7 +38,7 @@ def test_cpu_precision_follows_the_hardware(native):
     assert resolve_precision("auto", CPU, lora=False) == (torch.float32, "bf16")  # float32 master weights
     assert resolve_precision("auto", CPU, lora=True) == (torch.bfloat16, "bf16")  # frozen base in bf16
     assert resolve_precision("float32", CPU, lora=False) == (torch.float32, "no")  # always off
-    assert resolve_dtype("auto", CPU) == torch.bfloat16
+    assert resolve_dtype("auto", CPU) == torch.float32  # inference stays float32: batched answers stay exact
     native(False)
     assert resolve_precision("auto", CPU, lora=True) == (torch.float32, "no")
     assert resolve_precision("bfloat16", CPU, lora=False) == (torch.float32, "bf16")  # asked for: autocast anyway
