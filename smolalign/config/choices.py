@@ -35,7 +35,7 @@ LossType = Literal[DPO_LOSS_TYPES + KTO_LOSS_TYPES]
 FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 SamplingStrategy = Literal["random", "sequential"]
 
-# GGUF storage types of an export (export/tensors.py maps them to gguf's).
+# GGUF storage types of an export (gguf_export/tensors.py maps them to gguf's).
 Quantization = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
 QUANTIZATIONS: tuple[str, ...] = typing.get_args(Quantization)
 

@@ -93,7 +93,8 @@ class TrainConfig(Settings):
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
 
     # --- data ---
-    dataset: str | None = option(None, "Preference data: a JSONL/JSON/CSV/Parquet file or a Hub id; empty = bundled HH-RLHF.")
+    dataset: str | None = option(None, "Training data: a JSON/JSONL/CSV file (also .gz, .bz2, .xz), Parquet or Arrow "
+                                             "file, a folder, or a Hub id; empty = the bundled HH-RLHF pairs.")
     dataset_config: str | None = option(None, "Configuration (subset) name when `dataset` is a Hub id.")
     dataset_split: str = option("train", "Split to read when `dataset` is a Hub id or a folder of splits.")
     dataset_columns: dict[str, str] | None = option(

@@ -2,9 +2,9 @@
 
 PyTorch's CPU tensors come from malloc. glibc hands blocks above its mmap threshold (128 KB, rising to
 at most 32 MB: weight gradients, the 49k x 576 embedding gradient) straight back to the kernel when they
-are freed, and trims the top of its heap, so the next step touches fresh pages again: on SmolLM2-135M that was
-300k-650k page faults and 1-2 s of system time per training step here. Raising both thresholds keeps
-that memory in the heap for reuse; the peak RSS stays that of the largest step.
+are freed, and trims the top of its heap, so the next step touches fresh pages again: on SmolLM2-135M,
+hundreds of thousands of page faults and seconds of system time per training step on a 2-core CPU. Raising
+both thresholds keeps that memory in the heap for reuse; the peak RSS stays that of the largest step.
 
 `freed_memory_kept` scopes it to smolalign's own work: the thresholds go back to glibc's defaults (128 KiB;
 glibc's dynamic growth of the mmap threshold does not come back) when the work returns.

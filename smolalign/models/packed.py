@@ -2,11 +2,9 @@
 generation, chat, evaluation and the judge.
 
 `F.linear` on a CPU reads a plain row-major weight. oneDNN can instead reorder ("pack") a weight once into
-the blocked layout its matmul kernel reads, as torch.compile's freezing does for inference. On the 2-core
-AVX-512 machine this project is measured on, SmolLM2-135M's linear layers took 35 instead of 67 ms for 16
-rows (one batched decoding step) and 28 instead of 46 ms for one row, where packing them all takes 0.2 s
-and as much memory as the weights. For training-sized passes the gain is small: a no-grad forward of 512
-tokens took 7% less, a LoRA forward and backward 4% less (measured, not adopted).
+the blocked layout its matmul kernel reads, as torch.compile's freezing does for inference: small-row matmuls
+(a decoding step) run faster, at the cost of a copy as large as the weights (docs/benchmarks.md). Training
+keeps plain weights, which change every step.
 
 Results equal `F.linear`'s up to float32 rounding (the kernels sum in another order), like any change of
 matmul kernel.

@@ -7,7 +7,7 @@ of every later step within 1e-3.
 
 DPO runs on real multi-turn HH-RLHF conversations through the chat template. ORPO and SimPO run on
 strings that already start with BOS and end with EOS, where TRL's experimental trainers and
-smolalign's single tokenization convention give the same token ids (DESIGN section 4).
+smolalign's single tokenization convention give the same token ids (docs/training.md, "Conventions shared with TRL").
 """
 
 from __future__ import annotations
