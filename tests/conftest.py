@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never need the network
 if "SMOLALIGN_CACHE" not in os.environ:  # a fresh cache per session: reference log-probs never leak between runs
     os.environ["SMOLALIGN_CACHE"] = tempfile.mkdtemp(prefix="smolalign-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SMOLALIGN_CACHE"], ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("SMOLALIGN_CPU_BF16", "0")  # float32 on every CPU, as golden numbers need; bf16 tests set it

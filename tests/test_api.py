@@ -117,6 +117,7 @@ def test_compare_shows_the_report_inline(tmp_path, trained):
         smolalign.compare(trained, tmp_path / "nothing-here", output_dir=tmp_path / "compare")
 
 
+@pytest.mark.slow
 def test_sweep_trains_each_point_and_compares_them(tmp_path, settings):
     config = train_config(**{**settings, "max_steps": 1}, output_dir=tmp_path / "sweep")
     result = smolalign.sweep(config, grid={"beta": [0.1, 0.5]})

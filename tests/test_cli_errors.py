@@ -112,6 +112,7 @@ def test_command_flags_are_checked_like_config_keys(capsys, argv, expected):
     assert expected in fail(capsys, argv)
 
 
+@pytest.mark.slow
 def test_real_process_prints_one_line_and_exits_2(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "smolalign", "train", "--dataset", str(tmp_path / "nope.jsonl")],

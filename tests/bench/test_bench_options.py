@@ -121,6 +121,7 @@ def test_a_system_message_stays_first_when_pairs_are_filled(tokenizer):
     assert filled.prompt[-1]["content"] == "Last question?"
 
 
+@pytest.mark.slow
 def test_bench_measures_growth_with_max_length(tmp_path, tiny_model):
     report = bench(BenchConfig.from_values({
         "model": str(tiny_model(0)), "steps": 1, "batch_size": 2, "max_length": "128,256", "fill": True,
@@ -133,6 +134,7 @@ def test_bench_measures_growth_with_max_length(tmp_path, tiny_model):
     assert (tmp_path / "bench" / "growth.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_a_run_over_the_memory_limit_is_recorded_as_out_of_memory(tmp_path, tiny_model, pairs_file):
     # Importing torch alone takes more than 0.2 GB.
     with pytest.raises(UserError, match=r"the smolalign run failed: out of memory: stopped when its memory passed "

@@ -35,6 +35,7 @@ def quality_config(recipe, tmp_path, **settings) -> QualityConfig:
                                       "output_dir": str(tmp_path / "quality"), **settings})
 
 
+@pytest.mark.slow
 def test_quality_bench_scores_every_method_on_the_same_held_out_pairs(recipe, tmp_path, monkeypatch):
     result = quality_bench(quality_config(recipe, tmp_path))
     output = tmp_path / "quality"

@@ -17,6 +17,7 @@ def test_the_documented_recipes_exist():
     assert {"demo.yaml", "demo-orpo.yaml", "dpo-smollm2.yaml", "orpo-smollm2.yaml", "dpo-hh-rlhf.yaml", "sft-smoltalk.yaml"} <= names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_runs_a_step(recipe, tmp_path, tiny_model, hh_rows):
     config = load_config(recipe)  # validates the recipe exactly as written

@@ -183,6 +183,7 @@ def test_an_omitted_model_is_the_embedded_one():
     assert config_from_args(ChatConfig, args, rest).model == "some/model"
 
 
+@pytest.mark.slow
 def test_chat_command_through_standard_input(tiny_model):
     result = subprocess.run(
         [sys.executable, "-m", "smolalign", "chat", str(tiny_model(0)), "--max_new_tokens", "5", "--temperature", "1"],

@@ -86,6 +86,7 @@ def test_eval_on_the_embedded_model_matches_plain_transformers(tmp_path, hh_rows
     check_against_plain_transformers(embedded_model_dir(), rows, pairs, tolerance=1e-3)
 
 
+@pytest.mark.slow
 def test_eval_of_a_run_uses_the_runs_own_beta_and_lengths(tmp_path, tiny_model, hh_rows, monkeypatch,
                                                           reference_cache_saves):
     """A run trained at beta 0.5 and max_length 128 is scored with both unless the command says otherwise."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gguf
+import pytest
 from conftest import write_jsonl
 
 import smolalign
 from smolalign.cli import main
 
 
+@pytest.mark.slow
 def test_export_command_writes_the_quantization_asked(tmp_path, tiny_model, capsys):
     main(["export", str(tiny_model(0)), "--output", str(tmp_path / "tiny.gguf"), "--quantization", "q4_1"])
     assert capsys.readouterr().out.strip() == str(tmp_path / "tiny.gguf")
@@ -17,6 +19,7 @@ def test_export_command_writes_the_quantization_asked(tmp_path, tiny_model, caps
     assert {t.tensor_type for t in reader.tensors} >= {gguf.GGMLQuantizationType.Q4_1}
 
 
+@pytest.mark.slow
 def test_training_exports_final_when_asked(tmp_path, tiny_model, hh_rows):
     data = write_jsonl(tmp_path / "pairs.jsonl", hh_rows[:4])
     run = smolalign.train(model=str(tiny_model(0)), dataset=str(data), max_steps=1, per_device_train_batch_size=2,

@@ -1,6 +1,7 @@
 """GGUF export, checked by readers that share no code with the writer: transformers' GGUF loader (config,
 tokenizer, de-quantized weights) and gguf.GGUFReader (metadata, tensor names, types and bytes), against the
-source model's own config, tokenizer and logits on real HH-RLHF text."""
+source model's own config, tokenizer and logits on real HH-RLHF text. Reading a file back takes seconds (its
+vocabulary), so the tests that read many files are marked slow."""
 
 from __future__ import annotations
 
@@ -111,13 +112,19 @@ def read_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
+@functools.cache
+def reader(path: Path) -> gguf.GGUFReader:
+    """The file parsed once (its vocabulary makes that take seconds); every file here is written once."""
+    return gguf.GGUFReader(path)
+
+
 def fields(path: Path) -> dict:
     """Every metadata value of the file, as gguf.GGUFReader decodes it."""
-    return {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items()}
+    return {name: field.contents() for name, field in reader(path).fields.items()}
 
 
 def tensors(path: Path) -> dict:
-    return {tensor.name: tensor for tensor in gguf.GGUFReader(path).tensors}
+    return {tensor.name: tensor for tensor in reader(path).tensors}
 
 
 def float_values(tensor) -> np.ndarray:
@@ -170,6 +177,7 @@ PER_LAYER = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm
              "ffn_down")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("variant", "quantization", "token_embd", "output", "attn_q", "ffn_down"), [
     ("untied", "q4_1", "Q4_1", "Q8_0", "Q4_1", "Q4_1"),
     ("tied", "q4_1", "Q8_0", None, "Q4_1", "Q4_1"),
@@ -192,6 +200,7 @@ def test_tensors_have_llama_cpp_names_and_storage_types(exported, variant, quant
     assert {kind[name] for name in kind if name.endswith("norm.weight")} == {"F32"}
 
 
+@pytest.mark.slow
 def test_query_and_key_rows_are_interleaved_per_head(exported, model_folder):
     """llama.cpp rotates dimensions (2i, 2i+1) of a head where transformers rotates (i, i + head_dim/2)."""
     model = LlamaForCausalLM.from_pretrained(model_folder("untied"))
@@ -209,6 +218,7 @@ def test_query_and_key_rows_are_interleaved_per_head(exported, model_folder):
 # --- read back by transformers ---
 
 
+@pytest.mark.slow
 def test_transformers_reads_back_the_same_config(exported, model_folder):
     source = AutoConfig.from_pretrained(model_folder("untied"))
     read = read_model(exported("untied", "q8_0")).config
@@ -220,6 +230,7 @@ def test_transformers_reads_back_the_same_config(exported, model_folder):
     assert read.rope_parameters["rope_theta"] == pytest.approx(source.rope_parameters["rope_theta"])
 
 
+@pytest.mark.slow
 def test_tokenizer_read_back_encodes_real_text_token_for_token(exported, tokenizer, hh_texts):
     read = read_tokenizer(exported("untied", "q8_0"))
     for text in [*hh_texts, "Call 911, or dial 0800 123 4567 <|im_end|> before 2024!"]:
@@ -235,6 +246,7 @@ def test_tokenizer_read_back_encodes_real_text_token_for_token(exported, tokeniz
 
 # Largest logit difference over the largest logit; measured: f32 0 (both), f16 0.04% (untied), bf16 2.3%
 # (tied, whose std-0.2 weights amplify rounding).
+@pytest.mark.slow
 @pytest.mark.parametrize(("variant", "quantization", "tolerance"), [
     ("untied", "f32", 1e-6), ("tied", "f32", 1e-6), ("untied", "f16", 1e-3), ("tied", "bf16", 5e-2),
 ])
@@ -248,6 +260,7 @@ def test_float_exports_give_the_source_models_logits(exported, model_folder, tex
 
 
 # Measured: q8_0 0.989, q4_1 0.779, q4_0 0.695.
+@pytest.mark.slow
 @pytest.mark.parametrize(("quantization", "at_least"), [("q8_0", 0.97), ("q4_1", 0.75), ("q4_0", 0.65)])
 def test_quantized_exports_mostly_pick_the_source_models_next_token(exported, model_folder, text_ids,
                                                                    quantization, at_least):
@@ -258,6 +271,7 @@ def test_quantized_exports_mostly_pick_the_source_models_next_token(exported, mo
     assert (got == expected).float().mean().item() >= at_least
 
 
+@pytest.mark.slow
 def test_a_lora_adapter_is_merged_as_peft_merges_it(model_folder, tmp_path, text_ids):
     """The adapter folder has no tokenizer: the base model's is used."""
     base = model_folder("untied")
@@ -286,6 +300,7 @@ def save_variant(folder: Path, tokenizer, **overrides) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_llama3_rope_scaling_is_written_as_frequency_factors(tokenizer, tmp_path):
     """Llama 3's scaling as its reference code states it: wavelengths under original/high_freq_factor keep
     their frequency, those over original/low_freq_factor are divided by `factor`, those between blend."""
@@ -306,6 +321,7 @@ def test_llama3_rope_scaling_is_written_as_frequency_factors(tokenizer, tmp_path
     assert fields(path)["llama.rope.freq_base"] == 500000.0
 
 
+@pytest.mark.slow
 def test_linear_rope_scaling_is_metadata_and_other_scalings_are_refused(tokenizer, tmp_path):
     linear = {"rope_type": "linear", "factor": 4.0}
     folder = save_variant(tmp_path / "linear", tokenizer, rope_parameters=linear)
@@ -318,6 +334,7 @@ def test_linear_rope_scaling_is_metadata_and_other_scalings_are_refused(tokenize
     assert files_in(tmp_path / "out") == []
 
 
+@pytest.mark.slow
 def test_a_llama3_tokenizer_is_llama_bpe_and_adds_bos(model_folder, tmp_path, hh_texts):
     """Llama 3 splits text with its own expression and starts every text with BOS; the split is the one
     transformers' GGUF reader applies for "llama-bpe"."""
@@ -341,6 +358,7 @@ def test_a_llama3_tokenizer_is_llama_bpe_and_adds_bos(model_folder, tmp_path, hh
 # --- where the model comes from ---
 
 
+@pytest.mark.slow
 def test_a_run_folder_exports_its_final_model(model_folder, tmp_path):
     run = tmp_path / "my-run"
     shutil.copytree(model_folder("untied"), run / "final")
@@ -354,6 +372,7 @@ def test_a_run_folder_exports_its_final_model(model_folder, tmp_path):
         export_gguf(str(unfinished), tmp_path / "unfinished.gguf")
 
 
+@pytest.mark.slow
 def test_a_gguf_file_loads_as_a_model_through_one_cached_conversion(exported, tokenizer, text_ids, hh_texts,
                                                                     monkeypatch):
     """`chat FILE.gguf` and `eval --model FILE.gguf` load through model_source, converted once."""

@@ -31,6 +31,7 @@ print(mapped_while_alive, libc.mallinfo2().fordblks)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"
                     or tuple(map(int, platform.libc_ver()[1].split("."))) < (2, 33), reason="glibc 2.33's mallinfo2")
 def test_freed_tensor_memory_stays_in_the_heap_for_reuse():

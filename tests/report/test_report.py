@@ -326,6 +326,7 @@ def test_sweep_plots_final_metrics_against_the_swept_values(tmp_path):
     assert markdown_row(markdown, "beta0.5-ipo")[1:4] == ["0.5", "ipo", "0.2000"]
 
 
+@pytest.mark.slow
 def test_chromium_renders_the_report_with_every_image(tmp_path, two_runs):
     if not CHROMIUM.exists():
         pytest.skip("/usr/bin/chromium is absent: `make test` installs Debian's chromium and chromium-driver (as root)")

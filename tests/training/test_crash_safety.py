@@ -170,6 +170,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_keeping_its_checkpoints
 # One run per output_dir
 
 
+@pytest.mark.slow
 def test_a_second_run_in_the_same_folder_stops_at_once_naming_the_first(tmp_path, tiny_model, pairs_file):
     folder = tmp_path / "shared"
     arguments = flags(tiny_model(0), pairs_file, folder)

@@ -12,6 +12,7 @@ from conftest import read_jsonl, write_jsonl
 from smolalign.cli import main
 
 
+@pytest.mark.slow
 def test_sweep_trains_the_grid_skips_finished_runs_and_compares(tmp_path, tiny_model, hh_rows, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", hh_rows[:12])
     root = tmp_path / "sweep"

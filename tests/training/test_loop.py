@@ -132,6 +132,7 @@ def test_lora_run_saves_an_adapter_that_peft_loads(tmp_path, tiny_model, pairs_f
         assert torch.allclose(merged(**inputs).logits, adapted(**inputs).logits, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model, pairs_file, monkeypatch):
     settings = {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_steps": 6, "save_steps": 3,
                 "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "lr_scheduler_type": "cosine",

@@ -102,6 +102,7 @@ def test_invalid_hub_model_id_is_a_config_error():
         config_with(hub_model_id="a/b/c")
 
 
+@pytest.mark.slow
 def test_train_without_token_fails_before_training(tmp_path):
     """Offline and without a token, `smolalign train` stops before it reads any data (the dataset named here
     does not even exist) and leaves no metrics and no final/."""
