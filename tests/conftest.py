@@ -171,3 +171,17 @@ def _full_float32_matmuls(request) -> None:
 
 def _restore_tf32(previous: tuple[bool, bool]) -> None:
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+@pytest.fixture
+def native_bf16_cpu(monkeypatch):
+    """`native_bf16_cpu(True)`: this CPU counts as one with native bf16 (as SMOLALIGN_CPU_BF16=1 says); False:
+    without."""
+    from smolalign.models import precision
+
+    def set_native(value: bool) -> None:
+        monkeypatch.setenv(precision.CPU_BF16_OVERRIDE, "1" if value else "0")
+        precision.cpu_native_bf16.cache_clear()
+
+    yield set_native
+    precision.cpu_native_bf16.cache_clear()

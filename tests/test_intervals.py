@@ -113,12 +113,16 @@ def test_held_out_lines_carry_intervals_over_all_eval_pairs(tiny_model, tokenize
     assert all(isinstance(value, (int, float)) and math.isfinite(value) for value in record.values())
 
 
-def test_training_eval_lines_and_smolalign_eval_agree(tmp_path, tiny_model, hh_rows):
+@pytest.mark.parametrize("native_bf16", [False, True], ids=["float32", "cpu-bf16-training"])
+def test_training_eval_lines_and_smolalign_eval_agree(tmp_path, tiny_model, hh_rows, native_bf16_cpu, native_bf16):
     """13 held-out pairs in batches of 4: the run's last eval line and `smolalign eval` of its final/ on the same
-    pairs give the same accuracy, margin and interval (one evaluator, exact counts)."""
+    pairs give the same accuracy, margin and interval (one evaluator, exact counts), also where the run trains
+    under bf16 autocast (CPUs score held-out pairs in float32, in training as in `smolalign eval`)."""
     from conftest import write_jsonl
 
     from smolalign.api import evaluate, train
+
+    native_bf16_cpu(native_bf16)
 
     held_out = write_jsonl(tmp_path / "test.jsonl", hh_rows[300:313])
     run = train(model=str(tiny_model(0)), dataset=str(write_jsonl(tmp_path / "train.jsonl", hh_rows[200:208])),

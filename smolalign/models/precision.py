@@ -127,6 +127,14 @@ def resolve_precision(requested: str, device: torch.device, *, lora: bool) -> tu
     return (half if lora else torch.float32), precision
 
 
+def held_out_autocast(device: torch.device, dtype: torch.dtype, mixed_precision: str) -> bool:
+    """Whether a run scores its held-out pairs under its training autocast: on GPUs (as TRL evaluates), and
+    where the weights themselves are half precision (LoRA's frozen base). Otherwise CPUs score them in float32,
+    as `smolalign eval` does (`resolve_dtype`), so a run's eval_* lines and `smolalign eval` of its final
+    model agree."""
+    return device.type == "cuda" or mixed_precision == "no" or dtype != torch.float32
+
+
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     """Weights dtype for inference (eval, generation, the judge, chat): `auto` is bf16 on CUDA GPUs that have it
     natively and float32 elsewhere. CPUs infer in float32 even where they train in bf16: inference there is

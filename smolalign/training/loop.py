@@ -8,6 +8,7 @@ need a sharded save of final/. There is no Trainer class: one function owns the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -17,7 +18,6 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from smolalign.config.train import TrainConfig
-from smolalign.core.logprobs import RewardScorer, SequenceScorer
 from smolalign.core.losses import OBJECTIVES, LossSettings
 from smolalign.data.prepare import prepare_data
 from smolalign.errors import writes_reported
@@ -25,7 +25,7 @@ from smolalign.locks import run_folder_lock
 from smolalign.metrics import last_values
 from smolalign.models.loading import count_parameters, load_tokenizer, resolve_device
 from smolalign.models.memory import freed_memory_kept
-from smolalign.models.precision import resolve_precision
+from smolalign.models.precision import held_out_autocast, resolve_precision
 from smolalign.run_folder import RunFolder
 from smolalign.training.bookkeeping import Bookkeeper
 from smolalign.training.checkpoint import require_finite_weights
@@ -35,8 +35,9 @@ from smolalign.training.setup import (
     build_optimizer,
     build_plan,
     build_policy,
-    build_reference,
+    build_references,
     build_scheduler,
+    build_scorer,
     build_scoring,
     make_accelerator,
     make_output_dir,
@@ -96,7 +97,7 @@ def _train_steps(accelerator: Accelerator, config: TrainConfig, output_dir: Path
                                trust_remote_code=config.trust_remote_code)
     data = prepare_data(config, tokenizer, use=objective.rows)
 
-    # Models: the policy, the batches it is scored in, and its reference (see build_reference).
+    # Models: the policy, the batches it is scored in, and its reference (see build_references).
     policy, layout = build_policy(config, objective, tokenizer, dtype=dtype, device=accelerator.device)
     scoring = build_scoring(config, policy, layout, tokenizer, accelerator, mixed_precision)
     trainable, total = count_parameters(policy)
@@ -104,11 +105,12 @@ def _train_steps(accelerator: Accelerator, config: TrainConfig, output_dir: Path
         f", {mixed_precision} autocast" if mixed_precision != "no" else "")
     log.info("%s on %s (%s): %d/%d parameters trainable, layout %s, %d training pairs",
              config.algorithm, accelerator.device, precision, trainable, total, layout, len(data.train))
-    scorer = (RewardScorer(policy, config.logprob_chunk_size) if objective.reward_model else
-              SequenceScorer(policy, config.logprob_chunk_size, square_mass=config.use_weighting))
+    scorer = build_scorer(config, objective, policy)
     plan = build_plan(config, data, accelerator.num_processes)
-    reference = build_reference(config, objective, policy=policy, scorer=scorer, tokenizer=tokenizer, dtype=dtype,
-                                accelerator=accelerator, scoring=scoring, plan=plan, data=data)
+    eval_autocast = held_out_autocast(accelerator.device, dtype, mixed_precision)
+    reference, eval_reference = build_references(
+        config, objective, policy=policy, scorer=scorer, tokenizer=tokenizer, dtype=dtype, accelerator=accelerator,
+        scoring=scoring, plan=plan, data=data, eval_autocast=eval_autocast)
 
     optimizer = build_optimizer(scorer, config)
     scheduler = build_scheduler(config, optimizer, plan.total_steps)
@@ -118,7 +120,12 @@ def _train_steps(accelerator: Accelerator, config: TrainConfig, output_dir: Path
                         mean_across_processes=lambda value: accelerator.reduce(value, reduction="mean"))
 
     run, start_step, progress = open_run_folder(accelerator, config, output_dir)
-    books = Bookkeeper(accelerator, config, plan, runner, data.eval, run, progress)
+    # Accelerate runs the prepared scorer's forward under the training autocast; a float32 evaluation scores
+    # through a second scorer around the same weights.
+    eval_runner = runner if eval_autocast else dataclasses.replace(
+        runner, scorer=build_scorer(config, objective, policy), reference=eval_reference,
+        autocast=contextlib.nullcontext)
+    books = Bookkeeper(accelerator, config, plan, eval_runner, data.eval, run, progress)
     books.begin(start_step)
     scorer.train()
     with tqdm(total=plan.total_steps, initial=start_step, desc=config.algorithm, unit="step",

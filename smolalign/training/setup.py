@@ -18,6 +18,7 @@ from transformers import get_scheduler
 from smolalign.config.files import flatten
 from smolalign.config.train import TrainConfig
 from smolalign.core.layouts import block_tokens, choose_layout
+from smolalign.core.logprobs import RewardScorer, SequenceScorer
 from smolalign.core.losses import Objective
 from smolalign.core.reference import Reference, precompute_reference, precomputes_reference, reference_source
 from smolalign.core.scoring import PairScoring, default_max_tokens_per_forward
@@ -90,6 +91,14 @@ def build_policy(config: TrainConfig, objective: Objective, tokenizer, *, dtype,
     return policy, choose_layout(config.batch_layout, policy)
 
 
+def build_scorer(config: TrainConfig, objective: Objective, policy: torch.nn.Module) -> torch.nn.Module:
+    """The module that turns the policy's batches into what the objective needs: per-token log-probs of the
+    answers, or a reward model's scores."""
+    if objective.reward_model:
+        return RewardScorer(policy, config.logprob_chunk_size)
+    return SequenceScorer(policy, config.logprob_chunk_size, square_mass=config.use_weighting)
+
+
 def build_plan(config: TrainConfig, data: PreparedData, num_processes: int) -> StepPlan:
     """Which pairs each optimizer step sees."""
     return StepPlan(
@@ -114,29 +123,40 @@ def build_scoring(config: TrainConfig, policy: torch.nn.Module, layout: str, tok
     return PairScoring(layout, tokenizer.pad_token_id, accelerator.device, max_tokens)
 
 
-def build_reference(
+def build_references(
     config: TrainConfig, objective: Objective, *, policy: torch.nn.Module, scorer: torch.nn.Module, tokenizer,
     dtype: torch.dtype, accelerator: Accelerator, scoring: PairScoring, plan: StepPlan, data: PreparedData,
-) -> Reference | None:
-    """The reference of every step, decided here once, before Accelerate wraps the policy; None when the
-    objective needs none.
+    eval_autocast: bool,
+) -> tuple[Reference | None, Reference | None]:
+    """The reference of every step and the one of held-out evaluation, decided here once, before Accelerate
+    wraps the policy; None when the objective needs none.
 
     The reference is the initial policy (or `ref_model`): by default, for full fine-tuning and LoRA alike,
     its log-probs are computed now for every pair the run will see (under LoRA: the policy with its adapters
     disabled) and cached on disk, so no second copy of the model is held and no step pays for a reference
     pass. With `precompute_ref_log_probs: false` (the default with a `ref_model`) every step runs it: the
-    policy with adapters off, a frozen copy of the policy, or the `ref_model`.
+    policy with adapters off, a frozen copy of the policy, or the `ref_model`. The training pairs are scored in
+    the precision the policy trains in, the held-out pairs in the one they are evaluated in (`eval_autocast`).
     """
     if not objective.needs_reference:
-        return None
+        return None, None
     source, weights = reference_source(config, policy=policy, policy_scorer=scorer, tokenizer=tokenizer,
                                        dtype=dtype, device=accelerator.device)
     if not precomputes_reference(config):
-        return source
-    needed = [data.train[i] for i in plan.pairs_used()] + data.eval
+        return source, source  # each pass runs in the precision of the runner that calls it
+    train = [data.train[i] for i in plan.pairs_used()]
+    shared = config.ld_alpha is not None
     # The main process fills the on-disk cache first; the others then read it instead of recomputing.
-    with accelerator.main_process_first(), accelerator.autocast():  # the precision the policy will train in
-        return precompute_reference(source, weights, needed, scoring, shared=config.ld_alpha is not None)
+    with accelerator.main_process_first():
+        if eval_autocast or not data.eval:
+            with accelerator.autocast():
+                every_pair = precompute_reference(source, weights, train + data.eval, scoring, shared=shared)
+            return every_pair, every_pair
+        with accelerator.autocast():
+            for_training = precompute_reference(source, weights, train, scoring, shared=shared)
+        for_eval = precompute_reference(source, weights, data.eval, scoring, shared=shared,
+                                        desc="reference log-probs (held-out pairs, float32)")
+        return for_training, for_eval
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

@@ -21,25 +21,13 @@ from smolalign.training.loop import run_training
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def native(monkeypatch):
-    """`native(True)`: this CPU counts as one with native bf16 (as SMOLALIGN_CPU_BF16=1 says); False: without."""
-
-    def set_native(value: bool) -> None:
-        monkeypatch.setenv(precision.CPU_BF16_OVERRIDE, "1" if value else "0")
-        precision.cpu_native_bf16.cache_clear()
-
-    yield set_native
-    precision.cpu_native_bf16.cache_clear()
-
-
-def test_cpu_precision_follows_the_hardware(native):
-    native(True)
+def test_cpu_precision_follows_the_hardware(native_bf16_cpu):
+    native_bf16_cpu(True)
     assert resolve_precision("auto", CPU, lora=False) == (torch.float32, "bf16")  # float32 master weights
     assert resolve_precision("auto", CPU, lora=True) == (torch.bfloat16, "bf16")  # frozen base in bf16
     assert resolve_precision("float32", CPU, lora=False) == (torch.float32, "no")  # always off
     assert resolve_dtype("auto", CPU) == torch.float32  # inference stays float32: batched answers stay exact
-    native(False)
+    native_bf16_cpu(False)
     assert resolve_precision("auto", CPU, lora=True) == (torch.float32, "no")
     assert resolve_precision("bfloat16", CPU, lora=False) == (torch.float32, "bf16")  # asked for: autocast anyway
     assert resolve_dtype("auto", CPU) == torch.float32
@@ -82,8 +70,8 @@ def test_autocast_log_probs_stay_close_to_float32(tokenizer, hh_rows):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_training_under_bf16_autocast_starts_at_log_two_and_saves_float32_weights(tmp_path, tiny_model, hh_rows,
-                                                                                   native, lora):
-    native(True)
+                                                                                   native_bf16_cpu, lora):
+    native_bf16_cpu(True)
     data = write_jsonl(tmp_path / "pairs.jsonl", hh_rows[:8])
     settings = {"model": str(tiny_model(0)), "dataset": str(data), "max_steps": 2, "logging_steps": 1,
                 "per_device_train_batch_size": 4, "learning_rate": 1e-3, "max_length": 512,
