@@ -59,7 +59,7 @@ class Bookkeeper:
         if self.eval_pairs and (last or (config.eval_steps and step % plan.every(config.eval_steps) == 0)):
             self.evaluate(step)
         if step % plan.every(config.save_steps) == 0 and not last:
-            require_finite_weights(self.runner.scorer, f"checkpoint-{step}", self.output_dir)
+            require_finite_weights(self.runner.scorer, self.run.checkpoint(step).name, self.output_dir)
             save_checkpoint(self.accelerator, self.output_dir, step, self.progress, config, config.save_total_limit)
         self.window_start += time.perf_counter() - paused
 
