@@ -148,15 +148,13 @@ def build_references(
     shared = config.ld_alpha is not None
     # The main process fills the on-disk cache first; the others then read it instead of recomputing.
     with accelerator.main_process_first():
-        if eval_autocast or not data.eval:
-            with accelerator.autocast():
-                every_pair = precompute_reference(source, weights, train + data.eval, scoring, shared=shared)
-            return every_pair, every_pair
         with accelerator.autocast():
-            for_training = precompute_reference(source, weights, train, scoring, shared=shared)
-        for_eval = precompute_reference(source, weights, data.eval, scoring, shared=shared,
-                                        desc="reference log-probs (held-out pairs, float32)")
-        return for_training, for_eval
+            in_training_precision = train + data.eval if eval_autocast else train
+            for_training = precompute_reference(source, weights, in_training_precision, scoring, shared=shared)
+        if eval_autocast or not data.eval:
+            return for_training, for_training
+        return for_training, precompute_reference(source, weights, data.eval, scoring, shared=shared,
+                                                  desc="reference log-probs (held-out pairs, float32)")
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
