@@ -1,9 +1,9 @@
-"""`smolalign bench --generation`: how much faster smolalign answers prompts than the loop it replaced.
+"""`smolalign bench generation`: how much faster smolalign answers prompts than transformers' own loop.
 
 The same model answers the same held-out prompts greedily three ways, one after the other in one process:
-transformers' `generate` called once per prompt (what `eval --generate` and the judges did before, and
-what a notebook does), smolalign's generation one prompt at a time, and smolalign's generation in batches
-(left padding, one KV cache, EOS per row: evaluation/generation.py). A short warm-up of both paths comes
+transformers' `generate` called once per prompt (what a notebook does), smolalign's generation one prompt at
+a time, and smolalign's generation in batches (left padding, one KV cache, EOS per row:
+evaluation/generation.py). A short warm-up of both paths comes
 first, so no one-time cost lands in one of the timings. The table gives the new tokens, seconds, tokens/s,
 the speed-up over transformers' loop, and how many answers are identical to that loop's.
 

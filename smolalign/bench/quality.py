@@ -1,4 +1,4 @@
-"""`smolalign bench --quality`: does each preference method align the model, at the same budget?
+"""`smolalign bench quality`: does each preference method align the model, at the same budget?
 
 Every method trains from the same model on the same pairs for the same steps (the recipe, `quality` by
 default), with its own loss settings on top (`METHOD_SETTINGS`). `smolalign eval` then scores each final
