@@ -118,7 +118,7 @@ def compare(*runs: str | Path | TrainResult, output_dir: str | Path = "runs/comp
 
     if not runs:
         raise UserError("compare needs at least one run folder.")
-    run_dirs = [Path(getattr(run, "run_dir", run)) for run in runs]
+    run_dirs = [Path(run) for run in runs]
     return ComparisonResult(write_report(run_dirs, Path(output_dir)), run_dirs)
 
 
@@ -150,10 +150,11 @@ def sweep(
     return ComparisonResult(report, plan.run_dirs)
 
 
-def export(model: str | Path | None = None, output: str | Path = "model.gguf", *, quantization: str = "q8_0") -> Path:
+def export(model: str | Path | TrainResult | None = None, output: str | Path = "model.gguf", *,
+           quantization: str = "q8_0") -> Path:
     """Write `model` as one GGUF file for llama.cpp, Ollama and LM Studio, as `smolalign export MODEL --output
-    FILE.gguf`: a run folder (its final/; a LoRA adapter is merged into its base), any model folder or Hub id,
-    or None for the embedded SmolLM2-135M-Instruct. Returns the file's path."""
+    FILE.gguf`: a run (its folder or TrainResult: its final/; a LoRA adapter is merged into its base), any model
+    folder or Hub id, or None for the embedded SmolLM2-135M-Instruct. Returns the file's path."""
     from smolalign.config.commands import ExportConfig
     from smolalign.gguf_export.gguf import export_gguf
 

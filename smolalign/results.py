@@ -32,6 +32,10 @@ class TrainResult:
         self.run_dir = Path(run_dir)
         self.folder = RunFolder(self.run_dir)
 
+    def __fspath__(self) -> str:
+        """The run's folder, so a result goes wherever a run folder's path does (compare, export)."""
+        return str(self.run_dir)
+
     @property
     def final_model(self) -> Path | None:
         """`RUN/final` (a transformers folder, or a PEFT adapter under LoRA); None until the run finished."""

@@ -28,3 +28,5 @@ def test_training_exports_final_when_asked(tmp_path, tiny_model, hh_rows):
     assert exported.is_file() and run.final_model is not None
     assert smolalign.export(run.run_dir, tmp_path / "again.gguf", quantization="f16").stat().st_size == \
         exported.stat().st_size
+    assert smolalign.export(run, tmp_path / "from-result.gguf", quantization="f16").stat().st_size == \
+        exported.stat().st_size  # the TrainResult itself, as the package docstring shows
