@@ -93,12 +93,12 @@ def dpo_aot(t: PairTerms, s: LossSettings) -> torch.Tensor:
     """AOT, Melnyk et al. 2024 (arXiv 2406.05882), paired: the batch's policy margins and reference margins,
     each sorted, matched rank by rank through DPO's smoothed logistic loss (a distributional dominance of the
     policy over the reference)."""
-    return _smoothed_logistic(s.beta * (t.policy_margin.sort().values - t.reference_margin.sort().values), s)
+    return smoothed_logistic(s.beta * (t.policy_margin.sort().values - t.reference_margin.sort().values), s)
 
 
 def dpo_aot_unpaired(t: PairTerms, s: LossSettings) -> torch.Tensor:
     """AOT, same paper, unpaired: the batch's chosen and rejected log-ratios, each sorted, matched rank by rank."""
-    return _smoothed_logistic(s.beta * (t.chosen.sort().values - t.rejected.sort().values), s)
+    return smoothed_logistic(s.beta * (t.chosen.sort().values - t.rejected.sort().values), s)
 
 
 def dpo_apo_zero(t: PairTerms, s: LossSettings) -> torch.Tensor:
@@ -130,7 +130,8 @@ def _per_token_margin(t: PairTerms) -> torch.Tensor:
     return t.chosen / t.chosen_tokens.clamp(min=1) - t.rejected / t.rejected_tokens.clamp(min=1)
 
 
-def _smoothed_logistic(logits: torch.Tensor, s: LossSettings) -> torch.Tensor:
+def smoothed_logistic(logits: torch.Tensor, s: LossSettings) -> torch.Tensor:
+    """-log sigmoid(logits) with conservative label smoothing (cDPO, Mitchell 2023): AOT's and SimPO's loss."""
     return -(1 - s.label_smoothing) * F.logsigmoid(logits) - s.label_smoothing * F.logsigmoid(-logits)
 
 
@@ -152,8 +153,6 @@ DPO_LOSSES: dict[DpoLossType, Callable[[PairTerms, LossSettings], torch.Tensor]]
     "sft": dpo_sft,
     "sigmoid_norm": dpo_sigmoid_norm,
 }
-# Loss types whose margin an f-divergence may reshape (TRL refuses the others with a non-default divergence).
-F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
 # Loss types that sort the batch: a micro-batch must be scored whole, and WPO's weights do not apply.
 BATCH_LOSSES = frozenset({"aot", "aot_unpaired"})
 

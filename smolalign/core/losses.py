@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from smolalign.config.algorithms import DEFAULT_LOSS_TYPES
 from smolalign.config.choices import Algorithm, FDivergence
 from smolalign.config.train import TrainConfig
-from smolalign.core.dpo_losses import BATCH_LOSSES, DPO_LOSSES, PairTerms, f_divergence
+from smolalign.core.dpo_losses import BATCH_LOSSES, DPO_LOSSES, PairTerms, f_divergence, smoothed_logistic
 from smolalign.core.logprobs import PairLogps
 from smolalign.data.formats import RowUse
 
@@ -51,9 +52,9 @@ class LossSettings:
 
     @property
     def loss_types(self) -> tuple[str, ...]:
-        """DPO's loss types (sigmoid unless set), in order."""
+        """DPO's loss types (its default unless set), in order."""
         if self.loss_type is None:
-            return ("sigmoid",)
+            return (DEFAULT_LOSS_TYPES["dpo"],)
         return (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
 
 
@@ -183,7 +184,7 @@ def simpo(policy: PairLogps, reference: PairLogps | None, settings: LossSettings
     2024, arXiv 2401.08417), as TRL's CPOTrainer with loss_type="simpo"."""
     chosen_mean, rejected_mean = policy.chosen_mean, policy.rejected_mean
     logits = settings.beta * (chosen_mean - rejected_mean) - settings.simpo_gamma
-    per_pair = -F.logsigmoid(logits) * (1 - settings.label_smoothing) - F.logsigmoid(-logits) * settings.label_smoothing
+    per_pair = smoothed_logistic(logits, settings)
     nll = chosen_nll(policy, totals) if settings.cpo_alpha else torch.zeros((), device=per_pair.device)
     loss = per_pair.sum() / totals.pairs + settings.cpo_alpha * nll
     metrics = preference_metrics(settings.beta * chosen_mean, settings.beta * rejected_mean, chosen_mean, rejected_mean)
