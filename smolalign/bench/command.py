@@ -166,7 +166,8 @@ def bench(config: BenchConfig) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     results: list[BenchResult] = []
     precision = resolve_precision(config.dtype, device, lora=config.lora)[1]  # what every framework trains in
-    peaks: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    half = "float16" if precision == "fp16" else "bfloat16"  # the half precision this device would train in
+    peaks: dict[str, list[float]] = {"float32": [], half: []}
     with tempfile.TemporaryDirectory(prefix="smolalign-bench-") as scratch:
         workdir = Path(scratch)
         if config.model_config:
@@ -205,7 +206,7 @@ def prepare_job(config: BenchConfig, tokenizer, data: Path, max_length: int, bat
 def measure(config: BenchConfig, job: Job, algorithm: str, framework: str, model: str, flops: float,
             device: torch.device, workdir: Path, peaks: dict[str, list[float]], precision: str) -> BenchResult:
     """The fastest of `repeats` runs of one framework on one job (memory: the highest peak seen), or the
-    first failed run. Before each run, the machine's float32 and bf16 matmul peaks are measured again."""
+    first failed run. Before each run, the machine's float32 and half-precision matmul peaks are measured again."""
     spec = {"framework": framework, "algorithm": algorithm, "model": model, "dataset": str(job.data),
             "steps": config.steps, "batch_size": job.batch_size, "max_length": job.max_length,
             "device": device.type, "lora": config.lora, "dtype": config.dtype, "precision": precision,

@@ -70,7 +70,7 @@ def versions() -> dict[str, str]:
 
 
 PRECISIONS = {"bf16": "bf16 autocast", "fp16": "fp16 autocast", "no": "float32"}
-PEAK_OF = {"bf16": "bfloat16", "fp16": "bfloat16", "no": "float32"}  # the matmul peak a precision is measured on
+PEAK_OF = {"bf16": "bfloat16", "fp16": "float16", "no": "float32"}  # the matmul peak a precision is measured on
 
 
 def summarise(results: list[BenchResult], peaks: dict[str, float], precision: str, config: BenchConfig,
