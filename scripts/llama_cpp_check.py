@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from smolalign.data.messages import parse_hh_transcript
 from smolalign.data.sources import bundled_dataset
 from smolalign.models.loading import model_source
 
@@ -28,7 +29,7 @@ HERE = Path(__file__).resolve().parent / "llama_cpp"
 def chat_prompts(tokenizer, count: int) -> list[str]:
     """The first user turn of the first `count` bundled HH-RLHF test conversations, in the chat template."""
     rows = [json.loads(line) for line in Path(bundled_dataset("test")).read_text().splitlines()[:count]]
-    turns = [row["chosen"].split("\n\nHuman: ")[1].split("\n\nAssistant:")[0].strip() for row in rows]
+    turns = [parse_hh_transcript(row["chosen"])[0]["content"] for row in rows]
     return [tokenizer.apply_chat_template([{"role": "user", "content": turn}], tokenize=False,
                                           add_generation_prompt=True) for turn in turns]
 
