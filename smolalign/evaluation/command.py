@@ -80,15 +80,16 @@ def starting_model_of_run(model: str) -> str | None:
 
 def run_eval(config: EvalConfig) -> dict:
     """Score every pair with the model (and the reference), measure drift, generate and judge."""
-    with contextlib.ExitStack() as packed:  # no weight changes in an eval: packed once (models/packed.py)
-        packed.enter_context(freed_memory_kept(resolve_device(config.device)))
-        return _run_eval(with_run_settings(config), packed)
-
-
-def _run_eval(config: EvalConfig, packed: contextlib.ExitStack) -> dict:
-    ref_model = config.ref_model or starting_model_of_run(config.model)
-    check_judge_settings(config, has_reference=bool(ref_model) or is_adapter(config.model))
     device = resolve_device(config.device)
+    with contextlib.ExitStack() as packed:  # no weight changes in an eval: packed once (models/packed.py)
+        packed.enter_context(freed_memory_kept(device))
+        return _run_eval(with_run_settings(config), device, packed)
+
+
+def _run_eval(config: EvalConfig, device: torch.device, packed: contextlib.ExitStack) -> dict:
+    ref_model = config.ref_model or starting_model_of_run(config.model)
+    has_reference = bool(ref_model) or is_adapter(config.model)
+    check_judge_settings(config, has_reference=has_reference)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = load_tokenizer(config.model, chat_template=config.chat_template)
     read = read_pairs(config.dataset, split=config.split, system_prompt=config.system_prompt,
@@ -96,7 +97,7 @@ def _run_eval(config: EvalConfig, packed: contextlib.ExitStack) -> dict:
     labelled = read.data_format.kind == "unpaired"  # KTO's rows: scored by the sign of their implicit reward
     pairs = tokenize_and_fit(read, tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                              use="labelled" if labelled else "pairs", algorithm="smolalign eval")
-    if labelled and not (ref_model or is_adapter(config.model)):
+    if labelled and not has_reference:
         raise UserError(f"'{config.dataset}' holds unpaired rows, scored by the sign of the implicit reward "
                         "log pi/pi_ref: give --ref_model (or evaluate a run's final/ or a LoRA adapter).")
 
