@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from smolalign.config.translation import Translation
+from smolalign.config.translation import Translation, same_setting
 from smolalign.errors import UserError
 from smolalign.hub import is_data_file_name
 
@@ -36,7 +36,7 @@ SAME_SETTING_GROUPS = (
     ("undesirable_weight", "kto_rejected_weight"),
     ("max_train_pairs", "max_samples"),
 )
-SAME_SETTING = {key: tuple(k for k in group if k != key) for group in SAME_SETTING_GROUPS for key in group}
+SAME_SETTING = same_setting(SAME_SETTING_GROUPS)
 SAME_SETTING["algorithm"] = ("stage", "pref_loss")  # --algorithm orpo replaces both; --pref_loss orpo only itself
 
 # Inference, export, tracking, kernels and data-loading settings: they do not change what training computes.
@@ -131,17 +131,9 @@ def translate_llamafactory(t: Translation) -> None:
     if cutoff_from_file:
         t.note("cutoff_len", f"{t.values['max_length']}: smolalign cuts a long prompt from the left and drops a pair "
                              "that cannot fit, where LLaMA-Factory keeps the prompt's beginning")
+    accepted = {key: (default,) for key, default in DEFAULT_ONLY.items()}
     for key in list(t.values):
-        if key in IGNORED:
-            t.values.pop(key)
-            t.ignored.append(key)
-        elif key in DEFAULT_ONLY:
-            value = t.values.pop(key)
-            if value != DEFAULT_ONLY[key]:
-                reason = REFUSALS.get(key, f"no equivalent in smolalign and would change the run; remove it "
-                                           f"(LLaMA-Factory's default is {DEFAULT_ONLY[key]!r})")
-                raise UserError(f"'{key}: {value}' asks for {reason}." if key in REFUSALS else
-                                f"'{key}: {value}' has {reason}.")
+        t.settle(key, ignored=IGNORED, accepted=accepted, refusals=REFUSALS, source="LLaMA-Factory")
     t.defaults(DEFAULTS, "LLaMA-Factory")
 
 

@@ -10,11 +10,18 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from smolalign.errors import UserError
+
 log = logging.getLogger("smolalign")
 
 LAUNCH_HINT = ("smolalign runs in the processes it is started in; for several, `accelerate launch --num_processes "
                "N -m smolalign train …` or `torchrun --nproc_per_node N -m smolalign train …`")
 _logged: set[str] = set()  # a sweep reads the same file once per run: each line is logged once
+
+
+def same_setting(groups: tuple[tuple[str, ...], ...]) -> dict[str, tuple[str, ...]]:
+    """For each key of `groups` (names of one setting), the other names it stands for."""
+    return {key: tuple(k for k in group if k != key) for group in groups for key in group}
 
 
 @dataclass
@@ -30,6 +37,25 @@ class Translation:
 
     def note(self, key: str, text: str) -> None:
         self.notes.append(f"{key} {text}")
+
+    def settle(self, key: str, *, ignored: frozenset[str], accepted: dict[str, tuple], refusals: dict[str, str],
+               source: str) -> bool:
+        """Take out `key` if it is ignored, or if it may only keep `source`'s default (or another of its
+        `accepted` values; any other value is refused in one sentence, `refusals` saying why); False for any
+        other key."""
+        if key in ignored:
+            self.values.pop(key)
+            self.ignored.append(key)
+            return True
+        if key not in accepted:
+            return False
+        value = self.values.pop(key)
+        if value not in accepted[key]:
+            if key in refusals:
+                raise UserError(f"'{key}: {value}' asks for {refusals[key]}.")
+            raise UserError(f"'{key}: {value}' has no equivalent in smolalign and would change the run; remove it "
+                            f"({source}'s default is {accepted[key][0]!r}).")
+        return True
 
     def defaults(self, values: dict[str, Any], source: str) -> None:
         """`values` for the keys neither the file nor a flag set, as `source` defaults them."""

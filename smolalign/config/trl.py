@@ -305,17 +305,8 @@ def _sort_the_rest(t: Translation) -> None:
         if key in LAUNCH_ONLY:
             value = t.values.pop(key)
             t.launch.append(f"{key}: {value}" if key == "num_processes" else key)
-        elif key in IGNORED:
-            t.values.pop(key)
-            t.ignored.append(key)
-        elif key in DEFAULT_ONLY:
-            value = t.values.pop(key)
-            if value not in DEFAULT_ONLY[key]:
-                reason = REFUSALS.get(key, "no equivalent in smolalign and would change the run; remove it "
-                                           f"(TRL's default is {DEFAULT_ONLY[key][0]!r})")
-                raise UserError(f"'{key}: {value}' has {reason}." if key not in REFUSALS else
-                                f"'{key}: {value}' asks for {reason}.")
-        elif key not in own_keys:
+        elif not t.settle(key, ignored=IGNORED, accepted=DEFAULT_ONLY, refusals=REFUSALS, source="TRL") and \
+                key not in own_keys:
             if key in _training_argument_names():
                 raise UserError(f"'{key}' is a transformers TrainingArguments setting that smolalign has no "
                                 "equivalent for; remove it.")

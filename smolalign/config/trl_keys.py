@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from smolalign.config.translation import same_setting
+
 # TRL's (or the handbook's) name -> smolalign's, same value. Keys spelled alike need no entry.
 RENAMED = {
     "model_name_or_path": "model",
@@ -28,7 +30,7 @@ SAME_SETTING_GROUPS = (
     ("hub_private", "hub_private_repo"),
     ("eval_strategy", "evaluation_strategy"),
 )
-SAME_SETTING = {key: tuple(k for k in group if k != key) for group in SAME_SETTING_GROUPS for key in group}
+SAME_SETTING = same_setting(SAME_SETTING_GROUPS)
 
 # How many processes or devices run the job: smolalign runs in the processes it is started in.
 LAUNCH_ONLY = frozenset({
