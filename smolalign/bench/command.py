@@ -165,7 +165,7 @@ def bench(config: BenchConfig) -> dict:
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results: list[BenchResult] = []
-    precision = resolve_precision(config.dtype, device, lora=config.lora)[1]  # what every framework trains in
+    weights_dtype, precision = resolve_precision(config.dtype, device, lora=config.lora)  # for every framework
     half = "float16" if precision == "fp16" else "bfloat16"  # the half precision this device would train in
     peaks: dict[str, list[float]] = {"float32": [], half: []}
     with tempfile.TemporaryDirectory(prefix="smolalign-bench-") as scratch:
@@ -183,7 +183,7 @@ def bench(config: BenchConfig) -> dict:
                 flops = training_flops(architecture, job.pairs, algorithm=algorithm, framework=framework,
                                        lora=config.lora)
                 results.append(measure(config, job, algorithm, framework, model, flops, device, workdir, peaks,
-                                       precision))
+                                       precision, weights_dtype))
     if all(r.failure for r in results):
         raise UserError(f"the {results[0].framework} run failed: {results[0].failure}")
     report = summarise(results, {name: max(values) for name, values in peaks.items()}, precision, config, device)
@@ -204,12 +204,14 @@ def prepare_job(config: BenchConfig, tokenizer, data: Path, max_length: int, bat
 
 
 def measure(config: BenchConfig, job: Job, algorithm: str, framework: str, model: str, flops: float,
-            device: torch.device, workdir: Path, peaks: dict[str, list[float]], precision: str) -> BenchResult:
+            device: torch.device, workdir: Path, peaks: dict[str, list[float]], precision: str,
+            weights_dtype: torch.dtype) -> BenchResult:
     """The fastest of `repeats` runs of one framework on one job (memory: the highest peak seen), or the
     first failed run. Before each run, the machine's float32 and half-precision matmul peaks are measured again."""
     spec = {"framework": framework, "algorithm": algorithm, "model": model, "dataset": str(job.data),
             "steps": config.steps, "batch_size": job.batch_size, "max_length": job.max_length,
             "device": device.type, "lora": config.lora, "dtype": config.dtype, "precision": precision,
+            "weights_dtype": str(weights_dtype).removeprefix("torch."),
             "keep_freed_memory": framework == "smolalign" or config.trl_keep_freed_memory}
     logs = Path(config.output_dir) / "logs"
     logs.mkdir(exist_ok=True)

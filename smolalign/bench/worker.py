@@ -96,15 +96,12 @@ def run_trl(spec: dict, output_dir: Path) -> dict:
 
         common.update(loss_type="simpo", cpo_alpha=0.0)
     peft_config = None
-    dtype = torch.float32  # float32 master weights under bf16 autocast, as smolalign trains
     if spec.get("lora"):
         from peft import LoraConfig
 
         peft_config = LoraConfig(task_type="CAUSAL_LM", **LORA)
-        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["precision"], torch.float32)
-        dtype = half  # the frozen base in the half precision, as smolalign keeps it
-    trainer = Trainer(
-        model=AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype),
+    trainer = Trainer(  # weights as smolalign keeps them: float32, or LoRA's frozen base in the half precision
+        model=AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec["weights_dtype"])),
         args=Config(**common),
         train_dataset=load_dataset("json", data_files=spec["dataset"], split="train"),
         processing_class=AutoTokenizer.from_pretrained(spec["model"]),
