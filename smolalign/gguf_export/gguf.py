@@ -26,9 +26,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from smolalign.config.choices import QUANTIZATIONS
 from smolalign.errors import RunError, UserError, first_line
 from smolalign.gguf_export.metadata import add_model_metadata, rope_factors
-from smolalign.gguf_export.tensors import QUANTIZATIONS, GGUFTensor, plan_tensors
+from smolalign.gguf_export.tensors import GGUFTensor, plan_tensors
 from smolalign.gguf_export.vocab import add_tokenizer_metadata
 from smolalign.hub import hub_failure_reason
 from smolalign.models.embedded import EMBEDDED_NAME, is_embedded

@@ -9,7 +9,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from smolalign.errors import UserError
-from smolalign.gguf_export.tensors import FILE_TYPES
+from smolalign.gguf_export.tensors import STORAGE
 
 SUPPORTED_ROPE = ("default", "linear", "llama3")
 
@@ -34,7 +34,7 @@ def add_model_metadata(writer: GGUFWriter, config: PretrainedConfig, *, name: st
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope_parameters(config)["factor"])
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(FILE_TYPES[quantization])
+    writer.add_file_type(STORAGE[quantization][1])
     writer.add_quantization_version(GGML_QUANT_VERSION)
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from smolalign.config.choices import QUANTIZATIONS
 from smolalign.data.sources import bundled_dataset
 from smolalign.gguf_export.gguf import export_gguf
-from smolalign.gguf_export.tensors import QUANTIZATIONS
 from smolalign.models.embedded import EMBEDDED_NAME
 from smolalign.models.loading import model_source
 

@@ -24,22 +24,14 @@ from transformers import PreTrainedModel
 
 from smolalign.errors import UserError
 
-QUANTIZATIONS: dict[str, GGMLQuantizationType] = {
-    "f32": GGMLQuantizationType.F32,
-    "f16": GGMLQuantizationType.F16,
-    "bf16": GGMLQuantizationType.BF16,
-    "q8_0": GGMLQuantizationType.Q8_0,
-    "q4_0": GGMLQuantizationType.Q4_0,
-    "q4_1": GGMLQuantizationType.Q4_1,
-}
-
-FILE_TYPES: dict[str, LlamaFileType] = {
-    "f32": LlamaFileType.ALL_F32,
-    "f16": LlamaFileType.MOSTLY_F16,
-    "bf16": LlamaFileType.MOSTLY_BF16,
-    "q8_0": LlamaFileType.MOSTLY_Q8_0,
-    "q4_0": LlamaFileType.MOSTLY_Q4_0,
-    "q4_1": LlamaFileType.MOSTLY_Q4_1,
+# Each of config.choices.QUANTIZATIONS: the type its matrices are stored in, and the file type llama.cpp reads.
+STORAGE: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
+    "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
+    "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+    "q4_1": (GGMLQuantizationType.Q4_1, LlamaFileType.MOSTLY_Q4_1),
 }
 
 # A 4-bit file keeps the output head at 8 bits: next-token choices are the most sensitive to it, and
@@ -117,7 +109,7 @@ def storage_type(shape: tuple[int, ...], quantization: str, *, is_head: bool) ->
     4-bit file), and f16 where a row is not a whole number of the type's blocks."""
     if len(shape) == 1:
         return GGMLQuantizationType.F32
-    wanted = QUANTIZATIONS[quantization]
+    wanted = STORAGE[quantization][0]
     if is_head and wanted in FOUR_BIT:
         wanted = HEAD_TYPE_IN_4BIT
     block_size, _ = GGML_QUANT_SIZES[wanted]

@@ -30,9 +30,11 @@ from transformers import (
 )
 from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
+from smolalign.config.choices import QUANTIZATIONS
 from smolalign.data.sources import bundled_dataset
 from smolalign.errors import RunError, UserError
 from smolalign.gguf_export.gguf import export_gguf
+from smolalign.gguf_export.tensors import STORAGE
 from smolalign.models import embedded
 from smolalign.models.loading import load_model, load_tokenizer, model_source
 
@@ -406,6 +408,10 @@ def test_models_other_than_llama_are_refused_by_name(tmp_path, tokenizer):
     with pytest.raises(UserError, match="not a model folder"):
         export_gguf(str(tmp_path / "notes"), output)
     assert files_in(tmp_path / "out") == []
+
+
+def test_every_quantization_the_config_offers_has_a_storage_type():
+    assert tuple(STORAGE) == QUANTIZATIONS
 
 
 def test_bad_outputs_and_quantizations_are_one_sentence(model_folder, tmp_path):
