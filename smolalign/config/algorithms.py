@@ -16,9 +16,9 @@ if TYPE_CHECKING:
 # DPO loss types that read label_smoothing (TRL 1.16's), and those an f-divergence may reshape.
 SMOOTHED_DPO_LOSSES = frozenset({"robust", "exo_pair", "aot", "aot_unpaired"})
 F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
-DPO_ONLY = {"loss_weights": None, "rpo_alpha": None, "f_divergence_type": "reverse_kl", "ld_alpha": None,
-            "use_weighting": False}
-KTO_ONLY = {"desirable_weight": 1.0, "undesirable_weight": 1.0}
+# Settings of one algorithm, which the others take only at their defaults.
+DPO_ONLY = ("loss_weights", "rpo_alpha", "f_divergence_type", "ld_alpha", "use_weighting")
+KTO_ONLY = ("desirable_weight", "undesirable_weight")
 
 
 DEFAULT_LOSS_TYPES = {"dpo": "sigmoid", "kto": "kto"}
@@ -34,9 +34,9 @@ def loss_types(config: TrainConfig) -> list[str]:
 
 def check_algorithm_settings(config: TrainConfig) -> None:
     name = config.algorithm
-    for key, default in {**(DPO_ONLY if name != "dpo" else {}), **(KTO_ONLY if name != "kto" else {})}.items():
-        require(getattr(config, key) == default, f"'{key}' is a {'DPO' if key in DPO_ONLY else 'KTO'} setting; it does "
-                                                 f"not apply to {name}.")
+    for key in (*(DPO_ONLY if name != "dpo" else ()), *(KTO_ONLY if name != "kto" else ())):
+        require(getattr(config, key) == getattr(type(config), key),  # the class holds each field's default
+                f"'{key}' is a {'DPO' if key in DPO_ONLY else 'KTO'} setting; it does not apply to {name}.")
     if name == "dpo":
         _check_dpo(config)
     elif name == "kto":
