@@ -5,7 +5,8 @@ the model), a separate frozen model (`ref_model`), or values computed once befor
 in a disk cache. The cache is keyed by everything that changes the numbers: the reference weights (a
 hash of every tensor, with its dtype), the precision the reference runs in (autocast or not, and to
 which dtype), and each pair's token ids. Batch layout and chunk sizes change no number beyond float
-noise, so later runs and `smolalign eval` reuse the cache whatever theirs. Full fine-tuning without a
+noise, so later runs and `smolalign eval` reuse the cache whatever theirs; a run fills it in the chunks its
+steps use, since under bf16 that noise is visible. Full fine-tuning without a
 `ref_model` precomputes with the initial policy itself, so the reference never costs a second copy of
 the model in memory. Concurrent runs share the cache safely: writers take turns under a file lock and
 merge, and a file is replaced atomically, so a reader never sees half of one.
@@ -189,20 +190,32 @@ class ReferenceCache:
             finally:
                 Path(staging).unlink(missing_ok=True)
 
-    def fill(self, pairs: list[TokenizedPair], score: Callable[[list[TokenizedPair]], PairLogps], *,
+    def fill(self, chunks: list[list[TokenizedPair]], score: Callable[[list[list[TokenizedPair]]], PairLogps], *,
              shared: bool = False) -> PrecomputedReference:
-        """Reference log-probs for `pairs`: cached ones are reused, the others scored and added to the cache
-        (with `shared`, also those cached without their shared-length sums)."""
-        keys = [pair_key(p) for p in pairs]
+        """Reference log-probs for the pairs of `chunks`: cached ones are reused, the others scored by `score`
+        in their chunks (less the pairs cached or scored in an earlier chunk) and added to the cache (with
+        `shared`, also those cached without their shared-length sums)."""
         shipped = _read_values(self.shipped)
         values = {**shipped, **_read_values(self.path)}
-        missing = {key: pair for key, pair in zip(keys, pairs, strict=True)
-                   if key not in values or (shared and math.isnan(values[key][2]))}
+        seen: set[int] = set()
+        missing: list[int] = []
+        to_score: list[list[TokenizedPair]] = []
+        for chunk in chunks:
+            kept = []
+            for pair in chunk:
+                key = pair_key(pair)
+                if key in seen:
+                    continue
+                seen.add(key)
+                if key not in values or (shared and math.isnan(values[key][2])):
+                    missing.append(key)
+                    kept.append(pair)
+            if kept:
+                to_score.append(kept)
         log.info("reference log-probs: %d of %d pairs cached (%d shipped with smolalign, the others in %s), %d to compute",
-                 sum(key in values for key in keys), len(pairs), sum(key in shipped for key in keys), self.path.parent,
-                 len(missing))
+                 len(seen) - len(missing), len(seen), len(seen & shipped.keys()), self.path.parent, len(missing))
         if missing:
-            scored = score(list(missing.values()))
+            scored = score(to_score)
             nan = [math.nan] * len(missing)  # a scorer without the shared-length sums
             columns = [getattr(scored, name).tolist() if getattr(scored, name) is not None else nan for name in CACHED]
             new = {key: tuple(row) for key, *row in zip(missing, *columns, strict=True)}
@@ -214,14 +227,16 @@ class ReferenceCache:
 def precompute_reference(
     reference: ScorerView,
     reference_weights: nn.Module,
-    pairs: list[TokenizedPair],
+    chunks: list[list[TokenizedPair]],
     scoring: PairScoring,
     *,
     desc: str = "reference log-probs",
     shared: bool = False,
 ) -> PrecomputedReference:
-    """Reference log-probs of `pairs`, from the cache of `reference_weights` or scored once now (with `shared`,
-    also their sums over the shared length, for LD-DPO)."""
+    """Reference log-probs of the pairs of `chunks`, from the cache of `reference_weights` or scored once now (with
+    `shared`, also their sums over the shared length, for LD-DPO). Give it the chunks the steps will score the
+    policy in: under bf16 a pair's log-probs move with the rows padded beside it (by up to a few tenths on long
+    answers), and only the same chunks give the same numbers, a DPO loss of exactly log 2 at step 1."""
     return ReferenceCache(reference_weights).fill(
-        pairs, lambda missing: scoring.logps(reference, missing, desc=desc), shared=shared
+        chunks, lambda missing: scoring.chunk_logps(reference, missing, desc=desc), shared=shared
     )

@@ -59,16 +59,21 @@ class PairScoring:
         return build_batch(chunk, self.layout, pad_token_id=self.pad_token_id, score_prompt=score_prompt,
                            score_ends=score_ends).to(self.device)
 
-    def batches(self, pairs: list[TokenizedPair], *, score_ends: bool = False, desc: str | None = None
+    def batches(self, chunks: list[list[TokenizedPair]], *, score_ends: bool = False, desc: str | None = None
                 ) -> Iterator[tuple[list[TokenizedPair], Batch]]:
-        """Each chunk of `pairs` with its batch (answer tokens scored, or with `score_ends` each answer's last
-        token), with a progress bar when `desc` is given."""
-        for chunk in tqdm(self.chunks(pairs), desc=desc, unit="chunk", disable=desc is None):
+        """Each chunk with its batch (answer tokens scored, or with `score_ends` each answer's last token), with
+        a progress bar when `desc` is given."""
+        for chunk in tqdm(chunks, desc=desc, unit="chunk", disable=desc is None):
             yield chunk, self.batch(chunk, score_ends=score_ends)
 
     def logps(self, scorer: ScorerView, pairs: list[TokenizedPair], *, desc: str | None = None) -> PairLogps:
         """Per-pair answer log-prob sums and token counts of every pair, in order, on the CPU."""
-        return concat_pair_logps([scorer.logps(batch, chunk) for chunk, batch in self.batches(pairs, desc=desc)]).cpu()
+        return self.chunk_logps(scorer, self.chunks(pairs), desc=desc)
+
+    def chunk_logps(self, scorer: ScorerView, chunks: list[list[TokenizedPair]], *, desc: str | None = None
+                    ) -> PairLogps:
+        """`logps` of the pairs of `chunks`, each chunk one forward pass."""
+        return concat_pair_logps([scorer.logps(batch, chunk) for chunk, batch in self.batches(chunks, desc=desc)]).cpu()
 
 CPU_MAX_TOKENS_PER_FORWARD = 256  # about one HH-RLHF pair: a CPU gains nothing from larger float32 forward passes
 CPU_BF16_MAX_TOKENS_PER_FORWARD = 1024  # bf16 matmuls of 576-wide models reach their speed only on more rows

@@ -132,7 +132,7 @@ def _run_eval(config: EvalConfig, device: torch.device, packed: contextlib.ExitS
         # eval's margins are training's), those not cached yet are added.
         row_of = {pair_key(pair): row for row, pair in enumerate(pairs)}
         cached = ReferenceCache(reference_model).fill(
-            pairs, lambda missing: scored.reference.take([row_of[pair_key(p)] for p in missing]))
+            [pairs], lambda missing: scored.reference.take([row_of[pair_key(p)] for chunk in missing for p in chunk]))
         reference = cached.of_pairs(pairs)
         summarize = labelled_summary if labelled else preference_summary
         summary = summarize(policy, reference, beta=config.beta)

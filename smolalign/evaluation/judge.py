@@ -158,8 +158,8 @@ class RewardModelJudge:
         scorer = RewardScorer(self.model)
         verdicts: dict[int, Verdict] = {}
         with packed_linears(self.model):
-            for chunk, batch in self.scoring.batches(sorted(pairs, key=block_tokens), score_ends=True,
-                                                     desc=f"judging with {self.name}"):
+            chunks = self.scoring.chunks(sorted(pairs, key=block_tokens))
+            for chunk, batch in self.scoring.batches(chunks, score_ends=True, desc=f"judging with {self.name}"):
                 rewards = score_batch(scorer, batch)
                 for pair, policy, reference in zip(chunk, rewards.chosen.tolist(), rewards.rejected.tolist(),
                                                    strict=True):

@@ -108,6 +108,11 @@ class Bookkeeper:
         self.accelerator.log(values, step=step)
 
 
+def eval_batches(pairs: list[TokenizedPair], batch_size: int) -> list[list[TokenizedPair]]:
+    """Held-out pairs in consecutive batches of `batch_size` (`per_device_eval_batch_size`)."""
+    return [pairs[start : start + batch_size] for start in range(0, len(pairs), batch_size)]
+
+
 @torch.no_grad()
 def evaluate_objective(runner: PairRunner, pairs: list[TokenizedPair], *, batch_size: int) -> dict[str, float]:
     """The objective's loss (and its other terms, as `kl` and `nll_loss`) on held-out pairs, averaged over
@@ -115,8 +120,8 @@ def evaluate_objective(runner: PairRunner, pairs: list[TokenizedPair], *, batch_
     rewards) over all pairs at once, as `smolalign eval` computes them (core/heldout.py); `eval_pairs`."""
     window = MetricWindow()
     policy_parts, reference_parts = [], []
-    for start in tqdm(range(0, len(pairs), batch_size), desc="evaluating", leave=False, unit="batch"):
-        result = runner.run(pairs[start : start + batch_size])
+    for batch in tqdm(eval_batches(pairs, batch_size), desc="evaluating", leave=False, unit="batch"):
+        result = runner.run(batch)
         window.add({"loss": result.output.loss, **result.output.metrics})
         policy_parts.append(result.policy)
         reference_parts.append(result.reference)

@@ -103,11 +103,12 @@ class StepPlan:
         batches = len(self.epoch_micro_batches(epoch))
         return epoch + min((step_in_epoch + 1) * self.accumulation, batches) / batches
 
-    def pairs_used(self) -> list[int]:
-        """Indices of every pair some step of the run will see (all of them once it spans an epoch)."""
-        if self.total_steps >= self.steps_in_epoch(0):
-            return list(range(self.num_pairs))
-        return sorted(i for step in range(self.total_steps) for batch in self.micro_batches(step) for i in batch)
+    def first_micro_batches(self, num_processes: int = 1) -> list[list[int]]:
+        """Every process's micro-batches of the first epoch's steps (or of the run's, if it is shorter): each pair
+        the run trains on is in them, in the micro-batch that first trains it."""
+        steps = min(self.total_steps, self.steps_in_epoch(0))
+        return [batch for step in range(steps) for process in range(num_processes)
+                for batch in self.micro_batches(step, process_index=process, num_processes=num_processes)]
 
 
 def _even(batch: list[int], num_processes: int) -> list[int]:

@@ -19,15 +19,17 @@ from smolalign.config.files import flatten
 from smolalign.config.train import TrainConfig
 from smolalign.core.layouts import block_tokens, choose_layout
 from smolalign.core.logprobs import RewardScorer, SequenceScorer
-from smolalign.core.losses import Objective
+from smolalign.core.losses import LossSettings, Objective
 from smolalign.core.reference import Reference, precompute_reference, precomputes_reference, reference_source
 from smolalign.core.scoring import PairScoring, default_max_tokens_per_forward
 from smolalign.data.prepare import PreparedData
 from smolalign.errors import UserError, writes_reported
 from smolalign.models.loading import add_lora, base_model_of, load_model
 from smolalign.run_folder import RunFolder
+from smolalign.training.bookkeeping import eval_batches
 from smolalign.training.checkpoint import RunProgress, load_checkpoint, resolve_checkpoint
 from smolalign.training.plan import StepPlan
+from smolalign.training.step import forward_chunks
 
 log = logging.getLogger("smolalign")
 
@@ -144,16 +146,21 @@ def build_references(
                                        dtype=dtype, device=accelerator.device)
     if not precomputes_reference(config):
         return source, source  # each pass runs in the precision of the runner that calls it
-    train = [data.train[i] for i in plan.pairs_used()]
+    # Scored in the forward passes the steps and evaluations will make (see precompute_reference).
+    settings = LossSettings.from_config(config)
+    train = [chunk for ids in plan.first_micro_batches(accelerator.num_processes)
+             for chunk in forward_chunks([data.train[i] for i in ids], objective, settings, scoring)]
+    held_out = [chunk for pairs in eval_batches(data.eval, config.per_device_eval_batch_size)
+                for chunk in forward_chunks(pairs, objective, settings, scoring)]
     shared = config.ld_alpha is not None
     # The main process fills the on-disk cache first; the others then read it instead of recomputing.
     with accelerator.main_process_first():
         with accelerator.autocast():
-            in_training_precision = train + data.eval if eval_autocast else train
+            in_training_precision = train + held_out if eval_autocast else train
             for_training = precompute_reference(source, weights, in_training_precision, scoring, shared=shared)
         if eval_autocast or not data.eval:
             return for_training, for_training
-        return for_training, precompute_reference(source, weights, data.eval, scoring, shared=shared,
+        return for_training, precompute_reference(source, weights, held_out, scoring, shared=shared,
                                                   desc="reference log-probs (held-out pairs, float32)")
 
 

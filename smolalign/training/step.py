@@ -43,6 +43,13 @@ class RunResult:
     tokens: int  # prompt + answer tokens, counted as TRL's padded layout feeds them
 
 
+def forward_chunks(pairs: list[TokenizedPair], objective: Objective, settings: LossSettings, scoring: PairScoring
+                   ) -> list[list[TokenizedPair]]:
+    """The forward passes of one batch: the whole batch for an objective that couples its pairs (KTO's KL
+    estimate), else consecutive chunks within the token budget."""
+    return [pairs] if objective.couples_pairs(settings) else scoring.chunks(pairs)
+
+
 @dataclass
 class PairRunner:
     """Computes an objective on batches of pairs with a fixed model, reference and scoring path."""
@@ -72,8 +79,7 @@ class PairRunner:
         """
         score_prompt = self.objective.needs_prompt_logps
         totals = totals_of(pairs, score_prompt=score_prompt)
-        # An objective that couples a batch's pairs sees them in one forward pass; others in chunks of the budget.
-        chunks = [pairs] if self.objective.couples_pairs(self.settings) else self.scoring.chunks(pairs)
+        chunks = forward_chunks(pairs, self.objective, self.settings, self.scoring)
         policy_parts, reference_parts, tokens = [], [], 0
         for index, chunk in enumerate(chunks):
             batch = self.scoring.batch(chunk, score_prompt=score_prompt, score_ends=self.objective.reward_model)

@@ -82,20 +82,21 @@ def test_reference_cache_is_kept_apart_per_precision_and_merges_concurrent_write
     model = AutoModelForCausalLM.from_pretrained(tiny_model(0))
     scored: list[int] = []
 
-    def score(missing):  # stands for the reference pass: the numbers matter less than who gets scored
+    def score(chunks):  # stands for the reference pass: the numbers matter less than who gets scored
+        missing = [pair for chunk in chunks for pair in chunk]
         scored.append(len(missing))
         values, zeros = torch.arange(len(missing), dtype=torch.float32), torch.zeros(len(missing))
         return PairLogps(values, -values, zeros, zeros, zeros, zeros)
 
     fp32 = smolalign.core.reference.ReferenceCache(model, tmp_path)
-    fp32.fill(tokenized_pairs, score)
+    fp32.fill([tokenized_pairs], score)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = smolalign.core.reference.ReferenceCache(model, tmp_path)
-        bf16.fill(tokenized_pairs, score)
+        bf16.fill([tokenized_pairs], score)
     assert fp32.path != bf16.path and fp32.path.name.endswith("-no-autocast.safetensors")
     assert bf16.path.name.endswith("-autocast-bfloat16.safetensors")
     assert scored == [len(tokenized_pairs), len(tokenized_pairs)]  # the bf16 run scored every pair itself
-    smolalign.core.reference.ReferenceCache(model, tmp_path).fill(tokenized_pairs, score)
+    smolalign.core.reference.ReferenceCache(model, tmp_path).fill([tokenized_pairs], score)
     assert scored == [len(tokenized_pairs), len(tokenized_pairs)]  # a float32 run again: all from the cache
 
     # Two runs that started with an empty cache, each scoring its own tokenized_pairs, save one after the other.
@@ -111,11 +112,11 @@ def test_reference_cache_is_kept_apart_per_precision_and_merges_concurrent_write
     # Values shipped with the package serve a machine whose own cache is empty.
     monkeypatch.setattr(smolalign.core.reference, "SHIPPED_CACHE", fresh)
     shipped_only = smolalign.core.reference.ReferenceCache(model, tmp_path / "empty")
-    assert shipped_only.fill(tokenized_pairs, score).of_pairs(tokenized_pairs).chosen.tolist() == [1.0] * 3 + [3.0] * 3
+    assert shipped_only.fill([tokenized_pairs], score).of_pairs(tokenized_pairs).chosen.tolist() == [1.0] * 3 + [3.0] * 3
     assert scored == [len(tokenized_pairs), len(tokenized_pairs)]
     # ... unless they are to be ignored, as in the benchmark's runs.
     monkeypatch.setenv(smolalign.core.reference.IGNORE_SHIPPED, "1")
-    smolalign.core.reference.ReferenceCache(model, tmp_path / "empty-again").fill(tokenized_pairs, score)
+    smolalign.core.reference.ReferenceCache(model, tmp_path / "empty-again").fill([tokenized_pairs], score)
     assert scored == [len(tokenized_pairs)] * 3
 
 

@@ -69,16 +69,22 @@ def test_autocast_log_probs_stay_close_to_float32(tokenizer, hh_rows):
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_training_under_bf16_autocast_starts_at_log_two_and_saves_float32_weights(tmp_path, tiny_model, hh_rows,
-                                                                                   native_bf16_cpu, lora):
+def test_training_under_bf16_autocast_starts_at_log_two_and_saves_float32_weights(tmp_path, tokenizer, hh_rows,
+                                                                                   native_bf16_cpu, monkeypatch, lora):
     native_bf16_cpu(True)
-    data = write_jsonl(tmp_path / "pairs.jsonl", hh_rows[:8])
-    settings = {"model": str(tiny_model(0)), "dataset": str(data), "max_steps": 2, "logging_steps": 1,
-                "per_device_train_batch_size": 4, "learning_rate": 1e-3, "max_length": 512,
+    monkeypatch.setenv("SMOLALIGN_REFERENCE_CACHE", str(tmp_path / "cache"))  # the reference pass runs here
+    folder = tmp_path / "model"
+    varied_llama(tokenizer, 0, max_position_embeddings=2048).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # Pairs of 180 to 480 tokens, 2 per step: under bf16 a long pair's log-probs move with the rows padded beside
+    # it (by 1e-3 of the loss here), so the reference must be scored in the chunks of the steps.
+    data = write_jsonl(tmp_path / "pairs.jsonl", hh_rows[701::150][:6])
+    settings = {"model": str(folder), "dataset": str(data), "max_steps": 2, "logging_steps": 1,
+                "per_device_train_batch_size": 2, "learning_rate": 1e-3, "max_length": 512,
                 "output_dir": str(tmp_path / "run"), "lora": {"r": 4, "lora_alpha": 8} if lora else None}
     final = run_training(load_config(None, settings))
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    # the reference ran in the policy's precision (and its cache is keyed by it): step 1 is log 2 exactly
+    # the reference ran in the policy's precision (its cache is keyed by it) and chunks: step 1 is log 2 exactly
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert records[1]["loss"] != pytest.approx(math.log(2), abs=1e-6)
     if lora:

@@ -56,6 +56,20 @@ def test_every_process_gets_pairs_even_from_a_short_micro_batch(max_tokens):
         assert set(whole) == {i for share in shares for i in share}  # repeats only pairs of this micro-batch
 
 
+@pytest.mark.parametrize(("max_steps", "num_processes"), [(2, 1), (2, 2), (-1, 2)])
+def test_first_micro_batches_are_where_each_used_pair_is_first_trained(max_steps, num_processes):
+    """The reference log-probs are precomputed in these micro-batches: every pair a step trains, each in its
+    first step's micro-batch of its process."""
+    plan = StepPlan(num_pairs=7, batch_size=4, accumulation=1, num_train_epochs=3.0, max_steps=max_steps, seed=0)
+    first = plan.first_micro_batches(num_processes)
+    steps = [plan.micro_batches(step, process_index=p, num_processes=num_processes)
+             for step in range(plan.total_steps) for p in range(num_processes)]
+    trained = [batch for step in steps for batch in step]
+    assert {i for b in first for i in b} == {i for b in trained for i in b}
+    assert first == trained[: len(first)]
+    assert len(first) == (2 if max_steps == 2 else plan.steps_in_epoch(0)) * num_processes
+
+
 def test_training_with_a_token_budget(tmp_path, tiny_model, pairs_file):
     final = run_training(load_config(None, {"model": str(tiny_model(0)), "dataset": str(pairs_file), "max_steps": 2,
                                      "max_tokens_per_batch": 300, "per_device_train_batch_size": 8,
