@@ -28,11 +28,16 @@ KEEP_SOFTMAX_ELEMENTS = 2**26  # scored tokens x vocabulary; 256 MB in float32
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     """log softmax(hidden @ weight.T + bias)[target] for each row of `hidden`, in float32 (or float64); with
-    `square_mass`, also log sum_v p_v^2 of each row's distribution (WPO's normaliser), without a gradient."""
+    `square_mass`, also log sum_v p_v^2 of each row's distribution (WPO's normaliser), without a gradient.
+
+    Under autocast the head's matmuls, forward and backward, run in its half precision, as an autocast linear
+    layer's would (the weight cast once for both); softmax, log-sum-exp and the sum of the weight gradient over
+    chunks stay float32."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")  # the backward runs in the forward's autocast state
     def forward(ctx, hidden, weight, bias, targets, chunk_size, keep_softmax, square_mass):
+        half = _autocast_dtype(hidden.device.type)
+        head = weight.to(half) if half is not None else weight
         dtype = _accumulation_dtype(hidden)
         tokens = hidden.shape[0]
         logprobs = torch.empty(tokens, dtype=dtype, device=hidden.device)
@@ -42,24 +47,24 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         softmax = torch.empty(tokens, weight.shape[0], dtype=dtype, device=hidden.device) if keep else None
         for start in range(0, tokens, chunk_size):
             end = start + chunk_size
-            logits = chunk_logits(hidden[start:end], weight, bias)
+            logits = chunk_logits(hidden[start:end], head, bias)
             logsumexp[start:end] = logits.logsumexp(dim=-1)
             logprobs[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - logsumexp[start:end]
             if square_mass:  # log sum p^2 = logsumexp(2 z) - 2 logsumexp(z)
                 log_square_mass[start:end] = (2 * logits).logsumexp(dim=-1) - 2 * logsumexp[start:end]
             if keep:
                 torch.exp(logits.sub_(logsumexp[start:end, None]), out=softmax[start:end])
-        ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
+        ctx.save_for_backward(hidden, head, bias, targets, logsumexp)
         ctx.softmax = softmax
         ctx.chunk_size = chunk_size
+        ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(log_square_mass)
         return logprobs, log_square_mass
 
     @staticmethod
     @once_differentiable
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_logprobs, grad_square_mass):
-        hidden, weight, bias, targets, logsumexp = ctx.saved_tensors
+        hidden, head, bias, targets, logsumexp = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         dtype = _accumulation_dtype(hidden)
@@ -73,21 +78,21 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         for start, end, softmax in blocks:
             chunk = hidden[start:end]
             if softmax is None:
-                softmax = (chunk_logits(chunk, weight, bias) - logsumexp[start:end, None]).exp_()
+                softmax = (chunk_logits(chunk, head, bias) - logsumexp[start:end, None]).exp_()
             grad = grad_logprobs[start:end, None]
             grad_logits = softmax.mul_(-grad)  # d logp / d logits = onehot(target) - softmax(logits)
             grad_logits.scatter_add_(1, targets[start:end, None], grad)
-            if need_hidden:
-                grad_hidden[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_weight:  # the first block's product starts the sum: no vocabulary-sized zero fill
-                with torch.autocast(hidden.device.type, enabled=False):  # summed in float32, also under autocast
-                    product = grad_logits.t() @ chunk.to(dtype)
-                grad_weight = product if grad_weight is None else grad_weight.add_(product)
             if need_bias:
                 grad_bias = grad_logits.sum(0) if grad_bias is None else grad_bias.add_(grad_logits.sum(0))
+            grad_logits = grad_logits.to(head.dtype)
+            if need_hidden:
+                grad_hidden[start:end] = (grad_logits @ head).to(hidden.dtype)
+            if need_weight:  # the first block's product starts the float32 sum: no vocabulary-sized zero fill
+                product = (grad_logits.t() @ chunk.to(head.dtype)).to(dtype)
+                grad_weight = product if grad_weight is None else grad_weight.add_(product)
         return (
             grad_hidden,
-            grad_weight.to(weight.dtype) if need_weight else None,
+            grad_weight.to(ctx.weight_dtype) if need_weight else None,
             grad_bias.to(bias.dtype) if need_bias else None,
             None,
             None,
@@ -96,15 +101,20 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         )
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on `device_type` now, or None when it is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def _accumulation_dtype(hidden: torch.Tensor) -> torch.dtype:
     """float32 for half-precision and float32 models; float64 stays float64 (gradient checks)."""
     return torch.promote_types(hidden.dtype, torch.float32)
 
 
 def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Logits of a few positions, in float32 (float64 for float64 models)."""
+    """Logits of a few positions, with the matmul in the weight's dtype, in float32 (float64 for float64 models)."""
     dtype = _accumulation_dtype(hidden)
-    logits = (hidden @ weight.t()).to(dtype)
+    logits = (hidden.to(weight.dtype) @ weight.t()).to(dtype)
     return logits if bias is None else logits + bias.to(dtype)
 
 

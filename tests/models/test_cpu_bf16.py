@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 from conftest import read_jsonl, tokenize_hh, varied_llama, write_jsonl
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from smolalign.config.train import load_config
 from smolalign.core.layouts import build_batch
-from smolalign.core.logprobs import SequenceScorer, score_batch
+from smolalign.core.logprobs import SequenceScorer, score_batch, token_logprobs
 from smolalign.models import precision
 from smolalign.models.precision import resolve_dtype, resolve_precision
 from smolalign.training.loop import run_training
@@ -66,6 +67,46 @@ def test_autocast_log_probs_stay_close_to_float32(tokenizer, hh_rows):
     assert half.chosen.dtype == torch.float32  # the sums stay float32
     for name in ("chosen", "rejected"):
         torch.testing.assert_close(getattr(half, name), getattr(exact, name), rtol=2e-2, atol=0.0)
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Records the input dtypes of every matrix product run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[torch.dtype, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.seen.append(tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_output_head_backward_multiplies_in_bf16_within_a_percent_of_float32():
+    """Under autocast the head's products run in bf16 in the backward pass too, as an autocast linear layer's
+    would; its gradients stay float32 and within 1% of float32's."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(4000, 64) * 0.2)
+    hidden = torch.randn(300, 64, requires_grad=True)
+    targets = torch.randint(0, 4000, (300,))
+
+    def gradients(autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logprobs, _ = token_logprobs(hidden, weight, None, targets, 64)
+        products = MatmulDtypes()
+        with products:
+            logprobs.sum().backward()
+        grads = weight.grad, hidden.grad
+        weight.grad = hidden.grad = None
+        return grads, products.seen
+
+    (weight_exact, hidden_exact), exact_products = gradients(False)
+    (weight_half, hidden_half), half_products = gradients(True)
+    assert exact_products and all(dtype == torch.float32 for dtypes in exact_products for dtype in dtypes)
+    assert half_products and all(dtype == torch.bfloat16 for dtypes in half_products for dtype in dtypes)
+    assert weight_half.dtype == hidden_half.dtype == torch.float32
+    for half, exact in ((weight_half, weight_exact), (hidden_half, hidden_exact)):
+        assert (half - exact).norm() / exact.norm() < 1e-2
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
