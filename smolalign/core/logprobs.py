@@ -88,8 +88,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[start:end] = (grad_logits @ head).to(hidden.dtype)
             if need_weight:  # the first block's product starts the float32 sum: no vocabulary-sized zero fill
-                product = (grad_logits.t() @ chunk.to(head.dtype)).to(dtype)
-                grad_weight = product if grad_weight is None else grad_weight.add_(product)
+                product = grad_logits.t() @ chunk.to(head.dtype)
+                grad_weight = product.to(dtype) if grad_weight is None else grad_weight.add_(product)
         return (
             grad_hidden,
             grad_weight.to(ctx.weight_dtype) if need_weight else None,
