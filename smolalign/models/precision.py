@@ -4,8 +4,9 @@ the hardware computes it natively.
 - CUDA GPUs: bf16 autocast where the GPU has native bf16 (Ampere and later), else fp16 with Accelerate's
   gradient scaler (a T4).
 - CPUs: bf16 autocast where the CPU has native bf16 matmuls (Intel AMX, AVX512-BF16 on Intel and AMD Zen 4
-  and later), else float32: emulated bf16 is slower than float32. `cpu_native_bf16` decides from the CPU's
-  flags, confirmed by a short timed matmul and kept per machine; `SMOLALIGN_CPU_BF16=0` or `=1` overrides it.
+  and later, BF16 on ARM64), else float32: emulated bf16 is slower than float32. `cpu_native_bf16` decides from
+  the features PyTorch reports on any OS, confirmed by a short timed matmul and kept per machine;
+  `SMOLALIGN_CPU_BF16=0` or `=1` overrides it.
 
 Under autocast the log-softmax of the output head, the losses and the reductions stay in float32
 (core/logprobs.py). LoRA keeps its frozen base weights in the half precision and only the adapters in float32.
@@ -29,7 +30,8 @@ from smolalign.models.embedded import cache_root
 log = logging.getLogger("smolalign")
 
 CPU_BF16_OVERRIDE = "SMOLALIGN_CPU_BF16"
-CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matmuls
+# torch.cpu.get_capabilities() names of native bf16 matmuls: AMX and AVX512-BF16 (x86), BF16 and SVE-BF16 (ARM64)
+CPU_BF16_FEATURES = ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16")
 NATIVE_SPEEDUP = 1.3  # a bf16 matmul at least this much faster than float32 is native, not emulated
 
 
@@ -41,12 +43,12 @@ def native_bf16() -> bool:
 
 @functools.cache
 def cpu_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively: its flags say so and a timed matmul confirms it (the answer is
+    """Whether this CPU multiplies bf16 natively: its features say so and a timed matmul confirms it (the answer is
     kept in the cache folder per CPU model and PyTorch version), unless SMOLALIGN_CPU_BF16 says otherwise."""
     override = os.environ.get(CPU_BF16_OVERRIDE)
     if override in ("0", "1"):
         return override == "1"
-    if not _cpu_flags() & set(CPU_BF16_FLAGS):
+    if not cpu_bf16_features():
         return False
     record = cache_root() / "cpu-bf16.json"
     key = f"{_cpu_model()} | torch {torch.__version__}"
@@ -78,14 +80,12 @@ def bf16_speedup(size: int = 768, repeats: int = 5) -> float:
     return fastest(a) / fastest(a.bfloat16())
 
 
-def _cpu_flags() -> set[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    if platform.system() != "Linux" or not cpuinfo.is_file():
-        return set()
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+def cpu_bf16_features() -> set[str]:
+    """This CPU's native bf16 features (CPU_BF16_FEATURES) as PyTorch's cpuinfo reports them, on Linux, Windows and
+    macOS alike; none where this PyTorch is older than `torch.cpu.get_capabilities`."""
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    capabilities = get_capabilities() if get_capabilities is not None else {}
+    return {feature for feature in CPU_BF16_FEATURES if capabilities.get(feature) is True}
 
 
 def _cpu_model() -> str:

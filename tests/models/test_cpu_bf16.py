@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,16 +36,35 @@ def test_cpu_precision_follows_the_hardware(native_bf16_cpu):
     assert resolve_dtype("auto", CPU) == torch.float32
 
 
-def test_the_probe_reads_the_flags_times_a_matmul_and_remembers(monkeypatch, tmp_path):
+def test_the_cpu_features_come_from_pytorchs_cpuinfo(monkeypatch):
+    reported = {"avx2": True, "avx512_bf16": True, "amx_bf16": False, "sve_max_length": 256, "cpu_name": "x"}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: reported)
+    assert precision.cpu_bf16_features() == {"avx512_bf16"}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"neon": True, "bf16": True, "sve_bf16": False})
+    assert precision.cpu_bf16_features() == {"bf16"}  # ARM64 (Graviton 3 and later)
+    monkeypatch.delattr(torch.cpu, "get_capabilities")  # an older PyTorch: nothing known, float32
+    assert precision.cpu_bf16_features() == set()
+
+
+def test_the_cpu_features_agree_with_linux(monkeypatch):
+    """On an x86 Linux machine, the features PyTorch reports are the kernel's /proc/cpuinfo flags."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine() != "x86_64" or not cpuinfo.is_file():
+        pytest.skip("compares with the flags of x86 Linux's /proc/cpuinfo")
+    flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split(":")[1].split()
+    assert precision.cpu_bf16_features() == {"amx_bf16", "avx512_bf16"} & set(flags)
+
+
+def test_the_probe_reads_the_features_times_a_matmul_and_remembers(monkeypatch, tmp_path):
     monkeypatch.delenv(precision.CPU_BF16_OVERRIDE)
     monkeypatch.setattr(precision, "cache_root", lambda: tmp_path)
     timed = []
     monkeypatch.setattr(precision, "bf16_speedup", lambda: timed.append(1) or 2.5)
-    for flags, expected in [(set(), False), ({"avx512_bf16"}, True)]:
-        monkeypatch.setattr(precision, "_cpu_flags", lambda flags=flags: flags)
+    for features, expected in [(set(), False), ({"avx512_bf16"}, True)]:
+        monkeypatch.setattr(precision, "cpu_bf16_features", lambda features=features: features)
         precision.cpu_native_bf16.cache_clear()
         assert precision.cpu_native_bf16() is expected
-    assert timed == [1]  # without the flags nothing is timed
+    assert timed == [1]  # without the features nothing is timed
     precision.cpu_native_bf16.cache_clear()
     assert precision.cpu_native_bf16() is True and timed == [1]  # the machine's answer is kept on disk
     assert list(json.loads((tmp_path / "cpu-bf16.json").read_text()).values()) == [True]
