@@ -20,7 +20,8 @@ import logging
 import os
 import platform
 import time
-from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -83,15 +84,16 @@ def bf16_speedup(size: int = 768, repeats: int = 5) -> float:
 def cpu_bf16_features() -> set[str]:
     """This CPU's native bf16 features (CPU_BF16_FEATURES) as PyTorch's cpuinfo reports them, on Linux, Windows and
     macOS alike; none where this PyTorch is older than `torch.cpu.get_capabilities`."""
+    return {feature for feature in CPU_BF16_FEATURES if _cpu_capabilities().get(feature) is True}
+
+
+def _cpu_capabilities() -> Mapping[str, Any]:
     get_capabilities = getattr(torch.cpu, "get_capabilities", None)
-    capabilities = get_capabilities() if get_capabilities is not None else {}
-    return {feature for feature in CPU_BF16_FEATURES if capabilities.get(feature) is True}
+    return get_capabilities() if get_capabilities is not None else {}
 
 
 def _cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+    return _cpu_capabilities().get("cpu_name") or platform.processor()
 
 
 def half_precision(device: torch.device) -> str | None:
