@@ -108,14 +108,15 @@ def _train_steps(accelerator: Accelerator, config: TrainConfig, output_dir: Path
     scorer = build_scorer(config, objective, policy)
     plan = build_plan(config, data, accelerator.num_processes)
     eval_autocast = held_out_autocast(accelerator.device, dtype, mixed_precision)
+    settings = LossSettings.from_config(config)
     reference, eval_reference = build_references(
-        config, objective, policy=policy, scorer=scorer, tokenizer=tokenizer, dtype=dtype, accelerator=accelerator,
-        scoring=scoring, plan=plan, data=data, eval_autocast=eval_autocast)
+        config, objective, settings, policy=policy, scorer=scorer, tokenizer=tokenizer, dtype=dtype,
+        accelerator=accelerator, scoring=scoring, plan=plan, data=data, eval_autocast=eval_autocast)
 
     optimizer = build_optimizer(scorer, config)
     scheduler = build_scheduler(config, optimizer, plan.total_steps)
     scorer, optimizer, scheduler = accelerator.prepare(scorer, optimizer, scheduler)
-    runner = PairRunner(scorer, reference, objective, LossSettings.from_config(config), scoring,
+    runner = PairRunner(scorer, reference, objective, settings, scoring,
                         autocast=accelerator.autocast,
                         mean_across_processes=lambda value: accelerator.reduce(value, reduction="mean"))
 

@@ -126,9 +126,9 @@ def build_scoring(config: TrainConfig, policy: torch.nn.Module, layout: str, tok
 
 
 def build_references(
-    config: TrainConfig, objective: Objective, *, policy: torch.nn.Module, scorer: torch.nn.Module, tokenizer,
-    dtype: torch.dtype, accelerator: Accelerator, scoring: PairScoring, plan: StepPlan, data: PreparedData,
-    eval_autocast: bool,
+    config: TrainConfig, objective: Objective, settings: LossSettings, *, policy: torch.nn.Module,
+    scorer: torch.nn.Module, tokenizer, dtype: torch.dtype, accelerator: Accelerator, scoring: PairScoring,
+    plan: StepPlan, data: PreparedData, eval_autocast: bool,
 ) -> tuple[Reference | None, Reference | None]:
     """The reference of every step and the one of held-out evaluation, decided here once, before Accelerate
     wraps the policy; None when the objective needs none.
@@ -147,7 +147,6 @@ def build_references(
     if not precomputes_reference(config):
         return source, source  # each pass runs in the precision of the runner that calls it
     # Scored in the forward passes the steps and evaluations will make (see precompute_reference).
-    settings = LossSettings.from_config(config)
     train = [chunk for ids in plan.first_micro_batches(accelerator.num_processes)
              for chunk in forward_chunks([data.train[i] for i in ids], objective, settings, scoring)]
     held_out = [chunk for pairs in eval_batches(data.eval, config.per_device_eval_batch_size)
