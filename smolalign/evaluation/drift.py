@@ -106,7 +106,8 @@ def score_with_drift(
     the perplexity under each and the KL (as `perplexity/<name>`, `ref_perplexity/<name>`, `kl/<name>_...`)."""
     chunk_size = kl_chunk_size(policy, reference)
     policy_parts, reference_parts, kl_parts = [], [], []
-    for chunk, batch in scoring.batches(scoring.chunks(pairs), desc=f"scoring policy and reference, drift on {name} answers"):
+    desc = f"scoring policy and reference, drift on {name} answers"
+    for chunk, batch in scoring.batches(scoring.chunks(pairs), desc=desc):
         inputs = (batch.input_ids, batch.position_ids, batch.attention_mask, batch.score_positions)
         with policy.context():
             hidden = policy.scorer.hidden_at(*inputs)
