@@ -160,12 +160,13 @@ class ReferenceCache:
     """Per-pair reference log-prob sums of one reference model in one precision, in a safetensors file.
 
     Create it where the reference pass will run (inside the same autocast context, if any): the file
-    name holds the weights' hash and that precision.
+    name holds the weights' hash (`weights_hash`, if already computed: hashing takes about a second on
+    SmolLM2-135M) and that precision.
     """
 
-    def __init__(self, reference_weights: nn.Module, folder: Path | None = None):
+    def __init__(self, reference_weights: nn.Module, folder: Path | None = None, *, weights_hash: str | None = None):
         folder = folder or Path(os.environ.get("SMOLALIGN_REFERENCE_CACHE", cache_root() / "reference-logps"))
-        name = f"{weights_key(reference_weights)}-{precision_key(reference_weights)}.safetensors"
+        name = f"{weights_hash or weights_key(reference_weights)}-{precision_key(reference_weights)}.safetensors"
         self.path = folder / name
         # Read-only values that came with the package, if any (none where IGNORE_SHIPPED is set).
         self.shipped = None if os.environ.get(IGNORE_SHIPPED) else SHIPPED_CACHE / name
@@ -230,13 +231,15 @@ def precompute_reference(
     chunks: list[list[TokenizedPair]],
     scoring: PairScoring,
     *,
+    weights_hash: str | None = None,
     desc: str = "reference log-probs",
     shared: bool = False,
 ) -> PrecomputedReference:
     """Reference log-probs of the pairs of `chunks`, from the cache of `reference_weights` or scored once now (with
     `shared`, also their sums over the shared length, for LD-DPO). Give it the chunks the steps will score the
     policy in: under bf16 a pair's log-probs move with the rows padded beside it (by up to a few tenths on long
-    answers), and only the same chunks give the same numbers, a DPO loss of exactly log 2 at step 1."""
-    return ReferenceCache(reference_weights).fill(
+    answers), and only the same chunks give the same numbers, a DPO loss of exactly log 2 at step 1.
+    `weights_hash`: `weights_key(reference_weights)`, where the caller has it already."""
+    return ReferenceCache(reference_weights, weights_hash=weights_hash).fill(
         chunks, lambda missing: scoring.chunk_logps(reference, missing, desc=desc), shared=shared
     )

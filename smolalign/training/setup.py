@@ -20,7 +20,13 @@ from smolalign.config.train import TrainConfig
 from smolalign.core.layouts import block_tokens, choose_layout
 from smolalign.core.logprobs import RewardScorer, SequenceScorer
 from smolalign.core.losses import LossSettings, Objective
-from smolalign.core.reference import Reference, precompute_reference, precomputes_reference, reference_source
+from smolalign.core.reference import (
+    Reference,
+    precompute_reference,
+    precomputes_reference,
+    reference_source,
+    weights_key,
+)
 from smolalign.core.scoring import PairScoring, default_max_tokens_per_forward
 from smolalign.data.prepare import PreparedData
 from smolalign.errors import UserError, writes_reported
@@ -152,15 +158,18 @@ def build_references(
     held_out = [chunk for pairs in eval_batches(data.eval, config.per_device_eval_batch_size)
                 for chunk in forward_chunks(pairs, objective, settings, scoring)]
     shared = config.ld_alpha is not None
+    weights_hash = weights_key(weights)  # once for both precisions
     # The main process fills the on-disk cache first; the others then read it instead of recomputing.
     with accelerator.main_process_first():
         with accelerator.autocast():
             in_training_precision = train + held_out if eval_autocast else train
-            for_training = precompute_reference(source, weights, in_training_precision, scoring, shared=shared)
+            for_training = precompute_reference(source, weights, in_training_precision, scoring,
+                                                weights_hash=weights_hash, shared=shared)
         if eval_autocast or not data.eval:
             return for_training, for_training
-        return for_training, precompute_reference(source, weights, held_out, scoring, shared=shared,
-                                                  desc="reference log-probs (held-out pairs, float32)")
+        for_held_out = precompute_reference(source, weights, held_out, scoring, weights_hash=weights_hash,
+                                            shared=shared, desc="reference log-probs (held-out pairs, float32)")
+        return for_training, for_held_out
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

@@ -15,10 +15,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from smolalign.config.train import load_config
+from smolalign.core import reference
 from smolalign.core.layouts import build_batch
 from smolalign.core.logprobs import SequenceScorer, score_batch, token_logprobs
 from smolalign.models import precision
 from smolalign.models.precision import resolve_dtype, resolve_precision
+from smolalign.training import setup
 from smolalign.training.loop import run_training
 
 CPU = torch.device("cpu")
@@ -141,14 +143,24 @@ def test_training_under_bf16_autocast_starts_at_log_two_and_saves_float32_weight
     # Pairs of 180 to 480 tokens, 2 per step: under bf16 a long pair's log-probs move with the rows padded beside
     # it (by 1e-3 of the loss here), so the reference must be scored in the chunks of the steps.
     data = write_jsonl(tmp_path / "pairs.jsonl", hh_rows[701::150][:6])
-    settings = {"model": str(folder), "dataset": str(data), "max_steps": 2, "logging_steps": 1,
-                "per_device_train_batch_size": 2, "learning_rate": 1e-3, "max_length": 512,
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", hh_rows[300:302])
+    settings = {"model": str(folder), "dataset": str(data), "eval_dataset": str(held_out), "max_steps": 2,
+                "logging_steps": 1, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "max_length": 512,
                 "output_dir": str(tmp_path / "run"), "lora": {"r": 4, "lora_alpha": 8} if lora else None}
+    hashes = []
+    for module in (reference, setup):  # wherever the weights may be hashed
+        monkeypatch.setattr(module, "weights_key", lambda model: hashes.append(model) or "same-weights")
     final = run_training(load_config(None, settings))
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     # the reference ran in the policy's precision (its cache is keyed by it) and chunks: step 1 is log 2 exactly
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert records[1]["loss"] != pytest.approx(math.log(2), abs=1e-6)
+    # full fine-tuning scores held-out pairs in float32, against a reference of that precision (LoRA's bf16 base
+    # weights in the training precision); the weights are hashed once
+    precisions = ["autocast-bfloat16"] if lora else ["autocast-bfloat16", "no-autocast"]
+    cached = sorted(p.name for p in (tmp_path / "cache").glob("*.safetensors"))
+    assert cached == [f"same-weights-{name}.safetensors" for name in precisions]
+    assert len(hashes) == 1
     if lora:
         from peft import AutoPeftModelForCausalLM
 
